@@ -1,0 +1,85 @@
+"""Serialised bytes and encode/decode time of SmolLM2-135M-shaped LoRA adapters, dense and top-k.
+
+Run: ``PYTHONPATH=. python benchmarks/bench_wire.py [--dtype bfloat16] [--repeats N]``.
+Bytes are len(payload) of real payloads; "pred" is the planner's dense_bytes P(r) * bytes/value,
+so "payload / pred" shows the safetensors header overhead. Sparse payloads are deltas against the
+round's starting factors (the reference), as a server's upload would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fedpipe.lora import LoraFactors
+from fedpipe.wire import decode, dense_bytes, encode, payload_bytes
+
+# SmolLM2-135M: hidden 576, intermediate 1536, 9 heads / 3 KV heads (head dim 64), 30 layers.
+LAYERS = 30
+SHAPES = {  # (d_out, d_in)
+    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
+    "self_attn.v_proj": (192, 576), "self_attn.o_proj": (576, 576),
+    "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576), "mlp.down_proj": (576, 1536),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapters(rank: int, seed: int = 0) -> tuple[dict[str, LoraFactors], dict[str, LoraFactors]]:
+    """(reference = round start, trained = reference + a small update) for every module."""
+    g = torch.Generator().manual_seed(seed)
+    ref, new = {}, {}
+    for layer in range(LAYERS):
+        for suffix, (d_out, d_in) in SHAPES.items():
+            name = f"model.layers.{layer}.{suffix}"
+            A = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
+            B = torch.randn(d_out, rank, generator=g) * 0.01
+            ref[name] = LoraFactors(A, B, 2.0)
+            new[name] = LoraFactors(A + 1e-3 * torch.randn(A.shape, generator=g),
+                                    B + 1e-3 * torch.randn(B.shape, generator=g), 2.0)
+    return ref, new
+
+
+def timed(repeats: int, fn, *args, **kwargs) -> tuple[float, object]:
+    """(median seconds, result) of fn(*args, **kwargs) over `repeats` calls."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    dtype = DTYPES[args.dtype]
+    bpv = torch.finfo(dtype).bits // 8
+    torch.manual_seed(0)
+    print(f"SmolLM2-135M adapters: {LAYERS} layers x {len(SHAPES)} matrices, values {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(f"{'rank':>4} {'density':>7} {'bytes':>11} {'vs dense':>8} {'pred P(r)':>11} "
+          f"{'payload/pred':>12} {'masks (bitmask/idx)':>19} {'encode ms':>9} {'decode ms':>9}")
+    for rank in (8, 16):
+        ref, new = adapters(rank)
+        pred = dense_bytes({n: rank for n in new},
+                           {n: SHAPES[n.split(".", 3)[3]] for n in new}, bpv)
+        dense = None
+        for label, density in (("1", 1.0), ("1/4", 0.25), ("1/16", 1 / 16)):
+            t_enc, payload = timed(args.repeats, encode, new, density=density, reference=ref,
+                                   dtype=dtype)
+            t_dec, _ = timed(args.repeats, decode, payload, reference=ref)
+            n = payload_bytes(payload)
+            dense = dense or n
+            header = payload[8:8 + int.from_bytes(payload[:8], "little")]
+            masks = f"{header.count(b'.mask')}/{header.count(b'.idx')}"
+            print(f"{rank:>4} {label:>7} {n:>11,} {n / dense:>8.3f} {pred:>11,} {n / pred:>12.3f} "
+                  f"{masks:>19} {1e3 * t_enc:>9.1f} {1e3 * t_dec:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
