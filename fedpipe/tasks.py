@@ -100,7 +100,7 @@ _LAST_DAY = dt.date(2049, 12, 31).toordinal()
 def _date(rng: random.Random) -> Example:
     day = dt.date.fromordinal(rng.randint(_FIRST_DAY, _LAST_DAY))
     return Example(
-        prompt=f"Rewrite the date {day.isoformat()} as DD/MM/YYYY.",
+        prompt=f"Write the date {day.isoformat()} as DD/MM/YYYY.",
         answer=day.strftime("%d/%m/%Y"),
         family="date",
     )
