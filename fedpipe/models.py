@@ -125,6 +125,7 @@ def _write_dir_atomically(final: Path, fill: Callable[[Path], object]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         fill(tmp)
+        _share_like_normal_files(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
             os.rename(final, old)
@@ -136,6 +137,15 @@ def _write_dir_atomically(final: Path, fill: Callable[[Path], object]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _share_like_normal_files(folder: Path) -> None:
+    """mkdtemp (and some writers) create owner-only entries; give them the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

@@ -294,6 +294,7 @@ def test_save_adapter_loads_in_peft(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
                                                       "adapter_model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert (out.stat().st_mode & 0o555) == 0o555  # not mkdtemp's owner-only mode
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"] == ranks
     assert config["alpha_pattern"] == ranks
