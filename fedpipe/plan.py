@@ -1,0 +1,152 @@
+"""The plan: what each server runs (bits, batch, ranks per module) and what it is predicted to cost.
+
+A plan is YAML validated by pydantic, with a schema version. It loads back to an equal object;
+each server's ``rank_pattern`` (full module names, absent = not adapted) feeds peft's
+``LoraConfig(rank_pattern=...)`` unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedpipe.atomic import write_atomic
+from fedpipe.errors import FedpipeError
+from fedpipe.profile import AggregationRule, Bits, Task
+
+SCHEMA_VERSION = 1
+Constraint = Literal["memory", "round_time", "deadline"]
+SolverStatus = Literal["optimal", "feasible", "infeasible", "not_solved"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Prediction(_Strict):
+    """The cost model's prediction for one server's configuration."""
+
+    memory_gib: float = Field(description="Predicted peak training memory.")
+    memory_budget_gib: float = Field(description="The server's memory budget.")
+    compute_s: float = Field(description="Local training time per round.")
+    upload_s: float
+    download_s: float
+    round_s: float = Field(description="compute + upload + download.")
+    upload_bytes: int
+    download_bytes: int
+    lora_params: int = Field(description="Trainable LoRA parameters.")
+
+
+class ServerPlan(_Strict):
+    """One profile entry's configuration; `count` identical servers share it."""
+
+    name: str
+    count: int = 1
+    members: list[str] = Field(description="Names of the individual servers.")
+    samples: int = Field(description="Local samples per server.")
+    device: Literal["cuda", "cpu"] = "cuda"
+    bits: Bits
+    batch_size: int
+    rank_pattern: dict[str, int] = Field(description="Full module name -> LoRA rank (absent = not adapted).")
+    lora_alpha_ratio: float = Field(2.0, description="alpha = ratio x rank for every module.")
+    importance_covered: float = Field(description="Share of importance adapted, rank-weighted, in [0, 1].")
+    predicted: Prediction
+    binding: list[Constraint] = Field(default_factory=list,
+                                      description="Constraints within 1% of their limit.")
+
+    def alpha_pattern(self) -> dict[str, float]:
+        return {name: self.lora_alpha_ratio * r for name, r in self.rank_pattern.items()}
+
+
+class SolverReport(_Strict):
+    """What the solver actually proved: status, relative gap, time."""
+
+    solver: str
+    status: SolverStatus
+    gap: float | None = Field(None, description="Relative MIP gap when known (0 = proven optimal).")
+    solve_time_s: float
+    objective: float | None = None
+    time_limit_s: float | None = None
+    method: str = Field("milp", description="milp (one model) or decomposed (search over T).")
+
+
+class Summary(_Strict):
+    """Totals over the federation for one plan (or for its homogeneous baseline)."""
+
+    makespan_s: float = Field(description="Round time of the slowest server.")
+    quality: float = Field(description="Sample-weighted importance covered, incl. precision loss.")
+    upload_bytes: int = Field(description="Bytes uploaded by all servers per round.")
+    download_bytes: int = Field(description="Bytes downloaded by all servers per round.")
+
+
+class Baseline(_Strict):
+    """The homogeneous plan: every server forced to what the weakest can run."""
+
+    bits: Bits
+    batch_size: int
+    adapted_matrices: int
+    lora_params: int
+    summary: Summary
+    limited_by: list[str] = Field(description="Servers whose memory decides the common configuration.")
+
+
+class ProfileRef(_Strict):
+    path: str
+    sha256: str
+    name: str
+
+
+class ImportanceRef(_Strict):
+    scorer: str
+    digest: str
+    source: str = Field(description="'builtin prior' or the report's path.")
+
+
+class Plan(_Strict):
+    """A complete, runnable plan."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    profile: ProfileRef
+    model: str
+    task: Task
+    aggregation: AggregationRule
+    importance: ImportanceRef
+    objective_time_weight: float
+    reference_time_s: float = Field(description="Time scale of the objective (baseline makespan).")
+    deadline_s: float | None = None
+    solver: SolverReport
+    summary: Summary
+    baseline: Baseline | None
+    servers: list[ServerPlan]
+
+    def server(self, name: str) -> ServerPlan:
+        """The entry serving `name` (an entry name or one of its members)."""
+        for s in self.servers:
+            if name == s.name or name in s.members:
+                return s
+        raise FedpipeError(f"server {name!r} is not in the plan",
+                           [f"servers: {', '.join(m for s in self.servers for m in s.members)}"])
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write the plan as YAML, atomically."""
+    text = yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, width=120)
+    return write_atomic(path, text)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan; problems name the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedpipeError(f"plan: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Plan.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise FedpipeError(f"{path}: not valid YAML ({e})") from None
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise FedpipeError(f"{path}: not a valid fedpipe plan", problems) from None

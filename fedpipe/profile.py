@@ -1,0 +1,209 @@
+"""The cluster profile: what the federation looks like and what may be chosen for it.
+
+A profile is YAML validated by the pydantic models below: unknown keys are rejected and every
+error names the field, the server and what would be valid. Identical servers are written once
+with ``count``; ``expand_servers`` turns them into individual named servers when needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedpipe.errors import FedpipeError
+from fedpipe.shapes import MATRIX_TYPES
+
+Bits = Literal[4, 8, 16]
+AggregationRule = Literal["fedit", "hetlora", "flora", "flexlora"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Task(_Strict):
+    """What is trained: the data, its length and how much local work a round holds."""
+
+    dataset: str = Field("builtin", description="'builtin' (generated task families), a .jsonl "
+                         "path (Alpaca/Dolly fields) or 'hf:NAME_OR_DIR' for a datasets source.")
+    seq_len: int = Field(128, ge=8, le=131072, description="Tokens per training sequence.")
+    local_steps: int = Field(10, ge=1, le=100000, description="Optimizer steps per server per round.")
+    rounds: int = Field(3, ge=1, le=10000, description="Federated rounds.")
+    learning_rate: float = Field(5e-4, gt=0, le=1, description="AdamW learning rate of the adapters.")
+    partition: Literal["iid", "dirichlet", "family"] = Field(
+        "dirichlet", description="How data is split across servers: iid, non-IID by a Dirichlet "
+        "over task families, or one family per server.")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = skewed.")
+    eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
+    seed: int = Field(0, description="Seed for data, initialisation and partitioning.")
+
+
+class Candidates(_Strict):
+    """The choices the planner may make for every server."""
+
+    targets: list[str] = Field(list(MATRIX_TYPES), min_length=1,
+                               description=f"Matrix types that may be adapted: {', '.join(MATRIX_TYPES)}.")
+    ranks: list[int] = Field([0, 4, 8, 16], min_length=1,
+                             description="LoRA rank ladder; 0 means 'not adapted'.")
+    bits: list[Bits] = Field([4, 8, 16], min_length=1, description="Base-model precisions (4, 8, 16).")
+    batch_sizes: list[int] = Field([4], min_length=1, description="Per-step batch sizes to choose from.")
+    lora_alpha_ratio: float = Field(2.0, gt=0, description="LoRA alpha = ratio x rank per module.")
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in MATRIX_TYPES]
+        if bad:
+            raise ValueError(f"unknown matrix type(s) {bad}; valid: {list(MATRIX_TYPES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("targets repeat an entry")
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _valid_ranks(cls, v: list[int]) -> list[int]:
+        if any(r < 0 or r > 4096 for r in v):
+            raise ValueError("ranks must lie in 0..4096")
+        if not any(r > 0 for r in v):
+            raise ValueError("the rank ladder needs at least one rank > 0")
+        return sorted(set(v) | {0})
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _valid_batches(cls, v: list[int]) -> list[int]:
+        if any(b < 1 or b > 4096 for b in v):
+            raise ValueError("batch sizes must lie in 1..4096")
+        return sorted(set(v))
+
+    @field_validator("bits")
+    @classmethod
+    def _unique_bits(cls, v: list[int]) -> list[int]:
+        return sorted(set(v))
+
+
+class Objective(_Strict):
+    """How the planner trades quality (importance covered) against round time."""
+
+    time_weight: float = Field(0.2, ge=0, description="Quality given up to shorten the round by "
+                               "the homogeneous baseline's round time (0 = quality only).")
+    deadline_s: float | None = Field(None, gt=0, description="Hard upper bound on the round time.")
+    bits_quality: dict[int, float] = Field(
+        {4: 0.97, 8: 0.99, 16: 1.0},
+        description="Quality kept at each base precision (QLoRA: 4-bit NF4 is close to 16-bit).")
+
+
+class Server(_Strict):
+    """One edge server, or `count` identical ones."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Unique name.")
+    memory_gib: float = Field(gt=0, le=1e5, description="Memory available for training (GiB).")
+    tflops: float = Field(gt=0, le=1e5, description="Effective training throughput (TFLOP/s).")
+    uplink_mbps: float = Field(gt=0, le=1e6, description="Upload bandwidth to the server (Mbit/s).")
+    downlink_mbps: float = Field(gt=0, le=1e6, description="Download bandwidth (Mbit/s).")
+    samples: int = Field(gt=0, description="Local training samples.")
+    count: int = Field(1, ge=1, le=100000, description="Number of identical servers of this kind.")
+    device: Literal["cuda", "cpu"] = Field("cuda", description="cuda: bf16 compute; cpu: fp32.")
+    bits: list[Bits] | None = Field(None, min_length=1, description="Allowed precisions here.")
+
+    def member_names(self) -> list[str]:
+        """Names of the individual servers this entry stands for."""
+        if self.count == 1:
+            return [self.name]
+        width = len(str(self.count))
+        return [f"{self.name}-{i:0{width}d}" for i in range(1, self.count + 1)]
+
+
+class Calibration(_Strict):
+    """Factors of the cost model, measured by `fedpipe calibrate` (defaults documented in cost.py)."""
+
+    activation_factor: float = Field(1.0, gt=0, description="Multiplier on predicted activation memory.")
+    utilisation: float = Field(0.4, gt=0, le=1, description="Fraction of peak TFLOP/s reached.")
+    dequant_time: dict[int, float] = Field({4: 1.25, 8: 1.5, 16: 1.0},
+                                           description="Step-time multiplier per base precision.")
+    runtime_overhead_gib: float = Field(0.5, ge=0, description="Framework memory (CUDA context, "
+                                        "allocator slack, Python) per server.")
+
+
+class ClusterProfile(_Strict):
+    """A federation: the model, the task, the choices, the objective and the servers."""
+
+    name: str | None = Field(None, description="Name used for the plan file; defaults to the file stem.")
+    model: str = Field(description="A shape card (e.g. llama-2-7b), a local HF folder, or smollm2-135m.")
+    task: Task = Task()
+    candidates: Candidates = Candidates()
+    aggregation: AggregationRule = Field("flexlora", description="fedit | hetlora | flora | flexlora.")
+    objective: Objective = Objective()
+    calibration: Calibration = Calibration()
+    servers: list[Server] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterProfile:
+        names = [m for s in self.servers for m in s.member_names()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"server names must be unique; repeated: {', '.join(dup)}")
+        for s in self.servers:
+            if s.bits and not set(s.bits) & set(self.candidates.bits):
+                raise ValueError(f"server {s.name!r}: bits {s.bits} share nothing with "
+                                 f"candidates.bits {self.candidates.bits}")
+        return self
+
+    def allowed_bits(self, server: Server) -> list[int]:
+        return [b for b in self.candidates.bits if not server.bits or b in server.bits]
+
+    @property
+    def n_servers(self) -> int:
+        return sum(s.count for s in self.servers)
+
+
+def _describe(loc: tuple, raw: dict) -> str:
+    """'servers[2] (edge-c).memory_gib' from pydantic's location tuple."""
+    parts: list[str] = []
+    for i, key in enumerate(loc):
+        if isinstance(key, int):
+            parts[-1] += f"[{key}]"
+            if loc[:i] == ("servers",):
+                servers = raw.get("servers") if isinstance(raw, dict) else None
+                if isinstance(servers, list) and key < len(servers) and isinstance(servers[key], dict):
+                    parts[-1] += f" (server {servers[key].get('name', '?')!r})"
+        else:
+            parts.append(str(key))
+    return ".".join(parts) or "profile"
+
+
+def parse_profile(raw: object, source: str = "profile") -> ClusterProfile:
+    """Validate a mapping; every problem becomes one line naming its field and server."""
+    if not isinstance(raw, dict):
+        raise FedpipeError(f"{source}: expected a mapping of fields at the top level, "
+                           f"got {type(raw).__name__}")
+    try:
+        return ClusterProfile.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            shown = "" if isinstance(value, dict | list) or err["type"] == "missing" else f" (got {value!r})"
+            problems.append(f"{_describe(tuple(err['loc']), raw)}: {msg}{shown}")
+        raise FedpipeError(f"{source}: {len(problems)} problem(s) in the profile", problems) from None
+
+
+def load_profile(path: str | Path) -> ClusterProfile:
+    """Read and validate a profile YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedpipeError(f"profile: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FedpipeError(f"{path}: not valid YAML ({e})") from None
+    return parse_profile(raw, str(path))
+
+
+def profile_hash(path: str | Path) -> str:
+    """sha256 of the profile file's bytes, recorded in the plan."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
