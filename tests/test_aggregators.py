@@ -171,7 +171,7 @@ def test_flexlora_hand_case_gives_each_server_its_top_components():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_flora_is_exact_and_cumulative_over_two_rounds(seed):
+def test_flora_is_exact_and_cumulative_over_rounds(seed):
     # Prepare
     round1 = random_updates(seed)
     round2 = random_updates(seed + 100)
@@ -181,7 +181,11 @@ def test_flora_is_exact_and_cumulative_over_two_rounds(seed):
     g2 = agg.aggregate(round2, g1)
     b1 = agg.broadcast(g1, None, ranks={Q: 4}, scales={Q: 2.0})
     b2 = agg.broadcast(g2, g1, ranks={}, scales={})
+    g3 = agg.aggregate(round1, g2)
+    b3 = agg.broadcast(g3, g2, ranks={Q: 8}, scales={Q: 2.0})
     # Assert
+    assert rel(g3.factors[Q].delta(), 2 * target(round1) + target(round2)) < 1e-5
+    assert rel(b3.base_delta[Q].delta(), target(round1)) < 1e-5
     assert rel(g1.factors[Q].delta(), target(round1)) < 1e-5
     assert rel(g2.factors[Q].delta(), target(round1) + target(round2)) < 1e-5
     assert rel(b1.base_delta[Q].delta(), target(round1)) < 1e-5
