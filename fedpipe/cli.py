@@ -45,24 +45,63 @@ def plan(
                                                 "(default: plans/NAME.plan.yaml).")] = None,
     solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 60.0,
-    importance: Annotated[Path | None, typer.Option(help="Importance report (YAML/JSON) to plan with.")] = None,
+    importance: Annotated[str, typer.Option(help="auto: the cached sensitivity report of "
+                                            "`fedpipe importance` if there is one, else the data-free "
+                                            "prior; a scorer (sensitivity, fisher, prior: computed or "
+                                            "cached); or a report file (YAML/JSON).")] = "auto",
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
+    from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
     from fedpipe.planner import make_plan
     from fedpipe.render import console, plan_table
 
-    report = source = None
-    if importance is not None:
-        from fedpipe.importance import load_report
-
-        report, source = load_report(importance), str(importance)
+    report, source = importance_for_plan(profile, importance)
     result = make_plan(profile, solver=solver, time_limit=time_limit, importance=report,
                        importance_source=source)
     path = save_plan(result, output or default_plan_path(result.profile.name))
     out = console()
     out.print(plan_table(result))
     out.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def importance(
+    profile: Annotated[Path, typer.Argument(help="Cluster profile YAML.")],
+    scorer: Annotated[str, typer.Option(help="sensitivity, fisher (need weights and data) or prior "
+                                        "(data-free).")] = "sensitivity",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Report to write, .yaml or "
+                                                ".json (default: reports/NAME.SCORER.yaml).")] = None,
+    heatmap: Annotated[Path | None, typer.Option(help="Heat map PNG (default: the report's path "
+                                                 "with .png).")] = None,
+    batches: Annotated[int, typer.Option(help="Calibration batches per server.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Examples per calibration batch.")] = 4,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: task.seq_len).")
+                       ] = None,
+    seed: Annotated[int | None, typer.Option(help="Calibration seed (default: task.seed).")] = None,
+    cache: Annotated[bool, typer.Option(help="Reuse a cached report for the same model, data and "
+                                        "scorer.")] = True,
+    top: Annotated[int, typer.Option(help="Rows of the ranked table.")] = 20,
+) -> None:
+    """Score every candidate matrix on each server's own data; a ranked table, report and heat map."""
+    from fedpipe.importance import ScoringRequest, compute_report, save_report
+    from fedpipe.importance_view import ranked_table, save_heatmap, scoring_progress
+    from fedpipe.render import console
+
+    request = ScoringRequest.make(profile, scorer, batches=batches, batch_size=batch_size,
+                                  seq_len=seq_len, seed=seed)
+    with scoring_progress(request.sample_weights(), batches) as on_batch:
+        result = compute_report(request, use_cache=cache, on_batch=on_batch)
+    name = request.profile.name or profile.stem
+    path = save_report(result.report, output or Path("reports") / f"{name}.{request.scorer.name}.yaml")
+    png = save_heatmap(result.report, heatmap or path.with_suffix(".png"))
+    out = console()
+    out.print(ranked_table(result.report, top))
+    how = "from cache" if result.cached else "computed"
+    out.print(f"{how} in {result.seconds:.1f} s · digest {result.report.digest()}"
+              + (f" · cached at {result.cache_path}" if result.cache_path else ""))
+    out.print(f"wrote {path}\nwrote {png}")
 
 
 @app.command()
@@ -82,6 +121,134 @@ def diff(
         typer.echo(json.dumps(d.model_dump(mode="json"), indent=2))
     else:
         console().print(diff_table(d))
+
+
+@app.command()
+@user_errors
+def run(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan YAML written by `fedpipe plan`.")],
+    rounds: Annotated[int | None, typer.Option(min=1, help="Rounds (default: the plan's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/NAME).")] = None,
+    aggregation: Annotated[str | None, typer.Option(help="fedit | hetlora | flora | flexlora "
+                                                    "(default: the plan's).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue after the last completed round.")] = False,
+    local_steps: Annotated[int | None, typer.Option(min=1, help="Local steps per round "
+                                                    "(default: the plan's).")] = None,
+    eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples "
+                                                     "(default: the plan's).")] = None,
+) -> None:
+    """Run the plan's federated rounds in this process; every server trains its planned adapter."""
+    from transformers.utils import logging as hf_logging
+
+    from fedpipe.render import console, run_progress, run_table
+    from fedpipe.runner import run_plan
+
+    hf_logging.disable_progress_bar()  # our own bar shows rounds and servers
+
+    with run_progress() as on_progress:
+        result = run_plan(plan_file, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
+                          local_steps=local_steps, eval_samples=eval_samples, on_progress=on_progress)
+    console().print(run_table(result))
+
+
+@app.command()
+@user_errors
+def sweep(
+    profile: Annotated[Path, typer.Argument(help="Cluster profile YAML.")],
+    memory: Annotated[str | None, typer.Option(help="Multipliers on every server's memory: 0.5,1,2.")] = None,
+    bandwidth: Annotated[str | None, typer.Option(help="Multipliers on every uplink and downlink.")] = None,
+    servers: Annotated[str | None, typer.Option(help="Multipliers on every entry's count (rounded, >= 1).")
+                       ] = None,
+    deadline: Annotated[str | None, typer.Option(help="Deadlines: seconds (60), multiples of the "
+                                                 "unconstrained makespan (0.8x), or none.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the plans and pictures "
+                                             "(default: plans/sweeps/NAME).")] = None,
+    show_diff: Annotated[bool, typer.Option("--diff", help="Show `fedpipe diff` between neighbouring "
+                                            "points.")] = False,
+    plots: Annotated[bool, typer.Option(help="Write sweep.png and rankmap.png.")] = True,
+    solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
+    time_limit: Annotated[float, typer.Option(help="Solver time limit per point in seconds.")] = 60.0,
+    importance: Annotated[Path | None, typer.Option(help="Importance report (YAML/JSON).")] = None,
+    jobs: Annotated[int, typer.Option(help="Points solved at once in worker processes "
+                                      "(0: one per CPU core).")] = 0,
+) -> None:
+    """Plan every budget point ('what if half the memory?'): a table, one plan per point, plots."""
+    from rich.progress import Progress
+
+    from fedpipe.diff import diff_plans
+    from fedpipe.plan import load_plan
+    from fedpipe.render import console, diff_table, sweep_table
+    from fedpipe.sweep import parse_axis, run_sweep
+
+    axes = {name: parse_axis(name, text) for name, text in
+            (("memory", memory), ("bandwidth", bandwidth), ("servers", servers), ("deadline", deadline))
+            if text is not None}
+    report = source = None
+    if importance is not None:
+        from fedpipe.importance import load_report
+
+        report, source = load_report(importance), str(importance)
+    total = 1
+    for values in axes.values():
+        total *= len(values)
+    with Progress(console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task("planning budget points", total=total)
+        result = run_sweep(profile, axes, out_dir=out, solver=solver, time_limit=time_limit,
+                           importance=report, importance_source=source, jobs=jobs,
+                           on_point=lambda p: bar.update(task, advance=1, description=p.name))
+    out_console = console()
+    out_console.print(sweep_table(result))
+    if plots:
+        from fedpipe.plots import sweep_pictures
+
+        for path in sweep_pictures(result):
+            out_console.print(f"wrote {path}")
+    if show_diff:
+        for a, b in result.neighbours():
+            out_console.print(diff_table(diff_plans(load_plan(a.plan), load_plan(b.plan), a.name, b.name)))
+
+
+@app.command()
+@user_errors
+def explain(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan YAML.")],
+    server: Annotated[str | None, typer.Option(help="Explain only this server (entry or member name).")
+                      ] = None,
+    profile: Annotated[Path | None, typer.Option(help="Profile the plan was made from "
+                                                 "(default: the path the plan records).")] = None,
+    importance: Annotated[Path | None, typer.Option(help="Importance report the plan was made with "
+                                                    "(default: the one the plan records).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the explanation as JSON.")] = False,
+) -> None:
+    """Why a server got its configuration: what binds, what one step better would take, what is forgone."""
+    from fedpipe.explain import explain_plan
+    from fedpipe.plan import load_plan
+    from fedpipe.render import console, explain_view
+
+    e = explain_plan(load_plan(plan_file), str(plan_file), server, profile, importance)
+    if as_json:
+        typer.echo(json.dumps(e.model_dump(mode="json"), indent=2))
+    else:
+        console().print(explain_view(e))
+
+
+@app.command()
+@user_errors
+def show(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan YAML.")],
+    png: Annotated[Path | None, typer.Option(help="Also draw the rank map as a PNG here.")] = None,
+) -> None:
+    """A plan for a person: tables, predictions against budgets, the per-layer rank map."""
+    from fedpipe.plan import load_plan
+    from fedpipe.plots import plan_layout, rank_map, rank_map_png
+    from fedpipe.render import console, show_view
+
+    p = load_plan(plan_file)
+    rm = rank_map(p, *plan_layout(p))
+    out = console()
+    out.print(show_view(p, rm))
+    if png is not None:
+        out.print(f"wrote {rank_map_png([(p.profile.name, rm)], png, columns=1)}")
 
 
 if __name__ == "__main__":

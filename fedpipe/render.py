@@ -87,3 +87,182 @@ def diff_table(d: PlanDiff) -> Group:
 
 def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=200 if not stderr else None)
+
+
+def run_table(result) -> Group:
+    """Per server, measured against predicted (last round); then the global model per round."""
+    rows = result.rows
+    if not rows:
+        return Group(Text(f"nothing to run: {result.run_dir} already holds every round"))
+    t = Table(title=f"run {result.run_dir} · {rows[-1]['rule']} · round {rows[-1]['round']}",
+              title_justify="left")
+    for col in ("server", "bits", "batch", "train loss", "memory GiB (measured / predicted)",
+                "up bytes (measured / predicted)", "down bytes (measured / predicted)", "train s"):
+        t.add_column(col, justify="left" if col == "server" else "right")
+    for s in rows[-1]["servers"]:
+        t.add_row(s["server"], str(s["bits"]), str(s["batch_size"]), f"{s['train_loss']:.3f}",
+                  f"{s['memory_gib']:.2f} / {s['predicted_memory_gib']:.2f}",
+                  f"{human_bytes(s['upload_bytes'])} / {human_bytes(s['predicted_upload_bytes'])}",
+                  f"{human_bytes(s['download_bytes'])} / {human_bytes(s['predicted_download_bytes'])}",
+                  f"{s['train_s']:.1f}")
+    curve = Table(title="global model on the held-out split", title_justify="left")
+    for col in ("round", "eval loss", "exact match", "round s", "of which training"):
+        curve.add_column(col, justify="right")
+    for r in rows:
+        curve.add_row(str(r["round"]), f"{r['eval']['loss']:.3f}", f"{r['eval']['accuracy']:.3f}",
+                      f"{r['round_s']:.1f}", f"{r['train_s'] / max(r['round_s'], 1e-9):.0%}")
+
+    d = result.run_dir
+    return Group(t, curve, Text(f"adapter (peft format): {d / 'adapter'} · metrics: "
+                                f"{d / 'metrics.jsonl'} · curves: {d / 'curves.png'}"))
+
+
+class run_progress:  # noqa: N801 - used as a context manager like rich's own helpers
+    """A progress bar over (round, server) steps of a run, fed by the runner's callback."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                  console=console(stderr=True), transient=False)
+        self._progress.__enter__()
+        self._task = None
+
+        def update(server: str, round_index: int, done: int, total: int) -> None:
+            if self._task is None:
+                self._task = self._progress.add_task("", total=total, completed=done)
+            self._progress.update(self._task, completed=done, description=f"round {round_index} · {server}")
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- sweeps, explanations, show
+SHADES = " ▁▂▃▄▅▆▇█"
+
+
+def rank_map_text(rm) -> Group:
+    """A `plots.RankMap` as one row of shaded cells per server (one cell per layer)."""
+    t = Table(title="rank map: mean LoRA rank per layer", title_justify="left", show_edge=False,
+              box=None, pad_edge=False)
+    t.add_column("server")
+    t.add_column("layers 0 → " + str(rm.values.shape[1] - 1), no_wrap=True)
+    t.add_column("mean", justify="right")
+    top = max(rm.max_rank, 1)
+    for name, row in zip(rm.servers, rm.values, strict=True):
+        cells = "".join(SHADES[min(len(SHADES) - 1, round(v / top * (len(SHADES) - 1)))] for v in row)
+        t.add_row(name, Text(cells, style="green on grey15"), f"{row.mean():.1f}")
+    legend = Text(f"' ' = not adapted … '█' = rank {top} on every type ({', '.join(rm.types)})",
+                  style="dim")
+    return Group(t, legend)
+
+
+def _bar(used: float, budget: float, width: int = 20) -> Text:
+    share = used / budget if budget > 0 else 0.0
+    full = min(width, round(share * width))
+    style = "red" if share > 1 + 1e-9 else "yellow" if share >= 0.99 else "green"
+    return Text("█" * full + "░" * (width - full), style=style)
+
+
+def show_view(plan: Plan, rm) -> Group:
+    """A plan for a person: the plan table, each budget as a bar, the rank map."""
+    budgets = Table(title="predictions against budgets", title_justify="left")
+    for col in ("server", "memory", "", "round", "", "bits", "adapted", "importance covered"):
+        budgets.add_column(col, justify="left" if col in ("server", "") else "right")
+    limit = plan.deadline_s or plan.summary.makespan_s
+    for s in plan.servers:
+        p = s.predicted
+        budgets.add_row(s.name, f"{p.memory_gib:.2f} / {p.memory_budget_gib:g} GiB",
+                        _bar(p.memory_gib, p.memory_budget_gib), f"{p.round_s:.2f} / {limit:.2f} s",
+                        _bar(p.round_s, limit), str(s.bits), str(len(s.rank_pattern)),
+                        f"{s.importance_covered:.3f}")
+    what = f"deadline {plan.deadline_s:g} s" if plan.deadline_s else "makespan (no deadline)"
+    return Group(plan_table(plan), Text(""), budgets, Text(f"round bars: share of the {what}", style="dim"),
+                 Text(""), rank_map_text(rm))
+
+
+def _bits_mix(counts: dict[int, int]) -> str:
+    return " ".join(f"{b}b:{n}" for b, n in sorted(counts.items())) or "-"
+
+
+def sweep_table(result) -> Group:
+    """One row per budget point of a `sweep.SweepResult`; infeasible points say why."""
+    t = Table(title=f"sweep {result.name} ({result.profile})", title_justify="left")
+    t.add_column("point")
+    for axis in result.axes:
+        t.add_column({"memory": "memory ×", "bandwidth": "bandwidth ×", "servers": "servers ×",
+                      "deadline": "deadline"}[axis], justify="right")
+    for col in ("status", "makespan", "quality", "importance", "bytes/round", "servers per bits", "time",
+                "note"):
+        t.add_column(col, justify="left" if col in ("status", "servers per bits", "note") else "right")
+    for p in result.points:
+        axes = []
+        for axis in result.axes:
+            v = p.budget[axis]
+            if axis == "deadline" and v.endswith("x"):
+                v = v if p.deadline_s is None else f"{v} = {p.deadline_s:.1f} s"
+            elif axis == "deadline" and v != "none":
+                v = f"{v} s"
+            axes.append(v)
+        if p.status == "ok":
+            note = f"reuses {p.reused_from}" if p.reused_from else ""
+            t.add_row(p.name, *axes, Text(p.solver_status or "ok", style="green"), seconds(p.makespan_s),
+                      f"{p.quality:.3f}", f"{p.importance_covered:.3f}",
+                      human_bytes(p.upload_bytes + p.download_bytes), _bits_mix(p.servers_per_bits),
+                      f"{p.solve_s:.2f} s", note)
+        else:
+            reasons = (p.reason or "").split("; ")
+            more = f" (+{len(reasons) - 1} more in sweep.yaml)" if len(reasons) > 1 else ""
+            t.add_row(p.name, *axes, Text("infeasible", style="red"), "-", "-", "-", "-", "-",
+                      f"{p.solve_s:.2f} s", Text(reasons[0] + more, style="red"))
+    ok = sum(p.status == "ok" for p in result.points)
+    reused = sum(bool(p.reused_from) for p in result.points)
+    foot = Text(f"{len(result.points)} points: {ok} planned ({reused} reused), "
+                f"{len(result.points) - ok} infeasible · setup {result.setup_s:.2f} s · "
+                f"total {result.total_s:.1f} s · plans in {result.out_dir}/ · bytes/round = up + down, "
+                f"all servers · importance = sample-weighted importance covered")
+    return Group(t, foot)
+
+
+def explain_view(e) -> Group:
+    """An `explain.Explanation`: per server, what binds, the options one step up, what is forgone."""
+    deadline = f", deadline {e.deadline_s:g} s" if e.deadline_s else ", no deadline"
+    parts: list = [Text(f"{e.plan}: makespan {seconds(e.makespan_s)}{deadline} · objective = quality − "
+                        f"{e.time_weight:g} × makespan / {e.reference_time_s:.2f} s = {e.objective:.4f}",
+                        style="bold")]
+    parts += [Text(f"warning: {w}", style="yellow") for w in e.warnings]
+    for s in e.servers:
+        n = f" (×{s.count})" if s.count > 1 else ""
+        parts.append(Text(""))
+        parts.append(Text(f"{s.server}{n}: {s.bits}-bit, batch {s.batch_size} · binding: "
+                          f"{', '.join(s.binding) or 'nothing'}", style="bold cyan"))
+        parts += [Text(f"  {line}") for line in s.constraints]
+        if s.options:
+            t = Table(title_justify="left", show_edge=False)
+            for col in ("next-better option", "memory / budget", "round", "makespan", "Δ quality",
+                        "verdict: what it would take"):
+                t.add_column(col, justify="left" if col[0] in "nv" else "right")
+            for o in s.options:
+                style = "red" if o.blocked_by and o.blocked_by != ["objective"] else \
+                    "yellow" if o.blocked_by else "green"
+                t.add_row(o.label, f"{o.memory_gib:.2f} / {o.memory_budget_gib:g} GiB", seconds(o.round_s),
+                          seconds(o.makespan_s), f"{o.d_quality:+.2g}", Text(o.needs, style=style))
+            parts.append(t)
+        else:
+            parts.append(Text("  already at the top of every choice (precision, batch, rank)"))
+        parts.append(Text(
+            f"  importance covered {s.covered:.3f}, forgone {s.forgone:.3f}: {s.forgone_unadapted:.3f} on "
+            f"unadapted matrices, {s.forgone_lower_rank:.3f} on ranks below the top; precision and batch "
+            f"keep {s.config_factor:.3f} of the quality"))
+        lacking = [c for c in s.by_type if c.forgone > 1e-9]
+        if lacking:
+            t = Table(show_edge=False, box=None, padding=(0, 2))
+            for col in ("  type", "adapted", "at top rank", "unadapted layers", "forgone"):
+                t.add_column(col, justify="left" if col in ("  type", "unadapted layers") else "right")
+            for c in lacking:
+                t.add_row(f"  {c.kind}", f"{c.adapted}/{c.total}", f"{c.at_top_rank}/{c.total}",
+                          c.unadapted_layers, f"{c.forgone:.3f}")
+            parts.append(t)
+    return Group(*parts)
