@@ -466,23 +466,30 @@ def test_evaluate_random_model_mechanics(tok, tiny):
     assert result["loss"] == pytest.approx(total / count, rel=1e-4)
 
 
-def test_evaluate_left_padded_generation_matches_unbatched(tok, tiny, monkeypatch):
+def test_evaluate_generation_matches_plain_unpadded_generate(tok, tiny, monkeypatch):
+    """Left padding plus the KV cache shared with the loss pass must not change what is generated."""
     ex = builtin_examples(6, seed=2)
     real = tiny.generate
-    outputs: dict[tuple, list] = {}
+    seen: dict[tuple, list] = {}
+
+    def upto_eos(tokens):
+        return tokens[: tokens.index(tok.eos_token_id) + 1] if tok.eos_token_id in tokens else tokens
 
     def spy(input_ids, attention_mask, **kw):
+        assert kw["past_key_values"] is not None and (attention_mask[:, -1] == 1).all()
         out = real(input_ids=input_ids, attention_mask=attention_mask, **kw)
         for row in range(input_ids.shape[0]):
             prompt = tuple(input_ids[row][attention_mask[row].bool()].tolist())
-            assert attention_mask[row, -1] == 1  # left padding
-            outputs.setdefault(prompt, []).append(out[row, input_ids.shape[1]:].tolist()[:8])
+            seen[prompt] = upto_eos(out[row, input_ids.shape[1] :].tolist())
         return out
 
     monkeypatch.setattr(tiny, "generate", spy)
     evaluate(tiny, tok, ex, max_len=128, batch_size=6, max_new_tokens=8)
-    evaluate(tiny, tok, ex, max_len=128, batch_size=1, max_new_tokens=8)
-    assert len(outputs) == 6 and all(a == b for a, b in outputs.values())
+    assert len(seen) == 6
+    for prompt, got in seen.items():
+        plain = real(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                     pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        assert got == upto_eos(plain[0, len(prompt) :].tolist())
 
 
 def test_evaluate_oracle_and_partial_answers(tok, tiny, monkeypatch):
