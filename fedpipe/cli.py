@@ -169,8 +169,6 @@ def sweep(
     solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit per point in seconds.")] = 60.0,
     importance: Annotated[Path | None, typer.Option(help="Importance report (YAML/JSON).")] = None,
-    jobs: Annotated[int, typer.Option(help="Points solved at once in worker processes "
-                                      "(0: one per CPU core).")] = 0,
 ) -> None:
     """Plan every budget point ('what if half the memory?'): a table, one plan per point, plots."""
     from rich.progress import Progress
@@ -194,7 +192,7 @@ def sweep(
     with Progress(console=console(stderr=True), transient=True) as bar:
         task = bar.add_task("planning budget points", total=total)
         result = run_sweep(profile, axes, out_dir=out, solver=solver, time_limit=time_limit,
-                           importance=report, importance_source=source, jobs=jobs,
+                           importance=report, importance_source=source,
                            on_point=lambda p: bar.update(task, advance=1, description=p.name))
     out_console = console()
     out_console.print(sweep_table(result))
