@@ -28,8 +28,9 @@ from fedpipe.lora import GlobalAdapter
 from fedpipe.measure import resident_gib
 from fedpipe.metrics import plot_rounds, read_metrics, write_metrics
 from fedpipe.models import apply_base_delta, load_base, load_tokenizer, resolve_model_dir, save_adapter
-from fedpipe.plan import Plan, load_plan
+from fedpipe.plan import Plan, ServerPlan, load_plan
 from fedpipe.server import Coordinator
+from fedpipe.tasks import FAMILIES, Example
 
 
 @dataclass
@@ -79,6 +80,25 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, GlobalAdapter], dict[
 
 
 # ------------------------------------------------------------------------------ the run
+def plan_data(plan: Plan, n_eval: int) -> tuple[list[tuple[str, ServerPlan]], list[str],
+                                                 dict[str, list[Example]], list[Example]]:
+    """(training members with their entries, idle members, each member's shard, held-out split):
+    a function of the plan, its seed and data only, so every backend and machine rebuilds the same."""
+    task = plan.task
+    members = [(m, entry) for entry in plan.servers for m in entry.members if entry.rank_pattern]
+    idle = [m for entry in plan.servers for m in entry.members if not entry.rank_pattern]
+    if not members:
+        raise FedpipeError("the plan adapts no matrix on any server: nothing to train")
+    # generated data: enough of every family that a skewed (non-IID) shard never repeats examples
+    needed = (sum(entry.samples for _, entry in members) + n_eval) * len(FAMILIES)
+    examples = load_examples(task.dataset, n=needed if task.dataset.startswith("builtin") else None,
+                             seed=task.seed)
+    train_pool, held_out = split_holdout(examples, n_eval, task.seed)
+    shards = partition(train_pool, {m: entry.samples for m, entry in members}, task.partition,
+                       task.dirichlet_alpha, task.seed)
+    return members, idle, shards, held_out
+
+
 def run_plan(plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
              aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
              eval_samples: int | None = None, device: str = "cpu",
@@ -99,16 +119,7 @@ def run_plan(plan_path: str | Path, *, rounds: int | None = None, out: str | Pat
     model_dir = model_folder(plan)
     tokenizer = load_tokenizer(model_dir)
 
-    members = [(m, entry) for entry in plan.servers for m in entry.members if entry.rank_pattern]
-    idle = [m for entry in plan.servers for m in entry.members if not entry.rank_pattern]
-    if not members:
-        raise FedpipeError("the plan adapts no matrix on any server: nothing to train")
-    needed = sum(entry.samples for _, entry in members) + n_eval
-    examples = load_examples(task.dataset, n=needed if task.dataset.startswith("builtin") else None,
-                             seed=task.seed)
-    train_pool, held_out = split_holdout(examples, n_eval, task.seed)
-    shards = partition(train_pool, {m: entry.samples for m, entry in members}, task.partition,
-                       task.dirichlet_alpha, task.seed)
+    members, idle, shards, held_out = plan_data(plan, n_eval)
     trainers = [EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len, task.learning_rate,
                             task.seed) for m, entry in members]
     pool = {entry.name: AdaptedModel.load(model_dir, entry, device, task.seed)

@@ -130,11 +130,13 @@ def test_one_round_on_the_bundled_model(tmp_path, bundled_model_dir):
     """SmolLM2-135M for real: a 4-bit and a 16-bit server, one short round."""
     profile = yaml.safe_load((Path(__file__).parent / "data" / "small.yaml").read_text())
     profile["task"].update(rounds=1, local_steps=2, eval_samples=8)
-    profile["servers"][0].update(bits=[4], memory_gib=1.5)
+    profile["servers"][0].update(bits=[4], memory_gib=1.5)  # its ranks are pinned below
     profile["servers"][1]["bits"] = [16]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
     plan = make_plan(tmp_path / "p.yaml")
-    plan_path = save_plan(plan, tmp_path / "p.plan.yaml")
+    edge, hub = plan.servers
+    edge = edge.model_copy(update={"rank_pattern": {n: 4 for n in hub.rank_pattern if "q_proj" in n}})
+    plan_path = save_plan(plan.model_copy(update={"servers": [edge, hub]}), tmp_path / "p.plan.yaml")
     result = run_plan(plan_path, out=tmp_path / "run")
     row = result.rows[0]
     assert {s["bits"] for s in row["servers"]} == {4, 16}
