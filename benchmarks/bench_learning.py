@@ -68,9 +68,10 @@ def main() -> None:
 
     out = Path(args.out)
     plan = load_plan(args.plan)
+    heterogeneous = save_plan(plan, out / "heterogeneous.plan.yaml")  # a frozen copy for every run
     runs: dict[str, tuple[Path, str, int]] = {}
     for rule in args.rules.split(","):
-        runs[f"heterogeneous · {rule}"] = (Path(args.plan), rule, args.local_steps)
+        runs[f"heterogeneous · {rule}"] = (heterogeneous, rule, args.local_steps)
     runs["homogeneous · flexlora"] = (save_plan(homogeneous_plan(plan), out / "homogeneous.plan.yaml"),
                                       "flexlora", args.local_steps)
     central, central_steps = centralised_plan(plan, args.local_steps)
