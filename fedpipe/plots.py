@@ -92,8 +92,8 @@ def rank_map_png(panels: Sequence[tuple[str, RankMap]], path: str | Path, column
     rows = -(-len(panels) // columns)
     vmax = max(max(rm.max_rank, 1) for _, rm in panels)
     height = max(len(rm.servers) for _, rm in panels) * 0.32 + 1.1
-    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, height * rows), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns + 1.2, height * rows), squeeze=False)
+    fig.subplots_adjust(left=0.1, right=0.9, hspace=0.7 if rows > 1 else 0.2, wspace=0.3)
     image = None
     for ax, (title, rm) in zip(axes.flat, panels, strict=False):
         image = ax.imshow(rm.values, aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
@@ -104,7 +104,7 @@ def rank_map_png(panels: Sequence[tuple[str, RankMap]], path: str | Path, column
         ax.set_title(title, fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8,
+    fig.colorbar(image, cax=fig.add_axes((0.92, 0.15, 0.012, 0.7)),
                  label=f"mean LoRA rank over {', '.join(panels[0][1].types)}")
     return _save(fig, path)
 
@@ -115,13 +115,16 @@ def sweep_png(result, path: str | Path) -> Path:
     The x axis is the first axis with more than one value; every combination of the other axes
     is one line. Infeasible points are red crosses on the x axis."""
     plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
     axes = result.axes
     x_axis = next((a for a, v in axes.items() if len(v) > 1), next(iter(axes)))
     series: dict[str, list] = {}
     for p in result.points:
         label = ", ".join(f"{a} {v}" for a, v in p.budget.items() if a != x_axis)
         series.setdefault(label, []).append(p)
-    fig, (ax_t, ax_q, ax_b) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig, (ax_t, ax_q, ax_b) = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.14, top=0.88, wspace=0.25)
 
     def x_of(p) -> float | None:
         return p.deadline_s if x_axis == "deadline" else float(p.budget[x_axis])
@@ -159,13 +162,15 @@ def sweep_png(result, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if values and min(values) > 0 and max(values) / min(values) >= 4:
             ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
     ax_t.set_ylabel("makespan (s per round)")
     ax_t.set_ylim(bottom=0)
     ax_q.set_ylabel("quality (solid) · importance covered (dashed)")
-    ax_q.set_ylim(0, 1.02)
+    ax_q.set_ylim(top=1.02)
     ax_b.set_xlabel(x_label + (f" at {next(iter(series))}" if len(series) > 1 else ""))
     ax_b.set_ylabel("servers")
+    ax_b.set_ylim(0, max(bottom, default=1) * 1.35)  # room for the legend above the bars
     ax_b.yaxis.get_major_locator().set_params(integer=True)
     ax_b.legend(fontsize=8, title="base precision")
     if len(series) > 1:
