@@ -185,10 +185,10 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
         blocked, needs, break_even = [], [], None
         if c.memory_gib > rep.memory_gib * (1 + 1e-9):
             blocked.append("memory")
-            needs.append(f"+{gib(c.memory_gib - rep.memory_gib)} memory")
+            needs.append(f"+{gib(c.memory_gib - rep.memory_gib)} memory would allow it")
         if deadline is not None and trial.makespan > deadline * (1 + 1e-9):
             blocked.append("deadline")
-            needs.append(f"a deadline of {trial.makespan:.2f} s (+{trial.makespan - deadline:.2f} s)")
+            needs.append(f"a deadline of {trial.makespan:.3g} s (now {deadline:.3g} s)")
         if not blocked and d_obj < -RELATIVE_TOLERANCE * max(1.0, abs(ev.objective)):
             blocked.append("objective")
             d_t = trial.makespan - ev.makespan

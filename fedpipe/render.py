@@ -230,7 +230,8 @@ def explain_view(e) -> Group:
     """An `explain.Explanation`: per server, what binds, the options one step up, what is forgone."""
     deadline = f", deadline {e.deadline_s:g} s" if e.deadline_s else ", no deadline"
     parts: list = [Text(f"{e.plan}: makespan {seconds(e.makespan_s)}{deadline} · objective = quality − "
-                        f"{e.time_weight:g} × makespan / {e.reference_time_s:.2f} s = {e.objective:.4f}",
+                        f"{e.time_weight:g} × makespan / {e.reference_time_s:.2f} s (baseline makespan) = "
+                        f"{e.objective:.4f}",
                         style="bold")]
     parts += [Text(f"warning: {w}", style="yellow") for w in e.warnings]
     for s in e.servers:

@@ -13,6 +13,7 @@ from fedpipe.explain import explain_plan, layer_ranges, plan_problem_context
 from fedpipe.plan import load_plan, save_plan
 from fedpipe.planner import Choice, evaluate, make_plan
 from fedpipe.plots import plan_layout, rank_map
+from fedpipe.sweep import run_sweep
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
@@ -69,6 +70,16 @@ def test_break_even_time_weight_is_where_the_option_pays(small):
     dt = o.makespan_s - e.makespan_s
     assert o.d_quality - weight * dt / e.reference_time_s == pytest.approx(0, abs=1e-9)
     assert o.d_objective == pytest.approx(o.d_quality - e.time_weight * dt / e.reference_time_s)
+
+
+def test_deadline_blocks_options_that_slow_the_round(tmp_path):
+    point = run_sweep(DATA / "small.yaml", {"deadline": ["0.8x"]}, out_dir=tmp_path).points[0]
+    e = explain_plan(load_plan(point.plan), server="edge")
+    edge = e.servers[0]
+    assert "deadline" in edge.binding and edge.constraints[-1].startswith("deadline:")
+    slower = [o for o in edge.options if "deadline" in o.blocked_by]
+    assert slower and all(o.makespan_s > e.deadline_s for o in slower)
+    assert all(f"a deadline of {o.makespan_s:.3g} s" in o.needs for o in slower)
 
 
 def test_cli_explain_text_json_and_errors(small, tmp_path):
