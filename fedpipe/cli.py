@@ -174,7 +174,6 @@ def sweep(
     from rich.progress import Progress
 
     from fedpipe.diff import diff_plans
-    from fedpipe.plan import load_plan
     from fedpipe.render import console, diff_table, sweep_table
     from fedpipe.sweep import parse_axis, run_sweep
 
@@ -203,7 +202,7 @@ def sweep(
             out_console.print(f"wrote {path}")
     if show_diff:
         for a, b in result.neighbours():
-            out_console.print(diff_table(diff_plans(load_plan(a.plan), load_plan(b.plan), a.name, b.name)))
+            out_console.print(diff_table(diff_plans(result.plan(a), result.plan(b), a.name, b.name)))
 
 
 @app.command()

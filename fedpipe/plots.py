@@ -181,15 +181,11 @@ def sweep_png(result, path: str | Path) -> Path:
 
 def sweep_pictures(result) -> list[Path]:
     """sweep.png (curves) and rankmap.png (one panel per planned point) in the sweep's folder."""
-    from fedpipe.plan import load_plan
-
     out = Path(result.out_dir)
     paths = [sweep_png(result, out / "sweep.png")]
-    panels = []
-    for p in result.points:
-        if p.plan:
-            plan = load_plan(p.plan)
-            panels.append((p.name, rank_map(plan, *plan_layout(plan))))
+    plans = [(p.name, result.plan(p)) for p in result.points if p.plan]
+    layout = plan_layout(plans[0][1]) if plans else None  # every point has the same model and targets
+    panels = [(name, rank_map(plan, *layout)) for name, plan in plans]
     if panels:
         paths.append(rank_map_png(panels, out / "rankmap.png", columns=2 if len(panels) <= 4 else 3))
     return paths

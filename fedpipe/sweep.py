@@ -47,6 +47,7 @@ from fedpipe.plan import (
     ServerPlan,
     SolverReport,
     Summary,
+    load_plan,
     save_plan,
 )
 from fedpipe.planner import (
@@ -196,6 +197,12 @@ class SweepResult(BaseModel):
     points: list[SweepPoint]
     setup_s: float = Field(description="Loading profile, shapes, importance (shared by every point).")
     total_s: float
+    plans: dict[str, Plan] = Field(default_factory=dict, exclude=True,
+                                   description="The points' plans while in memory (not in sweep.yaml).")
+
+    def plan(self, point: SweepPoint) -> Plan:
+        """The point's plan: from memory after `run_sweep`, else from its file."""
+        return self.plans.get(point.name) or load_plan(point.plan)
 
     def neighbours(self) -> list[tuple[SweepPoint, SweepPoint]]:
         """Consecutive points that differ in one axis only and both have plans (for diffs)."""
@@ -368,6 +375,7 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
 
     grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     points = {point_name(b): SweepPoint(name=point_name(b), budget=b, status="infeasible") for b in grid}
+    plans: dict[str, Plan] = {}
     for _, budgets in itertools.groupby(grid, key=lambda b: [b.get(a) for a in AXES[:3]]):
         for o in _plan_group(base, list(budgets), planner):
             point = points[o.name]
@@ -375,20 +383,21 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
             if o.profile is not None:
                 point.deadline_s = o.profile.objective.deadline_s
             if o.solved is not None:
-                _write_point(point, o.profile, o.solved, shapes, importance, out, profile_path,
-                             f"{name}-{point.name}", source)
+                plans[point.name] = _write_point(point, o.profile, o.solved, shapes, importance, out,
+                                                 profile_path, f"{name}-{point.name}", source)
             if on_point is not None:
                 on_point(point)
 
     result = SweepResult(profile=str(profile_path), name=name, out_dir=str(out), axes=axes,
-                         points=list(points.values()), setup_s=setup_s, total_s=time.perf_counter() - start)
+                         points=list(points.values()), setup_s=setup_s, total_s=time.perf_counter() - start,
+                         plans=plans)
     write_atomic(out / "sweep.yaml",
                  yaml.safe_dump(result.model_dump(mode="json"), sort_keys=False, width=120))
     return result
 
 
 def _write_point(point: SweepPoint, profile: ClusterProfile, solved: _Solved, shapes: ModelShapes,
-                 importance: ImportanceReport, out: Path, origin: Path, plan_name: str, source: str) -> None:
+                 importance: ImportanceReport, out: Path, origin: Path, plan_name: str, source: str) -> Plan:
     """The point's profile and plan files, and its row's numbers."""
     profile = profile.model_copy(update={"name": plan_name})  # `fedpipe plan` on it names it alike
     problem = build_problem(profile, shapes, importance)
@@ -402,6 +411,7 @@ def _write_point(point: SweepPoint, profile: ClusterProfile, solved: _Solved, sh
     point.profile, point.status = str(prof_file), "ok"
     point.reused_from = solved.source if solved.source != point.name else None
     _headline(point, plan)
+    return plan
 
 
 def load_sweep(path: str | Path) -> SweepResult:

@@ -63,7 +63,8 @@ def test_sweep_writes_one_plan_per_point_and_reports_infeasible(memory_sweep):
     by = {p.name: p for p in r.points}
     assert by["m2-b1"].quality >= by["m1-b1"].quality - 1e-9  # more memory never hurts
     assert by["m1-b0.25"].makespan_s > by["m1-b1"].makespan_s  # a slower link costs time
-    assert load_sweep(r.out_dir) == r
+    assert load_sweep(r.out_dir).model_dump() == r.model_dump() and load_sweep(r.out_dir).plans == {}
+    assert r.plan(r.points[3]) == load_plan(r.points[3].plan)
     assert [(a.name, b.name) for a, b in r.neighbours()] == [("m1-b0.25", "m1-b1"), ("m2-b0.25", "m2-b1")]
 
 
