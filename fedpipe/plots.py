@@ -92,8 +92,10 @@ def rank_map_png(panels: Sequence[tuple[str, RankMap]], path: str | Path, column
     rows = -(-len(panels) // columns)
     vmax = max(max(rm.max_rank, 1) for _, rm in panels)
     height = max(len(rm.servers) for _, rm in panels) * 0.32 + 1.1
-    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns + 1.2, height * rows), squeeze=False)
-    fig.subplots_adjust(left=0.1, right=0.9, hspace=0.7 if rows > 1 else 0.2, wspace=0.3)
+    total = height * rows + 0.6  # inches, with room for the title above the panels' own titles
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns + 1.2, total), squeeze=False)
+    fig.subplots_adjust(left=0.1, right=0.9, top=1 - 0.8 / total, hspace=0.7 if rows > 1 else 0.2,
+                        wspace=0.3)
     image = None
     for ax, (title, rm) in zip(axes.flat, panels, strict=False):
         image = ax.imshow(rm.values, aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
@@ -104,8 +106,10 @@ def rank_map_png(panels: Sequence[tuple[str, RankMap]], path: str | Path, column
         ax.set_title(title, fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.colorbar(image, cax=fig.add_axes((0.92, 0.15, 0.012, 0.7)),
-                 label=f"mean LoRA rank over {', '.join(panels[0][1].types)}")
+    fig.colorbar(image, ax=list(axes.flat), fraction=0.03 if rows > 1 else 0.04, pad=0.02,
+                 label="mean LoRA rank")
+    fig.suptitle(f"mean LoRA rank per layer over {', '.join(panels[0][1].types)} (0 = not adapted)",
+                 fontsize=10, y=1 - 0.15 / total)
     return _save(fig, path)
 
 
