@@ -45,10 +45,10 @@ def plan(
                                                 "(default: plans/NAME.plan.yaml).")] = None,
     solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 60.0,
-    importance: Annotated[str, typer.Option(help="auto: the cached sensitivity report of "
-                                            "`fedpipe importance` if there is one, else the data-free "
-                                            "prior; a scorer (sensitivity, fisher, prior: computed or "
-                                            "cached); or a report file (YAML/JSON).")] = "auto",
+    importance: Annotated[str, typer.Option(help="auto: the latest report `fedpipe importance` "
+                                            "made for this model and data, else the data-free prior; "
+                                            "a scorer (sensitivity, fisher, prior: cached or computed "
+                                            "now); or a report file (YAML/JSON).")] = "auto",
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
     from fedpipe.importance import importance_for_plan
