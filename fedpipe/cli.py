@@ -136,8 +136,32 @@ def run(
                                                     "(default: the plan's).")] = None,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples "
                                                      "(default: the plan's).")] = None,
+    backend: Annotated[str, typer.Option(help="inprocess (every server in this process) or flower "
+                                         "(one SuperNode per server; docs/flower.md).")] = "inprocess",
+    superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
+    insecure: Annotated[bool, typer.Option(help="flower: plain HTTP to the SuperLink (trusted "
+                                           "networks and tests only).")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(help="flower: CA certificate that signed "
+                                                           "the SuperLink's (default: system CAs).")] = None,
+    round_timeout: Annotated[float, typer.Option(help="flower: seconds a round waits for replies; "
+                                                 "who is late misses the round.")] = 3600.0,
+    min_participation: Annotated[str, typer.Option(help="flower: replies a round needs, a count (2) "
+                                                   "or a fraction (0.5).")] = "1",
 ) -> None:
-    """Run the plan's federated rounds in this process; every server trains its planned adapter."""
+    """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
+    if backend == "flower":
+        from fedpipe.flower_app import launch
+        from fedpipe.render import console, run_table
+
+        result = launch(plan_file, superlink=superlink, insecure=insecure,
+                        root_certificates=root_certificates, rounds=rounds, out=out,
+                        aggregation=aggregation, resume=resume, local_steps=local_steps,
+                        eval_samples=eval_samples, round_timeout=round_timeout,
+                        min_participation=min_participation)
+        console().print(run_table(result))
+        return
+    if backend != "inprocess":
+        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
     from transformers.utils import logging as hf_logging
 
     from fedpipe.render import console, run_progress, run_table
@@ -149,6 +173,34 @@ def run(
         result = run_plan(plan_file, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
                           local_steps=local_steps, eval_samples=eval_samples, on_progress=on_progress)
     console().print(run_table(result))
+
+
+@app.command()
+@user_errors
+def node(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="The coordinator's plan file (a copy).")],
+    server: Annotated[str, typer.Option(help="This machine's server: a member name of the plan.")],
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink (trusted networks and "
+                                           "tests only).")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate that signed the "
+                                                           "SuperLink's (default: system CAs).")] = None,
+    auth_key: Annotated[Path | None, typer.Option(help="This SuperNode's private key (ssh-keygen -t "
+                                                  "ecdsa), registered on the SuperLink.")] = None,
+    port: Annotated[int, typer.Option(help="Local port of this SuperNode's ClientApp API (one per node "
+                                      "on a machine).")] = 9094,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: the plan's, cpu without "
+                                               "CUDA).")] = None,
+) -> None:
+    """Serve one edge server of the plan as a Flower SuperNode (runs until stopped)."""
+    import os
+
+    from fedpipe.flower_app import flower_env, supernode_command
+
+    command = supernode_command(plan_file, server, superlink, insecure=insecure,
+                                root_certificates=root_certificates, auth_key=auth_key, port=port,
+                                device=device)
+    os.execvpe(command[0], command, flower_env())  # the SuperNode takes this process (and its PID)
 
 
 @app.command()

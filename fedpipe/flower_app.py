@@ -1,0 +1,557 @@
+"""The Flower backend: the same plan on Flower's Deployment Engine, one SuperNode per edge server.
+
+Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
+
+    coordinator machine   flower-superlink            (Fleet + Control API, one port)
+                          └─ ServerApp process        `coordinate`: rounds, aggregation, eval,
+                                                      the run folder (started by the SuperLink)
+                          `fedpipe run --backend flower` submits the run (`flwr run`), streams its log
+    each edge machine     `fedpipe node PLAN --server NAME` = flower-supernode with node config
+                          plan=PATH server=NAME; one ClientApp process per message, `train_node`
+
+Messages carry the wire payloads unchanged (a uint8 array in an ArrayRecord), so bytes counted are
+the wire bytes: ``query`` (who are you: server name, plan digest), ``train`` (broadcast payload +
+round settings -> update payload + measurements). The ClientApp rebuilds its shard exactly as
+`runner.run_plan` does (`runner.plan_data`) and trains with the same `EdgeTrainer`; the coordinator
+aggregates with the same `Coordinator`, in plan order, so a run matches the in-process backend.
+
+A node that fails or times out misses that round only: the round aggregates the replies that
+arrived (weights renormalised), the metrics row names who missed it and why, and the node is
+invited again next round. `min_participation` (a count, or a fraction with a decimal point) fails
+the run when too few reply. Rules that merge into the base (flora) need each node's base to hold
+every earlier round's merge: a node keeps its merged update in its Flower node state, and a node
+that missed a round (or restarted) gets the cumulative merged update instead of the round's delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+
+from fedpipe.errors import FedpipeError
+
+INSTALL_HINT = "pip install 'fedpipe[flower]'"
+try:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.common.logger import log
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as e:  # the CLI imports this module lazily: fedpipe works without flwr
+    raise FedpipeError(f"the Flower backend needs flwr >= 1.41: {INSTALL_HINT}") from e
+
+DEFAULT_SUPERLINK = "127.0.0.1:8000"
+CONNECTION = "fedpipe"  # the SuperLink connection name in the FLWR_HOME that `launch` writes
+ERROR_MARK = "fedpipe-error: "  # the ServerApp's last log line when it fails, read back by `launch`
+DONE_MARK = "fedpipe-done: "
+STATE_BASE, STATE_SYNC = "fedpipe.base", "fedpipe.sync"  # node state records (merged base, round)
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def bytes_record(payload: bytes) -> ArrayRecord:
+    """Wire bytes as one uint8 array: what Flower carries is exactly what was counted."""
+    return ArrayRecord({"payload": Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+
+
+def record_bytes(record: ArrayRecord) -> bytes:
+    return record["payload"].numpy().tobytes()
+
+
+def plan_digest(path: str | Path) -> str:
+    """sha256 of the plan file: every machine must hold the same plan."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedpipeError(f"plan: no such file {path}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def parse_min_participation(text: str | int | float, n_servers: int) -> int:
+    """Replies a round needs: "2" is a count, "0.5" (a decimal point) a fraction of the servers."""
+    raw = str(text).strip()
+    try:
+        value = float(raw) if "." in raw else int(raw)
+    except ValueError:
+        value = None
+    if isinstance(value, float) and 0 < value <= 1:
+        return max(1, math.ceil(value * n_servers - 1e-9))
+    if isinstance(value, int) and 1 <= value <= n_servers:
+        return value
+    raise FedpipeError(f"min_participation: {raw!r} is neither a count from 1 to {n_servers} (the "
+                       "servers that train) nor a fraction in (0, 1] written with a decimal point")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What `fedpipe run --backend flower` hands the ServerApp (the app's run config)."""
+
+    plan: str
+    out: str
+    plan_sha256: str
+    rounds: int = 0  # 0: the plan's
+    aggregation: str = ""  # "": the plan's
+    resume: bool = False
+    local_steps: int = 0  # 0: the plan's
+    eval_samples: int = 0  # 0: the plan's
+    round_timeout: float = 3600.0
+    min_participation: str = "1"
+
+    @classmethod
+    def from_config(cls, config: dict) -> RunSettings:
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+def replies_by_sender(sent: dict, replies) -> dict:
+    """Replies keyed like `sent` (a dict of pushed messages), matched by the message they answer:
+    error replies that the SuperLink writes for an unavailable node name no node."""
+    key_of = {msg.metadata.message_id: key for key, msg in sent.items()}
+    return {key_of[r.metadata.reply_to_message_id]: r for r in replies
+            if r.metadata.reply_to_message_id in key_of}
+
+
+# ------------------------------------------------------------------------------ the ServerApp
+class Roster:
+    """Which SuperNode serves which plan member; each new node is asked once (a query message)."""
+
+    def __init__(self, grid: Grid, members: list[str], digest: str, timeout: float) -> None:
+        self.grid, self.members, self.digest, self.timeout = grid, members, digest, timeout
+        self.node_of: dict[str, int] = {}
+        self.asked: set[int] = set()
+        self.refused: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        """Forget nodes that went offline, identify the new ones (the newest wins a name)."""
+        online = set(self.grid.get_node_ids())
+        self.node_of = {m: n for m, n in self.node_of.items() if n in online}
+        new = sorted(online - self.asked)
+        if not new:
+            return
+        self.asked |= set(new)
+        queries = {n: Message(RecordDict({"config": ConfigRecord({"plan_sha256": self.digest})}),
+                              dst_node_id=n, message_type="query", ttl=self.timeout) for n in new}
+        replies = self.grid.send_and_receive(list(queries.values()), timeout=self.timeout)
+        for node, reply in replies_by_sender(queries, replies).items():
+            if reply.has_error():
+                log(WARNING, "fedpipe: SuperNode %s did not identify itself: %s", node, reply.error.reason)
+                self.asked.discard(node)
+                continue
+            info = reply.content["info"]
+            server, digest = str(info["server"]), str(info["plan_sha256"])
+            if server not in self.members:
+                log(WARNING, "fedpipe: SuperNode %s serves %r, which trains nothing in this plan "
+                    "(servers: %s); ignored", node, server, ", ".join(self.members))
+            elif digest != self.digest:
+                self.refused[server] = "its plan file differs from the coordinator's"
+                log(WARNING, "fedpipe: SuperNode %s (%s) holds another plan (sha256 %s, expected %s): "
+                    "copy the coordinator's plan file to it", node, server, digest[:12], self.digest[:12])
+            else:
+                self.refused.pop(server, None)
+                self.node_of[server] = node
+                log(INFO, "fedpipe: SuperNode %s serves %s", node, server)
+
+    def wait_for_all(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self.refresh()
+            missing = [m for m in self.members if m not in self.node_of]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if missing:
+            log(WARNING, "fedpipe: no SuperNode for %s after %.0f s; starting without", ", ".join(missing),
+                seconds)
+
+
+def check_participation(round_index: int, got: int, total: int, required: int, settings: RunSettings,
+                        missed: dict[str, str], what: str) -> None:
+    if got < required:
+        raise FedpipeError(f"round {round_index}: {got} of {total} servers {what}; --min-participation "
+                           f"{settings.min_participation} needs {required}",
+                           [f"{m}: {why}" for m, why in missed.items()])
+
+
+def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
+    """The round loop of `runner.run_plan`, with each server's training on its own SuperNode."""
+    from fedpipe.client import broadcast_payload, split_broadcast
+    from fedpipe.data import evaluate
+    from fedpipe.metrics import plot_rounds, read_metrics, write_metrics
+    from fedpipe.models import apply_base_delta, load_base, load_tokenizer, save_adapter
+    from fedpipe.plan import load_plan
+    from fedpipe.runner import load_checkpoint, model_folder, plan_data, save_checkpoint
+    from fedpipe.server import Coordinator
+
+    # ---- setup
+    if plan_digest(settings.plan) != settings.plan_sha256:
+        raise FedpipeError(f"{settings.plan} changed since the run was submitted")
+    plan = load_plan(settings.plan)
+    task = plan.task
+    rule = settings.aggregation or plan.aggregation
+    total_rounds = settings.rounds or task.rounds
+    steps = settings.local_steps or task.local_steps
+    n_eval = settings.eval_samples or task.eval_samples
+    run_dir = Path(settings.out)
+    checkpoint = run_dir / "checkpoint"
+    if (checkpoint / "state.json").is_file() and not settings.resume:
+        raise FedpipeError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                           "or --out for a new folder")
+    members, idle, _, held_out = plan_data(plan, n_eval)
+    required = parse_min_participation(settings.min_participation, len(members))
+    model_dir = model_folder(plan)
+    tokenizer = load_tokenizer(model_dir)
+    eval_model = load_base(model_dir, 16)
+    coordinator = Coordinator(rule)
+    rows: list[dict] = []
+    if settings.resume and (checkpoint / "state.json").is_file():
+        state, adapters, _ = load_checkpoint(checkpoint)  # nodes rebuild their merged base: resync
+        if state["rule"] != rule:
+            raise FedpipeError(f"--resume: the run used aggregation {state['rule']!r}, not {rule!r}")
+        coordinator = Coordinator(rule, adapters.get("global"), adapters.get("previous"))
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] <= state["round"]]
+    merges = coordinator.aggregator.merges_into_base
+    roster = Roster(grid, [m for m, _ in members], settings.plan_sha256, settings.round_timeout)
+    roster.wait_for_all(settings.round_timeout)
+    synced: set[str] = set()  # members whose base holds every merge so far (they replied last round)
+
+    # ---- rounds
+    for round_index in range(coordinator.round + 1, total_rounds + 1):
+        round_start = time.perf_counter()
+        roster.refresh()
+        messages, downs, missed, cache = {}, {}, {}, {}
+        for member, entry in members:
+            node = roster.node_of.get(member)
+            if node is None:
+                missed[member] = roster.refused.get(member, "no SuperNode online")
+                continue
+            if entry.name not in cache:
+                cache[entry.name] = coordinator.broadcast(entry)
+            down, base = cache[entry.name], "none"
+            if merges:
+                base = "delta"
+                if coordinator.global_adapter is not None and member not in synced:
+                    _, init, _ = split_broadcast(down)  # the cumulative update, not this round's part
+                    down = broadcast_payload(coordinator.global_adapter.factors, init, round_index)
+                    base = "resync"
+            downs[member] = down
+            config = ConfigRecord({"server": member, "round": round_index, "local_steps": steps,
+                                   "eval_samples": n_eval, "plan_sha256": settings.plan_sha256,
+                                   "base": base})
+            messages[member] = Message(RecordDict({"broadcast": bytes_record(down), "config": config}),
+                                       dst_node_id=node, message_type="train", ttl=settings.round_timeout)
+        check_participation(round_index, len(messages), len(members), required, settings, missed,
+                            "have a SuperNode online")
+        replies = grid.send_and_receive(list(messages.values()), timeout=settings.round_timeout)
+        arrived: dict[str, RecordDict] = {}
+        for member, reply in replies_by_sender(messages, replies).items():
+            if reply.has_error():
+                missed[member] = f"failed: {reply.error.reason}"
+            else:
+                arrived[member] = reply.content
+        for member in messages:
+            if member not in arrived and member not in missed:
+                missed[member] = f"no reply within {settings.round_timeout:g} s"
+        for member, why in missed.items():
+            log(WARNING, "fedpipe: round %d: %s missed it (%s); it is invited again next round",
+                round_index, member, why)
+        synced = set(arrived)
+        check_participation(round_index, len(arrived), len(members), required, settings, missed, "replied")
+
+        payloads, servers = [], []
+        for member, entry in members:  # plan order, as in process: the same float sums
+            if member not in arrived:
+                continue
+            content = arrived[member]
+            up, stats = record_bytes(content["update"]), content["stats"]
+            payloads.append(up)
+            servers.append({
+                "server": member, "entry": entry.name, "bits": entry.bits,
+                "batch_size": entry.batch_size, "train_loss": float(stats["train_loss"]),
+                "steps": int(stats["steps"]), "train_s": float(stats["train_s"]),
+                "tokens": int(stats["tokens"]), "memory_gib": float(stats["memory_gib"]),
+                "predicted_memory_gib": entry.predicted.memory_gib,
+                "upload_bytes": len(up), "download_bytes": len(downs[member]),
+                "predicted_upload_bytes": entry.predicted.upload_bytes,
+                "predicted_download_bytes": entry.predicted.download_bytes,
+            })
+        aggregate_start = time.perf_counter()
+        global_adapter = coordinator.aggregate(payloads)
+        aggregate_s = time.perf_counter() - aggregate_start
+
+        eval_start = time.perf_counter()
+        apply_base_delta(eval_model, model_dir, global_adapter)
+        result = evaluate(eval_model, tokenizer, held_out, task.seq_len)
+        eval_s = time.perf_counter() - eval_start
+
+        save_adapter(global_adapter, model_dir, run_dir / "adapter")
+        save_checkpoint(checkpoint, coordinator, {})
+        round_s = time.perf_counter() - round_start
+        rows.append({"round": round_index, "rule": rule, "eval": result, "servers": servers,
+                     "idle_servers": idle, "missed_servers": missed, "aggregate_s": aggregate_s,
+                     "eval_s": eval_s, "round_s": round_s,
+                     "train_s": sum(s["train_s"] for s in servers),
+                     "global_rank": max(f.rank for f in global_adapter.factors.values())})
+        write_metrics(run_dir / "metrics.jsonl", rows)
+        plot_rounds(rows, run_dir / "curves.png")
+        log(INFO, "fedpipe: round %d/%d: %d of %d servers, eval loss %.4f, accuracy %.3f", round_index,
+            total_rounds, len(arrived), len(members), result["loss"], result["accuracy"])
+    return rows
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_config(dict(context.run_config))
+    try:
+        coordinate(grid, settings)
+    except FedpipeError as e:  # one line `launch` finds in the log stream, then the run fails
+        log(WARNING, "%s%s", ERROR_MARK, json.dumps(str(e)))
+        raise
+    log(INFO, "%s%s", DONE_MARK, settings.out)
+
+
+# ------------------------------------------------------------------------------ the ClientApp
+client_app = ClientApp()
+
+
+def node_settings(context: Context) -> tuple[str, str, str]:
+    """(server, plan path, device) from the node config that `fedpipe node` wrote."""
+    config = dict(context.node_config)
+    missing = [k for k in ("server", "plan") if k not in config]
+    if missing:
+        raise FedpipeError(f"this SuperNode's --node-config lacks {', '.join(missing)}: start it with "
+                           "`fedpipe node PLAN --server NAME --superlink HOST:PORT`")
+    return str(config["server"]), str(config["plan"]), str(config.get("device", "cpu"))
+
+
+@client_app.query()
+def identify(msg: Message, context: Context) -> Message:
+    server, plan, _ = node_settings(context)
+    info = ConfigRecord({"server": server, "plan_sha256": plan_digest(plan)})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    server, plan, device = node_settings(context)
+    return Message(train_node(server, plan, device, msg.content, context.state), reply_to=msg)
+
+
+def train_node(server: str, plan_path: str, device: str, content: RecordDict,
+               state: RecordDict) -> RecordDict:
+    """One round on this node: rebuild its shard as the in-process runner does, train, reply."""
+    from fedpipe import wire
+    from fedpipe.client import AdaptedModel, EdgeTrainer
+    from fedpipe.measure import resident_gib
+    from fedpipe.models import apply_base_delta, load_tokenizer
+    from fedpipe.plan import load_plan
+    from fedpipe.runner import model_folder, plan_data
+
+    config = content["config"]
+    round_index, base = int(config["round"]), str(config["base"])
+    if config["server"] != server:
+        raise FedpipeError(f"this SuperNode serves {server!r}, but was sent {config['server']!r}'s round")
+    if plan_digest(plan_path) != config["plan_sha256"]:
+        raise FedpipeError(f"server {server}: {plan_path} differs from the coordinator's plan")
+    plan = load_plan(plan_path)
+    task, entry = plan.task, plan.server(server)
+    members, _, shards, _ = plan_data(plan, int(config["eval_samples"]))
+    if server not in dict(members):
+        raise FedpipeError(f"server {server}: it trains nothing in this plan")
+    model_dir = model_folder(plan)
+    trainer = EdgeTrainer(server, entry, shards[server], load_tokenizer(model_dir), model_dir,
+                          task.seq_len, task.learning_rate, task.seed)
+    adapted = AdaptedModel.load(model_dir, entry, device, task.seed)
+    if base == "delta":  # this round's merge goes on top of the ones this node already holds
+        synced = int(state[STATE_SYNC]["round"]) if STATE_SYNC in state else 0
+        if synced != round_index - 1:
+            raise FedpipeError(f"server {server}: its base holds round {synced}'s merge, round "
+                               f"{round_index} needs round {round_index - 1}'s (resynced next round)")
+        if STATE_BASE in state:
+            adapted.merged = wire.decode(record_bytes(state[STATE_BASE]))[0]
+            adapted.merged_round = synced
+            apply_base_delta(adapted.model, model_dir, adapted.merged)
+    up, stats = trainer.train_round(adapted, record_bytes(content["broadcast"]), int(config["local_steps"]))
+    if base != "none":
+        if adapted.merged:
+            state[STATE_BASE] = bytes_record(wire.encode(adapted.merged))
+        state[STATE_SYNC] = ConfigRecord({"round": round_index})
+    measured = MetricRecord({"train_loss": stats.mean_loss, "steps": stats.steps, "train_s": stats.seconds,
+                             "tokens": stats.tokens,
+                             "memory_gib": resident_gib(adapted.model) + stats.peak_extra_gib})
+    return RecordDict({"update": bytes_record(up), "stats": measured,
+                       "info": ConfigRecord({"server": server})})
+
+
+# ------------------------------------------------------------------------------ launching
+def flower_command(name: str) -> str:
+    """A Flower console script of this Python environment (beside the interpreter), else on PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise FedpipeError(f"{name} not found: {INSTALL_HINT}")
+    return found
+
+
+def tls_args(insecure: bool, root_certificates: Path | None) -> list[str]:
+    if insecure and root_certificates is not None:
+        raise FedpipeError("--insecure and --root-certificates exclude each other")
+    if root_certificates is not None and not root_certificates.is_file():
+        raise FedpipeError(f"--root-certificates: no such file {root_certificates}")
+    if insecure:
+        return ["--insecure"]
+    return ["--root-certificates", str(root_certificates.resolve())] if root_certificates else []
+
+
+def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure: bool = False,
+                      root_certificates: Path | None = None, auth_key: Path | None = None,
+                      port: int = 9094, host: str = "127.0.0.1", device: str | None = None) -> list[str]:
+    """The flower-supernode command line for one edge server of the plan (checked here first)."""
+    from fedpipe.plan import load_plan
+    from fedpipe.runner import model_folder, plan_data
+
+    plan = load_plan(plan_path)
+    entry = plan.server(server)
+    if server not in entry.members:
+        raise FedpipeError(f"--server: {server!r} is a plan entry of {entry.count} servers; name one of "
+                           f"them: {', '.join(entry.members)}")
+    if not entry.rank_pattern:
+        raise FedpipeError(f"server {server}: the plan adapts no matrix on it, so it has nothing to run")
+    plan_data(plan, plan.task.eval_samples)  # the data and model must be here: fail now, not at round 1
+    model_folder(plan)
+    if auth_key is not None and (insecure or not auth_key.is_file()):
+        raise FedpipeError(f"--auth-key {auth_key}: " + ("SuperNode authentication needs TLS (drop "
+                           "--insecure)" if insecure else "no such file"))
+    if device is None:
+        import torch
+
+        device = entry.device if entry.device == "cpu" or torch.cuda.is_available() else "cpu"
+    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in
+                           (("server", server), ("plan", str(plan_path.resolve())), ("device", device)))
+    command = [flower_command("flower-supernode"), "--superlink", superlink,
+               *tls_args(insecure, root_certificates), "--node-config", node_config,
+               "--host", host, "--port", str(port)]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key.resolve())]
+    return command
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment for Flower processes: no `uv sync` of app dependencies, no update check."""
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedpipe-run"
+version = "1.0.0"
+description = "A fedpipe plan on Flower's Deployment Engine"
+license = "Apache-2.0"
+dependencies = []  # fedpipe[flower] is installed on every machine: nothing to install at run time
+
+[tool.flwr.app]
+publisher = "fedpipe"
+
+[tool.flwr.app.components]
+serverapp = "fedpipe.flower_app:server_app"
+clientapp = "fedpipe.flower_app:client_app"
+
+[tool.flwr.app.config]
+"""
+
+
+def write_app(folder: Path, settings: RunSettings) -> Path:
+    """The Flower app folder `flwr run` bundles: only a pyproject naming this module's apps."""
+    config = "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(settings).items())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT + config)
+    return folder
+
+
+def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: bool = False,
+           root_certificates: Path | None = None, rounds: int | None = None, out: Path | None = None,
+           aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
+           eval_samples: int | None = None, round_timeout: float = 3600.0,
+           min_participation: str = "1", echo=None):
+    """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
+
+    The ServerApp runs beside the SuperLink and writes the run folder there (an absolute path from
+    here): run this on the SuperLink's machine to read the results back.
+    """
+    from fedpipe.metrics import read_metrics
+    from fedpipe.plan import load_plan
+    from fedpipe.runner import RunResult, plan_data
+
+    plan = load_plan(plan_path)
+    run_dir = (Path(out) if out else Path("runs") / plan.profile.name).resolve()
+    if (run_dir / "checkpoint" / "state.json").is_file() and not resume:
+        raise FedpipeError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                           "or --out for a new folder")
+    members, _, _, _ = plan_data(plan, eval_samples or plan.task.eval_samples)
+    parse_min_participation(min_participation, len(members))
+    if round_timeout <= 0:
+        raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
+    settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir),
+                           plan_sha256=plan_digest(plan_path), rounds=rounds or 0,
+                           aggregation=aggregation or "", resume=resume, local_steps=local_steps or 0,
+                           eval_samples=eval_samples or 0, round_timeout=float(round_timeout),
+                           min_participation=str(min_participation))
+    connection = {"address": superlink}
+    if insecure:
+        connection["insecure"] = True
+    tls_args(insecure, root_certificates)
+    if root_certificates is not None:
+        connection["root-certificates"] = str(root_certificates.resolve())
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    with tempfile.TemporaryDirectory(prefix="fedpipe-flwr-") as tmp:
+        home = Path(tmp) / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f"[superlink]\ndefault = \"{CONNECTION}\"\n\n[superlink.{CONNECTION}]\n"
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in connection.items()))
+        app = write_app(Path(tmp) / "app", settings)
+        command = [flower_command("flwr"), "run", str(app), CONNECTION, "--stream"]
+        error, done, tail = None, False, []
+        proc = subprocess.Popen(command, env=flower_env(home), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                echo(line)
+                tail = (tail + [line])[-20:]
+                if ERROR_MARK in line:
+                    error = json.loads(line.split(ERROR_MARK, 1)[1])
+                elif DONE_MARK in line:
+                    done = True
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if error is not None:
+        raise FedpipeError(f"the Flower run failed: {error}")
+    if not done:
+        raise FedpipeError(f"the Flower run did not finish (flwr run exited {proc.returncode}); its last "
+                           "lines:\n" + "\n".join(tail))
+    return RunResult(run_dir, plan, read_metrics(run_dir / "metrics.jsonl"))
