@@ -22,16 +22,17 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from fedpipe.plan import Plan, ServerPlan, load_plan, save_plan
-from fedpipe.planner import build_problem, solve_baseline
-from fedpipe.profile import load_profile
 from fedpipe.runner import run_plan
-from fedpipe.shapes import load_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def homogeneous_plan(plan: Plan) -> Plan:
     """Every server on the baseline's configuration (what the weakest can run)."""
+    from fedpipe.planner import build_problem, solve_baseline
+    from fedpipe.profile import load_profile
+    from fedpipe.shapes import load_shapes
+
     profile = load_profile(plan.profile.path)
     problem = build_problem(profile, load_shapes(profile.model, Path(plan.profile.path).parent))
     choices, _ = solve_baseline(problem, solver="highs", time_limit=60)
@@ -55,7 +56,8 @@ def centralised_plan(plan: Plan, local_steps: int) -> tuple[Plan, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default=str(ROOT / "plans" / "cluster.plan.yaml"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=8)
@@ -68,14 +70,18 @@ def main() -> None:
 
     out = Path(args.out)
     plan = load_plan(args.plan)
-    heterogeneous = save_plan(plan, out / "heterogeneous.plan.yaml")  # a frozen copy for every run
+    # frozen copies of the three plans, made once (a re-run, e.g. on another machine, reuses them)
+    frozen = {name: out / f"{name}.plan.yaml" for name in ("heterogeneous", "homogeneous", "centralised")}
+    if not all(p.is_file() for p in frozen.values()):
+        save_plan(plan, frozen["heterogeneous"])
+        save_plan(homogeneous_plan(plan), frozen["homogeneous"])
+        save_plan(centralised_plan(plan, args.local_steps)[0], frozen["centralised"])
+    central_steps = centralised_plan(plan, args.local_steps)[1]
     runs: dict[str, tuple[Path, str, int]] = {}
     for rule in args.rules.split(","):
-        runs[f"heterogeneous · {rule}"] = (heterogeneous, rule, args.local_steps)
-    runs["homogeneous · flexlora"] = (save_plan(homogeneous_plan(plan), out / "homogeneous.plan.yaml"),
-                                      "flexlora", args.local_steps)
-    central, central_steps = centralised_plan(plan, args.local_steps)
-    runs["centralised"] = (save_plan(central, out / "centralised.plan.yaml"), "fedit", central_steps)
+        runs[f"heterogeneous · {rule}"] = (frozen["heterogeneous"], rule, args.local_steps)
+    runs["homogeneous · flexlora"] = (frozen["homogeneous"], "flexlora", args.local_steps)
+    runs["centralised"] = (frozen["centralised"], "fedit", central_steps)
 
     results = {}
     for label, (plan_path, rule, steps) in runs.items():
@@ -86,11 +92,12 @@ def main() -> None:
         results[label] = {"rounds": [{"round": r["round"], "loss": r["eval"]["loss"],
                                       "accuracy": r["eval"]["accuracy"]} for r in result.rows],
                           "seconds": time.perf_counter() - start,
-                          "upload_bytes_per_round": sum(s["upload_bytes"] for s in result.rows[-1]["servers"])}
+                          "upload_bytes_per_round": sum(s["upload_bytes"]
+                                                        for s in result.rows[-1]["servers"])}
         last = result.rows[-1]["eval"]
         print(f"{label}: loss {last['loss']:.3f} accuracy {last['accuracy']:.3f} "
               f"({results[label]['seconds']:.0f} s)", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # after every run
 
     rounds = range(1, args.rounds + 1)
     print("\n| run | " + " | ".join(f"round {r} loss / acc" for r in rounds) + " | bytes up per round |")
