@@ -45,6 +45,9 @@ def plan(
                                                 "(default: plans/NAME.plan.yaml).")] = None,
     solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 60.0,
+    method: Annotated[str, typer.Option(help="auto (MILP while tiny, else decomposed), milp (one "
+                                        "model, --solver) or decomposed (search over the round time).")
+                      ] = "auto",
     importance: Annotated[str, typer.Option(help="auto: the latest report `fedpipe importance` "
                                             "made for this model and data, else the data-free prior; "
                                             "a scorer (sensitivity, fisher, prior: cached or computed "
@@ -58,7 +61,7 @@ def plan(
 
     report, source = importance_for_plan(profile, importance)
     result = make_plan(profile, solver=solver, time_limit=time_limit, importance=report,
-                       importance_source=source)
+                       importance_source=source, method=method)
     path = save_plan(result, output or default_plan_path(result.profile.name))
     out = console()
     out.print(plan_table(result))
