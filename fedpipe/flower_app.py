@@ -2,7 +2,7 @@
 
 Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
 
-    coordinator machine   flower-superlink            (Fleet + Control API, one port)
+    coordinator machine   flower-superlink            (Fleet, Control and Runtime APIs, one port)
                           └─ ServerApp process        `coordinate`: rounds, aggregation, eval,
                                                       the run folder (started by the SuperLink)
                           `fedpipe run --backend flower` submits the run (`flwr run`), streams its log
@@ -29,12 +29,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from logging import INFO, WARNING
 from pathlib import Path
@@ -138,8 +139,8 @@ class Roster:
         if not new:
             return
         self.asked |= set(new)
-        queries = {n: Message(RecordDict({"config": ConfigRecord({"plan_sha256": self.digest})}),
-                              dst_node_id=n, message_type="query", ttl=self.timeout) for n in new}
+        queries = {n: Message(RecordDict(), dst_node_id=n, message_type="query", ttl=self.timeout)
+                   for n in new}
         replies = self.grid.send_and_receive(list(queries.values()), timeout=self.timeout)
         for node, reply in replies_by_sender(queries, replies).items():
             if reply.has_error():
@@ -156,6 +157,9 @@ class Roster:
                 log(WARNING, "fedpipe: SuperNode %s (%s) holds another plan (sha256 %s, expected %s): "
                     "copy the coordinator's plan file to it", node, server, digest[:12], self.digest[:12])
             else:
+                if server in self.node_of:
+                    log(WARNING, "fedpipe: SuperNode %s serves %s too; it replaces %s", node, server,
+                        self.node_of[server])
                 self.refused.pop(server, None)
                 self.node_of[server] = node
                 log(INFO, "fedpipe: SuperNode %s serves %s", node, server)
@@ -390,8 +394,7 @@ def train_node(server: str, plan_path: str, device: str, content: RecordDict,
     measured = MetricRecord({"train_loss": stats.mean_loss, "steps": stats.steps, "train_s": stats.seconds,
                              "tokens": stats.tokens,
                              "memory_gib": resident_gib(adapted.model) + stats.peak_extra_gib})
-    return RecordDict({"update": bytes_record(up), "stats": measured,
-                       "info": ConfigRecord({"server": server})})
+    return RecordDict({"update": bytes_record(up), "stats": measured})
 
 
 # ------------------------------------------------------------------------------ launching
@@ -415,7 +418,7 @@ def tls_args(insecure: bool, root_certificates: Path | None) -> list[str]:
 
 def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure: bool = False,
                       root_certificates: Path | None = None, auth_key: Path | None = None,
-                      port: int = 9094, host: str = "127.0.0.1", device: str | None = None) -> list[str]:
+                      port: int = 9094, device: str | None = None) -> list[str]:
     """The flower-supernode command line for one edge server of the plan (checked here first)."""
     from fedpipe.plan import load_plan
     from fedpipe.runner import model_folder, plan_data
@@ -440,7 +443,7 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
                            (("server", server), ("plan", str(plan_path.resolve())), ("device", device)))
     command = [flower_command("flower-supernode"), "--superlink", superlink,
                *tls_args(insecure, root_certificates), "--node-config", node_config,
-               "--host", host, "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port)]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key.resolve())]
     return command
@@ -489,7 +492,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            root_certificates: Path | None = None, rounds: int | None = None, out: Path | None = None,
            aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
            eval_samples: int | None = None, round_timeout: float = 3600.0,
-           min_participation: str = "1", echo=None):
+           min_participation: str = "1", echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
     The ServerApp runs beside the SuperLink and writes the run folder there (an absolute path from
@@ -519,7 +522,6 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
     tls_args(insecure, root_certificates)
     if root_certificates is not None:
         connection["root-certificates"] = str(root_certificates.resolve())
-    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     with tempfile.TemporaryDirectory(prefix="fedpipe-flwr-") as tmp:
         home = Path(tmp) / "flwr-home"
         home.mkdir()
@@ -527,31 +529,39 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
             f"[superlink]\ndefault = \"{CONNECTION}\"\n\n[superlink.{CONNECTION}]\n"
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in connection.items()))
         app = write_app(Path(tmp) / "app", settings)
-        command = [flower_command("flwr"), "run", str(app), CONNECTION, "--stream"]
-        error, done, tail = None, False, []
-        proc = subprocess.Popen(command, env=flower_env(home), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        try:
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                echo(line)
-                tail = (tail + [line])[-20:]
-                if ERROR_MARK in line:
-                    error = json.loads(line.split(ERROR_MARK, 1)[1])
-                elif DONE_MARK in line:
-                    done = True
+        stream_run(app, flower_env(home), echo or (lambda line: print(line, file=sys.stderr, flush=True)))
+    return RunResult(run_dir, plan, read_metrics(run_dir / "metrics.jsonl"))
+
+
+def stream_run(app: Path, env: dict[str, str], echo: Callable[[str], None]) -> None:
+    """`flwr run APP --stream` to its end; the ServerApp's last line says how it ended.
+    Ctrl-C stops the run on the SuperLink too (resume it with --resume)."""
+    flwr = flower_command("flwr")
+    proc = subprocess.Popen([flwr, "run", str(app), CONNECTION, "--stream"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    run_id, error, done, tail = None, None, False, []
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            echo(line)
+            tail = (tail + [line])[-20:]
+            started = re.search(r"started run (\d+)", line)
+            run_id = started.group(1) if started and run_id is None else run_id
+            if ERROR_MARK in line:
+                error = json.loads(line.split(ERROR_MARK, 1)[1])
+            done = done or DONE_MARK in line
+        proc.wait()
+    except KeyboardInterrupt:
+        if run_id is not None:
+            subprocess.run([flwr, "stop", run_id, CONNECTION], env=env, timeout=120,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        raise FedpipeError(f"interrupted: Flower run {run_id} stopped; continue it with --resume") from None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
             proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
     if error is not None:
         raise FedpipeError(f"the Flower run failed: {error}")
     if not done:
         raise FedpipeError(f"the Flower run did not finish (flwr run exited {proc.returncode}); its last "
                            "lines:\n" + "\n".join(tail))
-    return RunResult(run_dir, plan, read_metrics(run_dir / "metrics.jsonl"))

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,13 +124,15 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def test_flower_run_matches_in_process(federation):
     """Same plan, seed and data: the same global adapter, metrics and run folder on both backends
     (flora: heterogeneous shapes stacked, each node's merged base kept in its Flower node state)."""
-    lines: list[str] = []
-    result = flower_app.launch(federation.plan_path, superlink=federation.superlink, insecure=True,
-                               out=federation.root / "flower", eval_samples=EVAL_SAMPLES,
-                               round_timeout=240, echo=lines.append)
+    with ThreadPoolExecutor(1) as pool:  # the reference runs while the Flower processes wait on polls
+        in_process = pool.submit(run_plan, federation.plan_path, out=federation.root / "inprocess",
+                                 eval_samples=EVAL_SAMPLES)
+        lines: list[str] = []
+        result = flower_app.launch(federation.plan_path, superlink=federation.superlink, insecure=True,
+                                   out=federation.root / "flower", eval_samples=EVAL_SAMPLES,
+                                   round_timeout=300, echo=lines.append)
+        reference = in_process.result()
     assert any("fedpipe-done" in line for line in lines), federation.logs()
-    federation.close()  # free the cores for the reference run
-    reference = run_plan(federation.plan_path, out=federation.root / "inprocess", eval_samples=EVAL_SAMPLES)
 
     diff = max_abs_diff(read_global(federation.root / "flower"), read_global(federation.root / "inprocess"))
     print(f"\nmax abs difference of the global ΔW, Flower vs in-process: {diff:.3g}")
@@ -151,8 +154,9 @@ def test_flower_run_matches_in_process(federation):
 @pytest.mark.slow
 def test_killed_node_misses_a_round_and_rejoins(federation):
     """SIGKILL a SuperNode after round 1: round 2 aggregates the other server alone and names the
-    one that missed it; the restarted node rejoins in round 3 with the cumulative merged update."""
-    run = federation.run_cli("--rounds", "3", "--eval-samples", str(EVAL_SAMPLES), "--round-timeout", "45",
+    one that missed it; the restarted node rejoins in round 3 with the cumulative merged update.
+    Then, with that node stopped, --min-participation 2 fails the next run with a clear message."""
+    run = federation.run_cli("--rounds", "3", "--eval-samples", str(EVAL_SAMPLES), "--round-timeout", "150",
                              "--out", str(federation.root / "run"))
     metrics = federation.root / "run" / "metrics.jsonl"
     deadline = time.time() + 600
@@ -173,6 +177,13 @@ def test_killed_node_misses_a_round_and_rejoins(federation):
     assert edge["download_bytes"] > hub["download_bytes"]  # rounds 1 and 2 merged, not round 2 only
     assert all(torch.isfinite(torch.tensor(r["eval"]["loss"])) for r in rows)
     assert "round 2: edge missed it" in (federation.root / "run.log").read_text()
+
+    federation.stop(federation.nodes.pop("edge"))  # gone for good: a round cannot reach 2 replies
+    run = federation.run_cli("--rounds", "1", "--eval-samples", str(EVAL_SAMPLES), "--round-timeout", "60",
+                             "--min-participation", "2", "--out", str(federation.root / "quorum"))
+    assert run.wait(timeout=600) == 2, federation.logs()
+    log = (federation.root / "run.log").read_text()
+    assert "round 1: 1 of 2 servers have a SuperNode online; --min-participation 2 needs 2" in log, log[-3000:]
 
 
 # ------------------------------------------------------------------------------ no processes
