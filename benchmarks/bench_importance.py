@@ -92,13 +92,13 @@ def top(scores: dict[str, float], k: int) -> list[str]:
     return sorted(scores, key=lambda n: -scores[n])[:k]
 
 
-def federated(batches: int, k: int, with_fisher: bool) -> tuple[dict[str, float], list[str]]:
+def federated(batches: int, k: int, with_fisher: bool, device: str) -> tuple[dict[str, float], list[str]]:
     """Sensitivity reports of the cluster profile for calibration seeds 0 and 1 (+ fisher)."""
     reports, seconds = {}, {}
     runs = [("sensitivity", 0), ("sensitivity", 1)] + ([("fisher", 0)] if with_fisher else [])
     for scorer, seed in runs:
         request = ScoringRequest.make(PROFILE, scorer, batches=batches, seed=seed)
-        result = compute_report(request, use_cache=False, set_latest=False)
+        result = compute_report(request, use_cache=False, set_latest=False, device=device)
         reports[scorer, seed], seconds[scorer, seed] = result.report.scores, result.seconds
         log(f"federated {scorer} seed {seed}: {result.seconds:.1f} s")
     s0, s1 = reports["sensitivity", 0], reports["sensitivity", 1]
@@ -124,8 +124,8 @@ def by_type(names: list[str]) -> str:
 
 
 def arms(model_dir: Path, tokenizer, scores: dict[str, float], k: int, draws: int, steps: int,
-         n_eval: int, lr: float) -> list[str]:
-    shapes = {m.name: m for m in load_shapes(BUNDLED).matrices}
+         n_eval: int, lr: float, device: str = "cpu") -> list[str]:
+    shapes = {m.name: m for m in load_shapes(str(model_dir)).matrices}
     budget = 4 * max(m.d_in + m.d_out for m in shapes.values())
     ranks = {n: max(1, round(budget / (m.d_in + m.d_out))) for n, m in shapes.items()}
     ranked = sorted(scores, key=lambda n: -scores[n])
@@ -138,14 +138,15 @@ def arms(model_dir: Path, tokenizer, scores: dict[str, float], k: int, draws: in
     enc = encode(train, tokenizer, 64)
     pad = tokenizer.pad_token_id
 
-    base = evaluate(load_base(model_dir, 16), tokenizer, held, 64)
+    base = evaluate(load_base(model_dir, 16, device=device), tokenizer, held, 64)
     log(f"base: loss {base['loss']:.3f} acc {base['accuracy']:.3f}")
     rows = ["| arm | matrices (by type) | LoRA params | train s | eval loss | accuracy |",
             "|---|---|---|---|---|---|",
             f"| base model, no adapter | - | 0 | - | {base['loss']:.3f} | {base['accuracy']:.3f} |"]
     random_results = []
     for label, names in choices:
-        model = attach_lora(load_base(model_dir, 16), {n: ranks[n] for n in names}, seed=0)
+        model = attach_lora(load_base(model_dir, 16, device=device), {n: ranks[n] for n in names},
+                            seed=0)
         params = sum(ranks[n] * (shapes[n].d_in + shapes[n].d_out) for n in names)
         stats = train_steps(model, cycle_batches(enc, 8, seed=0, pad_id=pad), steps, lr)
         result = evaluate(model, tokenizer, held, 64)
@@ -169,29 +170,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="training steps per arm (default 80, quick 15)")
     ap.add_argument("--draws", type=int, help="random draws (default 3, quick 1)")
     ap.add_argument("--eval", type=int, help="held-out examples (default 150, quick 40)")
+    ap.add_argument("--calib-batches", type=int, help="calibration batches per server in 2. "
+                    "(default 8, quick 2)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--device", default="cpu", help="where scoring (2.) and training (3.) run; "
+                    "cuda computes in bf16. The speed table (1.) is always CPU fp32.")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     quick = args.quick
     steps = args.steps or (15 if quick else 80)
     draws = args.draws or (1 if quick else 3)
     n_eval = args.eval or (40 if quick else 150)
-    calib_batches = 2 if quick else 8
+    calib_batches = args.calib_batches or (2 if quick else 8)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     torch.manual_seed(0)
     model_dir = resolve_model_dir(BUNDLED)
     tokenizer = load_tokenizer(model_dir)
     names = [m.name for m in load_shapes(BUNDLED).matrices]
-    print(f"SmolLM2-135M, fp32 CPU, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f} at start\n")
+    print(f"SmolLM2-135M; speed on CPU fp32 with {torch.get_num_threads()} torch threads; scoring "
+          f"and training on {args.device}; load average {os.getloadavg()[0]:.1f} at start\n")
     print("### Scoring speed (one server, all 210 matrices)\n")
     print("\n".join(speed(model_dir, tokenizer, names, 8)) + "\n")
     print("### Ranking stability\n")
-    scores, rows = federated(calib_batches, args.k, with_fisher=not quick)
+    scores, rows = federated(calib_batches, args.k, not quick, args.device)
     print("\n".join(rows) + "\n")
     print(f"### Top-k vs random vs bottom-k (k = {args.k}, {steps} steps, batch 8, lr {args.lr}, "
           f"{n_eval} held-out examples, seq_len 64)\n")
-    print("\n".join(arms(model_dir, tokenizer, scores, args.k, draws, steps, n_eval, args.lr)))
+    print("\n".join(arms(model_dir, tokenizer, scores, args.k, draws, steps, n_eval, args.lr,
+                         args.device)))
     print(f"\nwall time {time.perf_counter() - start:.0f} s, load average "
           f"{os.getloadavg()[0]:.1f} at the end")
 

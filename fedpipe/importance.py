@@ -5,9 +5,10 @@ A report maps full module names to non-negative scores and says which scorer pro
 federation the way it would run for real:
 
 - data: the profile's task (dataset, seed, held-out split, partition) gives each server its shard,
-  exactly as `fedpipe.data` deals them. A profile entry with ``count: c`` is scored as one server
-  holding c x samples examples: its members are identical hardware that the planner treats as one
-  class, and scoring every member would multiply the cost by c.
+  dealt per member exactly as ``fedpipe run`` deals them. A profile entry with ``count: c`` is
+  scored as one server on the union of its c members' shards, weighted by c x samples: its
+  members are identical hardware that the planner treats as one class, and scoring every member
+  would multiply the cost by c.
 - each server scores its own shard on the base model at 16 bits (fp32 on CPU): ``batches``
   calibration batches of ``batch_size`` examples at the profile's ``seq_len``. Only one float per
   matrix leaves a server, never its data.
@@ -16,7 +17,10 @@ federation the way it would run for real:
 
 Reports are cached under ``cache_dir()/importance`` keyed by model + data + scorer (see
 `ScoringRequest.key`). The data-free ``prior`` needs only shapes and is the fallback whenever
-weights are missing; `importance_for_plan` decides what ``fedpipe plan`` uses.
+weights are missing. ``fedpipe plan`` never scores on its own: by default (``--importance
+auto``) it plans with the latest report ``fedpipe importance`` made for the profile's model and
+data, else with the prior, and the plan records the scorer, digest and source
+(`importance_for_plan`).
 """
 
 from __future__ import annotations
@@ -313,7 +317,7 @@ def score_shards(model: Any, tokenizer: Any, shards: dict[str, list], weights: d
     for server, shard in shards.items():
         need = batches * batch_size
         rng = random.Random(f"fedpipe-importance:{seed}:{server}")
-        picked = rng.sample(shard, need) if len(shard) >= need else rng.sample(shard, len(shard))
+        picked = rng.sample(shard, min(need, len(shard)))
         encoded = encode(picked, tokenizer, seq_len)
         stream = itertools.islice(cycle_batches(encoded, batch_size, seed, pad), batches)
         per_server[server] = score_server(
@@ -353,6 +357,7 @@ def _follow_latest(pointer: Path) -> tuple[ImportanceReport, Path] | None:
 
 
 def compute_report(request: ScoringRequest, *, use_cache: bool = True, set_latest: bool = True,
+                   device: str = "cpu",
                    on_batch: Callable[[str], None] | None = None) -> ScoringResult:
     """The importance report for a profile: from the cache, or scored on the servers' data.
 
@@ -360,7 +365,8 @@ def compute_report(request: ScoringRequest, *, use_cache: bool = True, set_lates
     local folder) and refuse shape cards with a pointer to ``--scorer prior``. A computed report
     is always cached; `use_cache` False recomputes instead of reading it. `set_latest` makes it
     the one ``fedpipe plan --importance auto`` picks up for this model and data (benchmarks
-    turn that off). `on_batch(server)` is called after each calibration batch.
+    turn that off). `device` runs the base model there (cuda: bf16, cpu: fp32); it is
+    not part of the cache key. `on_batch(server)` is called after each calibration batch.
     """
     start = time.perf_counter()
     profile, scorer = request.profile, request.scorer
@@ -394,7 +400,7 @@ def compute_report(request: ScoringRequest, *, use_cache: bool = True, set_lates
     from fedpipe.models import load_base, load_tokenizer
 
     shards = server_shards(request)
-    model = load_base(model_dir, 16)
+    model = load_base(model_dir, 16, device=device)
     scores = score_shards(model, load_tokenizer(model_dir), shards, request.sample_weights(),
                           names, scorer, batches=request.batches, batch_size=request.batch_size,
                           seq_len=seq_len, seed=request.calibration_seed, on_batch=on_batch)
