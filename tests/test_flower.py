@@ -276,6 +276,22 @@ def test_a_missed_round_is_renormalised_and_the_node_rejoins_in_sync(tmp_path, t
             torch.testing.assert_close(f.delta(), before_round_3[name].delta(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_resume_resyncs_the_nodes(tmp_path, tiny_model_dir):
+    """A resumed flora run is a new Flower run (empty node state): every node gets the cumulative
+    merged update first, and the result is the uninterrupted run's."""
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flora", rounds=3)
+    straight = flower_app.coordinate(LoopbackGrid(plan_path, {1: "edge", 2: "hub"}),
+                                     settings_for(plan_path, tmp_path / "straight"))
+    flower_app.coordinate(LoopbackGrid(plan_path, {1: "edge", 2: "hub"}),
+                          settings_for(plan_path, tmp_path / "resumed", rounds=2))
+    resumed = flower_app.coordinate(LoopbackGrid(plan_path, {3: "edge", 4: "hub"}),
+                                    settings_for(plan_path, tmp_path / "resumed", resume=True))
+    assert [r["round"] for r in resumed] == [1, 2, 3]
+    assert max_abs_diff(read_global(tmp_path / "resumed"), read_global(tmp_path / "straight")) < 1e-5
+    assert resumed[2]["eval"]["loss"] == pytest.approx(straight[2]["eval"]["loss"], rel=1e-5)
+
+
 def test_too_few_servers_fail_the_round_with_who_is_missing(tmp_path, tiny_model_dir):
     plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="fedit", rounds=1)
     grid = LoopbackGrid(plan_path, {22: "hub"})
