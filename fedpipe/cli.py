@@ -139,6 +139,10 @@ def run(
                                                     "(default: the plan's).")] = None,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples "
                                                      "(default: the plan's).")] = None,
+    upload_density: Annotated[float | None, typer.Option(help="Every server's upload density, top-k "
+                                                         "share in (0, 1] (default: the plan's).")] = None,
+    download_density: Annotated[float | None, typer.Option(help="Every server's download density "
+                                                           "(default: the plan's).")] = None,
     backend: Annotated[str, typer.Option(help="inprocess (every server in this process) or flower "
                                          "(one SuperNode per server; docs/flower.md).")] = "inprocess",
     superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
@@ -152,6 +156,9 @@ def run(
                                                    "or a fraction (0.5).")] = "1",
 ) -> None:
     """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
+    if backend == "flower" and (upload_density is not None or download_density is not None):
+        raise FedpipeError("--upload-density/--download-density: the flower backend's nodes read the "
+                           "densities from their plan file; set them there")
     if backend == "flower":
         from fedpipe.flower_app import launch
         from fedpipe.render import console, run_table
@@ -174,7 +181,8 @@ def run(
 
     with run_progress() as on_progress:
         result = run_plan(plan_file, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
-                          local_steps=local_steps, eval_samples=eval_samples, on_progress=on_progress)
+                          local_steps=local_steps, eval_samples=eval_samples, on_progress=on_progress,
+                          upload_density=upload_density, download_density=download_density)
     console().print(run_table(result))
 
 

@@ -20,6 +20,8 @@ class ServerDiff(BaseModel):
     memory_gib: tuple[float, float] | None = None
     round_s: tuple[float, float] | None = None
     lora_params: tuple[int, int] | None = None
+    upload_density: tuple[float, float] | None = None
+    download_density: tuple[float, float] | None = None
 
 
 class PlanDiff(BaseModel):
@@ -43,8 +45,11 @@ def _server_diff(a: ServerPlan, b: ServerPlan) -> ServerDiff:
         memory_gib=(a.predicted.memory_gib, b.predicted.memory_gib),
         round_s=(a.predicted.round_s, b.predicted.round_s),
         lora_params=(a.predicted.lora_params, b.predicted.lora_params),
+        upload_density=(a.upload_density, b.upload_density),
+        download_density=(a.download_density, b.download_density),
     )
-    same = (a.bits == b.bits and a.batch_size == b.batch_size and ra == rb)
+    same = (a.bits == b.bits and a.batch_size == b.batch_size and ra == rb
+            and a.upload_density == b.upload_density and a.download_density == b.download_density)
     diff.status = "unchanged" if same else "changed"
     return diff
 

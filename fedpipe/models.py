@@ -415,6 +415,14 @@ def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors]) -> None:
             module.lora_B[adapter].weight.copy_(f.B if ratio == 1.0 else f.B.double() * ratio)
 
 
+def fresh_lora_A(seed: int, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Module `name`'s fresh A (float32, CPU) as `reset_lora` draws it: a pure function of the
+    seed, the name and the shape, so a receiver can rebuild a sender's starting point."""
+    a = torch.empty(shape, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=_seeded_generator(seed, name))
+    return a
+
+
 def reset_lora(peft_model: PeftModel, seed: int) -> None:
     """Fresh init of every adapted module: A as peft's default (Kaiming-uniform, a = sqrt(5),
     i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))), B = 0; seeded per module by (seed, name)."""
@@ -422,10 +430,7 @@ def reset_lora(peft_model: PeftModel, seed: int) -> None:
     with torch.no_grad():
         for name, module in _lora_layers(peft_model).items():
             a_param = module.lora_A[adapter].weight
-            a_new = torch.empty(a_param.shape, dtype=torch.float32)
-            torch.nn.init.kaiming_uniform_(a_new, a=math.sqrt(5),
-                                           generator=_seeded_generator(seed, name))
-            a_param.copy_(a_new)
+            a_param.copy_(fresh_lora_A(seed, name, tuple(a_param.shape)))
             module.lora_B[adapter].weight.zero_()
 
 

@@ -66,18 +66,19 @@ def _pair(pair, fmt: str = "{}") -> str:
 def diff_table(d: PlanDiff) -> Group:
     t = Table(title=f"diff {d.a} → {d.b}", title_justify="left")
     for col in ("server", "status", "bits", "batch", "+matrices", "-matrices", "rank changes",
-                "memory GiB", "round s", "LoRA params"):
+                "memory GiB", "round s", "LoRA params", "density up", "density down"):
         t.add_column(col, justify="left" if col in ("server", "status") else "right")
     for s in d.servers:
         if s.status in ("added", "removed"):
-            t.add_row(s.name, s.status, *[""] * 8)
+            t.add_row(s.name, s.status, *[""] * 10)
             continue
         ups = sum(1 for a, b in s.rank_changes.values() if b > a)
         t.add_row(s.name, s.status, _pair(s.bits), _pair(s.batch_size), str(len(s.matrices_added)),
                   str(len(s.matrices_removed)),
                   f"{ups}↑ {len(s.rank_changes) - ups}↓" if s.rank_changes else "-",
                   _pair(s.memory_gib, "{:.2f}"), _pair(s.round_s, "{:.2f}"),
-                  _pair(s.lora_params, "{:,}"))
+                  _pair(s.lora_params, "{:,}"), _pair(s.upload_density, "{:g}"),
+                  _pair(s.download_density, "{:g}"))
     totals = Text(
         f"makespan {_pair(d.makespan_s, '{:.2f}')} s · quality {_pair(d.quality, '{:.3f}')} · "
         f"upload/round {_pair(tuple(human_bytes(x) for x in d.upload_bytes))} · download/round "

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from fedpipe import wire
 from fedpipe.atomic import write_atomic
 from fedpipe.client import AdaptedModel, EdgeTrainer
@@ -28,7 +30,7 @@ from fedpipe.lora import GlobalAdapter
 from fedpipe.measure import resident_gib
 from fedpipe.metrics import plot_rounds, read_metrics, write_metrics
 from fedpipe.models import apply_base_delta, load_base, load_tokenizer, resolve_model_dir, save_adapter
-from fedpipe.plan import Plan, ServerPlan, load_plan
+from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
 from fedpipe.server import Coordinator
 from fedpipe.tasks import FAMILIES, Example
 
@@ -80,6 +82,19 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, GlobalAdapter], dict[
 
 
 # ------------------------------------------------------------------------------ the run
+def with_densities(plan: Plan, upload: float | None = None, download: float | None = None) -> Plan:
+    """The plan with every server's upload / download density overridden (None: the plan's)."""
+    update = {k: v for k, v in (("upload_density", upload), ("download_density", download))
+              if v is not None}
+    if not update:
+        return plan
+    try:
+        servers = [ServerPlan.model_validate(s.model_dump() | update) for s in plan.servers]
+    except ValidationError as e:
+        raise FedpipeError("density override: " + "; ".join(err["msg"] for err in e.errors())) from None
+    return plan.model_copy(update={"servers": servers})
+
+
 def plan_data(plan: Plan, n_eval: int) -> tuple[list[tuple[str, ServerPlan]], list[str],
                                                  dict[str, list[Example]], list[Example]]:
     """(training members with their entries, idle members, each member's shard, held-out split):
@@ -102,12 +117,15 @@ def plan_data(plan: Plan, n_eval: int) -> tuple[list[tuple[str, ServerPlan]], li
 def run_plan(plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
              aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
              eval_samples: int | None = None, device: str = "cpu",
-             on_progress: Callable[[str, int, int, int], None] | None = None) -> RunResult:
-    """Run (or resume) the plan's federated rounds; see the module docstring for the outputs."""
+             on_progress: Callable[[str, int, int, int], None] | None = None,
+             upload_density: float | None = None, download_density: float | None = None) -> RunResult:
+    """Run (or resume) the plan's federated rounds; see the module docstring for the outputs.
+    The densities, when given, override every server's (sparse communication, `fedpipe.client`)."""
     # ---- setup
-    plan = load_plan(plan_path)
+    plan = with_densities(load_plan(plan_path), upload_density, download_density)
     task = plan.task
     rule = aggregation or plan.aggregation
+    check_densities(plan.servers, rule)
     total_rounds = rounds or task.rounds
     steps = local_steps or task.local_steps
     n_eval = eval_samples or task.eval_samples
@@ -161,6 +179,7 @@ def run_plan(plan_path: str | Path, *, rounds: int | None = None, out: str | Pat
                 "upload_bytes": len(up), "download_bytes": len(down),
                 "predicted_upload_bytes": entry.predicted.upload_bytes,
                 "predicted_download_bytes": entry.predicted.download_bytes,
+                "upload_density": entry.upload_density, "download_density": entry.download_density,
             })
         aggregate_start = time.perf_counter()
         global_adapter = coordinator.aggregate(payloads)

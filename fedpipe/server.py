@@ -3,23 +3,68 @@
 It holds the only state of a federation: the global adapter (full precision, scales folded) and
 the one before it (flora broadcasts the difference). Both backends drive it the same way:
 `broadcast` per server, then `aggregate` over the payloads that arrived.
+
+For sparse communication (see `fedpipe.client`) it also remembers, per plan entry, the last
+broadcast as that entry decoded it: the reference of the next sparse broadcast and the start a
+sparse upload is added to. That memory is not checkpointed: after a resume one dense broadcast
+re-establishes it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 
 from fedpipe import wire
 from fedpipe.aggregators import get_aggregator
-from fedpipe.client import broadcast_payload
-from fedpipe.lora import ClientUpdate, GlobalAdapter
-from fedpipe.plan import ServerPlan
+from fedpipe.client import broadcast_payload, peek_metadata, split_broadcast, start_reference
+from fedpipe.errors import FedpipeError
+from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
+from fedpipe.plan import ServerPlan, check_densities
+
+# Rules whose aggregate depends on each server's product B_k A_k alone, so a server may start from
+# any factorization of its start: their broadcasts are aligned to what the server holds. Rules that
+# average factors (fedit, hetlora) need every server in the same coordinates, and are not.
+ALIGNED_RULES = frozenset({"flexlora"})
 
 
-def decode_update(payload: bytes) -> ClientUpdate:
-    factors, meta = wire.decode(payload)
+def decode_update(payload: bytes, reference: dict[str, LoraFactors] | None = None) -> ClientUpdate:
+    factors, meta = wire.decode(payload, reference=reference)
     return ClientUpdate(server=meta["server"], n_samples=int(meta["n_samples"]), factors=factors,
                         metrics={"train_loss": float(meta.get("train_loss", "nan"))})
+
+
+def align_components(new: dict[str, LoraFactors],
+                     held: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """The same updates B @ A written as close as they can be to what the server holds:
+    (R A, B R^T) with the orthogonal R that best maps [A | B^T] onto the held [A | B^T]
+    (Procrustes, an r x r SVD). An SVD's components come with arbitrary signs, order and, for
+    close singular values, rotation; aligned, a top-k of the difference spends its entries on the
+    change of the update rather than on relabelling it."""
+    out = {}
+    for name, f in new.items():
+        h = held.get(name)
+        if h is None or h.A.shape != f.A.shape or h.B.shape != f.B.shape:
+            out[name] = f
+            continue
+        A, B = f.A.double(), f.B.double()
+        target = torch.cat([h.A.double(), h.B.double().T], dim=1)
+        U, _, Vh = torch.linalg.svd(target @ torch.cat([A, B.T], dim=1).T)
+        R = U @ Vh
+        out[name] = LoraFactors((R @ A).float(), (B @ R.T).float(), f.scale)
+    return out
+
+
+@dataclass
+class _Sent:
+    """The last broadcast to one plan entry: its round, its bytes, its init as the entry holds it."""
+
+    round: int
+    payload: bytes
+    init: dict[str, LoraFactors]
 
 
 class Coordinator:
@@ -29,6 +74,7 @@ class Coordinator:
                  previous: GlobalAdapter | None = None) -> None:
         self.aggregator = get_aggregator(rule)
         self.global_adapter, self.previous = global_adapter, previous
+        self.sent: dict[str, _Sent] = {}
 
     @property
     def round(self) -> int:
@@ -36,17 +82,57 @@ class Coordinator:
         return self.global_adapter.round if self.global_adapter is not None else 0
 
     def broadcast(self, entry: ServerPlan) -> bytes:
-        """The payload a server of this plan entry starts the next round from."""
+        """The payload a server of this plan entry starts the next round from (the same bytes for
+        every call in a round); below download_density 1 a top-k delta against the last one."""
         next_round = self.round + 1
+        last = self.sent.get(entry.name)
+        if last is not None and last.round == next_round:
+            return last.payload
+        check_densities([entry], self.aggregator.name)
         if self.global_adapter is None:
-            return broadcast_payload({}, {}, next_round)
-        scales = {name: entry.lora_alpha_ratio for name in entry.rank_pattern}
-        b = self.aggregator.broadcast(self.global_adapter, self.previous, entry.rank_pattern, scales)
-        return broadcast_payload(b.base_delta, b.adapter_init, next_round)
+            base_delta, init = {}, {}
+        else:
+            scales = {name: entry.lora_alpha_ratio for name in entry.rank_pattern}
+            b = self.aggregator.broadcast(self.global_adapter, self.previous, entry.rank_pattern, scales)
+            base_delta, init = b.base_delta, b.adapter_init
+        reference = None
+        if (entry.download_density < 1.0 and init and not base_delta and last is not None
+                and last.round == next_round - 1 and _same_shapes(init, last.init)):
+            reference = last.init
+            if self.aggregator.name in ALIGNED_RULES:
+                init = align_components(init, reference)
+        payload = broadcast_payload(base_delta, init, next_round,
+                                    density=1.0 if reference is None else entry.download_density,
+                                    reference=reference,
+                                    reference_round=None if reference is None else last.round)
+        held = split_broadcast(payload, reference=reference)[1]  # exactly what the server decodes
+        self.sent[entry.name] = _Sent(next_round, payload, held)
+        return payload
 
     def aggregate(self, payloads: Sequence[bytes]) -> GlobalAdapter:
         """Combine the updates that arrived (weights renormalised over them)."""
-        updates = [decode_update(p) for p in payloads]
+        updates = [decode_update(p, self.upload_reference(p)) for p in payloads]
         new = self.aggregator.aggregate(updates, self.global_adapter)
         self.previous, self.global_adapter = self.global_adapter, new
         return new
+
+    def upload_reference(self, payload: bytes) -> dict[str, LoraFactors] | None:
+        """The start a sparse update is relative to: this round's broadcast to the sender's entry
+        as it decoded it, and fresh modules rebuilt from the seed the sender names (None: dense)."""
+        meta = peek_metadata(payload)
+        if float(meta.get("fedpipe.density", "1")) >= 1.0:
+            return None
+        server, entry, round_index = meta.get("server"), meta.get("entry"), meta.get("round")
+        last = self.sent.get(str(entry))
+        if last is None or str(last.round) != round_index or "fresh_seed" not in meta:
+            raise FedpipeError(
+                f"server {server}: its round {round_index} update is sparse, against a start this "
+                f"coordinator cannot rebuild (entry {entry!r}: last broadcast "
+                f"{'none' if last is None else f'round {last.round}'})")
+        layout = json.loads(meta["fedpipe.layout"])
+        shapes = {name: (tuple(e["A"]["shape"]), tuple(e["B"]["shape"])) for name, e in layout.items()}
+        return start_reference(last.init, int(meta["fresh_seed"]), shapes)
+
+
+def _same_shapes(a: dict[str, LoraFactors], b: dict[str, LoraFactors]) -> bool:
+    return all(n in b and a[n].A.shape == b[n].A.shape and a[n].B.shape == b[n].B.shape for n in a)

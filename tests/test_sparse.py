@@ -1,0 +1,184 @@
+"""Sparse communication: top-k uploads and downloads through the real client and coordinator."""
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from test_run import tiny_plan
+from typer.testing import CliRunner
+
+from fedpipe import wire
+from fedpipe.cli import app
+from fedpipe.client import AdaptedModel, EdgeTrainer, derived_seed
+from fedpipe.diff import diff_plans
+from fedpipe.errors import FedpipeError
+from fedpipe.lora import LoraFactors
+from fedpipe.models import get_factors, load_tokenizer, make_tiny_llama, reset_lora, set_factors
+from fedpipe.plan import load_plan, save_plan
+from fedpipe.render import diff_table
+from fedpipe.runner import model_folder, plan_data, run_plan, with_densities
+from fedpipe.server import Coordinator, align_components, decode_update
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory):
+    """The tiny model at hidden 256: factors large enough that the safetensors header (a fixed
+    ~150-250 bytes per tensor) does not hide the byte ratio, which at 1/4 tends to 0.28."""
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "wide-llama", hidden=256,
+                           intermediate=512)
+
+
+def wide_plan(tmp_path, model_dir, rule: str, rank: int = 32):
+    plan = load_plan(tiny_plan(tmp_path, model_dir, rule=rule))
+    servers = [s.model_copy(update={"rank_pattern": dict.fromkeys(s.rank_pattern, rank)})
+               for s in plan.servers]
+    return plan.model_copy(update={"servers": servers})
+
+
+def federation(plan, rule):
+    """The runner's setup, kept open so a test can look inside every round."""
+    task = plan.task
+    members, _, shards, _ = plan_data(plan, task.eval_samples)
+    model_dir = model_folder(plan)
+    tokenizer = load_tokenizer(model_dir)
+    trainers = [EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
+                            task.learning_rate, task.seed) for m, entry in members]
+    pool = {e.name: AdaptedModel.load(model_dir, e, "cpu", task.seed) for e in plan.servers}
+    return trainers, pool, Coordinator(rule)
+
+
+def assert_same(a: dict[str, LoraFactors], b: dict[str, LoraFactors], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        for part in ("A", "B"):
+            x, y = getattr(a[name], part), getattr(b[name], part)
+            assert x.shape == y.shape and torch.allclose(x, y, atol=atol, rtol=0), (name, part)
+
+
+def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
+    plan = with_densities(wide_plan(tmp_path, wide_model_dir, "fedit"), 0.25, 0.25)
+    trainers, pool, coordinator = federation(plan, "fedit")
+    down_bytes = []
+    for round_index in (1, 2, 3):
+        ups = []
+        for t in trainers:
+            down = coordinator.broadcast(t.entry)
+            up, _ = t.train_round(pool[t.entry.name], down, 2)
+            ups.append(up)
+            # the download: the server holds exactly what the coordinator thinks it holds
+            assert t.held[0] == round_index
+            assert_same(t.held[1], coordinator.sent[t.entry.name].init)
+            # the start the server really trained from, read back from its model
+            model = pool[t.entry.name].model
+            trained = get_factors(model)
+            reset_lora(model, derived_seed(t.seed, round_index, t.name))
+            set_factors(model, t.held[1])
+            start = get_factors(model)
+            reference = coordinator.upload_reference(up)
+            assert_same(reference, start)  # rebuilt on the coordinator from the payload alone
+            got = decode_update(up, reference).factors
+            expected = {}
+            for name, f in trained.items():
+                parts = {}
+                for part in ("A", "B"):
+                    s = getattr(start[name], part)
+                    sparse, _ = wire.topk_with_residual(getattr(f, part) - s, None, 0.25)
+                    parts[part] = s + sparse
+                    assert (sparse != 0).sum() <= -(-sparse.numel() // 4)
+                expected[name] = LoraFactors(parts["A"], parts["B"], f.scale)
+            assert_same(got, expected, atol=1e-6)
+            dense = wire.encode(trained, metadata={"server": t.name, "n_samples": "1"})
+            assert len(up) <= 0.3 * len(dense), (t.name, len(up), len(dense))
+        down_bytes.append({t.name: len(coordinator.broadcast(t.entry)) for t in trainers})
+        coordinator.aggregate(ups)
+    # round 2 is the first global (dense: nothing held yet), round 3 a top-k against it
+    for name, dense_down in down_bytes[1].items():
+        assert down_bytes[2][name] <= 0.3 * dense_down, (name, down_bytes)
+
+    # a trainer that did not hold round 3's broadcast (a Flower node starts fresh) refuses it
+    t = trainers[0]
+    fresh = EdgeTrainer(t.name, t.entry, [], load_tokenizer(model_folder(plan)), model_folder(plan),
+                        plan.task.seq_len, plan.task.learning_rate, plan.task.seed)
+    next_down = coordinator.broadcast(t.entry)
+    with pytest.raises(FedpipeError, match="holds none"):
+        fresh.receive(next_down)
+    # and a coordinator that did not broadcast cannot rebuild a sparse upload's start
+    with pytest.raises(FedpipeError, match=f"server {t.name}"):
+        Coordinator("fedit").upload_reference(ups[0])
+
+
+def test_align_components_keeps_products_and_undoes_relabelling():
+    gen = torch.Generator().manual_seed(0)
+    held = {"m": LoraFactors(torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen), 2.0)}
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen))
+    h = held["m"]
+    new = {"m": LoraFactors(q @ h.A + 0.01 * torch.randn(4, 32, generator=gen),
+                            (h.B + 0.01 * torch.randn(24, 4, generator=gen)) @ q.T, 2.0)}
+    aligned = align_components(new, held)["m"]
+    assert torch.allclose(aligned.B @ aligned.A, new["m"].B @ new["m"].A, atol=1e-4)
+    assert (aligned.A - h.A).norm() < 0.1 * (new["m"].A - h.A).norm()
+    assert (aligned.B - h.B).norm() < 0.1 * (new["m"].B - h.B).norm()
+
+
+def test_flora_run_with_sparse_uploads(tmp_path, tiny_model_dir):
+    """flora starts every module fresh every round: the coordinator rebuilds each start from the
+    seed the server names."""
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flora", rounds=2)
+    result = run_plan(plan_path, out=tmp_path / "run", upload_density=0.25)
+    for row in result.rows:
+        assert torch.isfinite(torch.tensor(row["eval"]["loss"]))
+        for s in row["servers"]:
+            assert s["upload_density"] == 0.25 and s["download_density"] == 1.0
+
+
+def test_density_out_of_range_names_server_and_field(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="fedit")
+    raw = yaml.safe_load(plan_path.read_text())
+    for field, value in (("upload_density", 0.0), ("download_density", 1.5)):
+        broken = yaml.safe_load(plan_path.read_text())
+        broken["servers"][0][field] = value
+        path = tmp_path / f"{field}.plan.yaml"
+        path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(FedpipeError) as e:
+            load_plan(path)
+        assert field in str(e.value) and repr(raw["servers"][0]["name"]) in str(e.value)
+    with pytest.raises(FedpipeError, match="upload_density"):
+        with_densities(load_plan(plan_path), upload=-0.5)
+    result = CliRunner().invoke(app, ["run", str(plan_path), "--download-density", "2",
+                                      "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and "download_density" in result.output
+
+
+def test_flora_refuses_sparse_downloads(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flora")
+    raw = yaml.safe_load(plan_path.read_text())
+    raw["servers"][1]["download_density"] = 0.25
+    (tmp_path / "bad.plan.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(FedpipeError) as e:
+        load_plan(tmp_path / "bad.plan.yaml")
+    for word in ("download_density", "flora", repr(raw["servers"][1]["name"])):
+        assert word in str(e.value)
+    fedit = tiny_plan(tmp_path, tiny_model_dir, rule="fedit")  # checked again with the run's rule
+    with pytest.raises(FedpipeError, match="download_density 0.25 with aggregation 'flora'"):
+        run_plan(fedit, out=tmp_path / "never", aggregation="flora", download_density=0.25)
+    assert not (tmp_path / "never").exists()
+
+
+def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="fedit")
+    raw = yaml.safe_load(plan_path.read_text())
+    for s in raw["servers"]:
+        s.pop("upload_density"), s.pop("download_density")
+    (tmp_path / "old.plan.yaml").write_text(yaml.safe_dump(raw))
+    old = load_plan(tmp_path / "old.plan.yaml")
+    assert all(s.upload_density == 1.0 and s.download_density == 1.0 for s in old.servers)
+
+    sparse = with_densities(old, upload=0.25)
+    assert load_plan(save_plan(sparse, tmp_path / "sparse.plan.yaml")) == sparse
+    d = diff_plans(old, sparse)
+    assert all(s.status == "changed" and s.upload_density == (1.0, 0.25)
+               and s.download_density == (1.0, 1.0) for s in d.servers)
+    console = Console(record=True, width=250)
+    console.print(diff_table(d))
+    text = console.export_text()
+    assert "density up" in text and "1 → 0.25" in text
