@@ -7,7 +7,8 @@ count, so nearly every server is its own class in the MILP.
 (a) side by side at 10, 50, 200 servers: the full MILP (HiGHS, --milp-limit seconds, built and solved
     in a subprocess with a memory cap, so a model too large to build is reported, not swapped) and
     the decomposed search, both evaluated by ``planner.evaluate`` on the same problem and T_ref;
-(b) the decomposed planning time (baseline + search + evaluation, ``plan_problem``) at 10, 100,
+(b) the shipped profiles (cluster, fleet-128, llama2-7b-hospitals) side by side the same way;
+(c) the decomposed planning time (baseline + search + evaluation, ``plan_problem``) at 10, 100,
     1000, 10000 servers: median of --repeats runs, ratio to the 10-server time measured in the
     same run, a table and benchmarks/planner_scaling.png.
 
@@ -175,15 +176,42 @@ def print_side(rows: list[dict], header: bool = True) -> None:
         print(f"{'servers':>7} {'classes':>7} | {'MILP wall s':>11} {'status':>9} {'gap':>8} "
               f"{'objective':>10} | {'decomp s':>8} {'status':>8} {'gap':>8} {'objective':>10} | "
               f"{'(dec-MILP)/MILP':>15}")
+    notes = []
     for r in rows:
         if "milp_obj" in r:
             gap = "-" if r["milp_gap"] is None else f"{r['milp_gap']:.2e}"
             milp = f"{r['milp_wall']:>11.1f} {r['milp_status']:>9} {gap:>8} {r['milp_obj']:>10.6f}"
             diff = f"{r['rel_diff']:>+15.2e}"
         else:
-            milp, diff = f"{r['milp_wall']:>11.1f} {r['milp_status'][:40]:>40}", f"{'n/a':>15}"
+            milp, diff = f"{r['milp_wall']:>11.1f} {'no plan':>9} {'-':>8} {'-':>10}", f"{'n/a':>15}"
+            notes.append(f"{r['n']} servers: MILP {r['milp_status']}")
         print(f"{r['n']:>7} {r['classes']:>7} | {milp} | {r['dec_time']:>8.2f} {r['dec_status']:>8} "
               f"{r['dec_gap']:>8.1e} {r['dec_obj']:>10.6f} | {diff}", flush=True)
+    for note in notes:
+        print(f"        ({note})", flush=True)
+
+
+def shipped(limit: float) -> None:
+    """(b) the shipped profiles, where the MILP is small enough to compare (in process)."""
+    from fedpipe.profile import load_profile
+
+    print(f"\n(b) shipped profiles: MILP (HiGHS, limit {limit:g} s) vs decomposed, same T_ref")
+    print(f"{'profile':>20} | {'MILP s':>7} {'status':>9} {'gap':>8} {'objective':>10} | {'decomp s':>8} "
+          f"{'status':>8} {'gap':>8} {'objective':>10} | {'(dec-MILP)/MILP':>15}")
+    for name in ("cluster", "fleet-128", "llama2-7b-hospitals"):
+        profile = load_profile(ROOT / "profiles" / f"{name}.yaml")
+        problem = build_problem(profile, load_shapes(profile.model, ROOT / "profiles"))
+        problem.t_ref = max(evaluate(problem, solve_baseline_decomposed(problem)).makespan, 1e-9)
+        t = time.perf_counter()
+        d_choices, d_rep = solve_decomposed(problem)
+        d_time, d_obj = time.perf_counter() - t, evaluate(problem, d_choices).objective
+        t = time.perf_counter()
+        m_choices, m_rep = solve_milp(problem, "highs", limit)
+        m_time, m_obj = time.perf_counter() - t, evaluate(problem, m_choices).objective
+        gap = "-" if m_rep.gap is None else f"{m_rep.gap:.2e}"
+        print(f"{name:>20} | {m_time:>7.1f} {m_rep.status:>9} {gap:>8} {m_obj:>10.6f} | {d_time:>8.2f} "
+              f"{d_rep.status:>8} {d_rep.gap:>8.1e} {d_obj:>10.6f} | {(d_obj - m_obj) / abs(m_obj):>+15.2e}",
+              flush=True)
 
 
 def scaling(sizes: list[int], repeats: int) -> list[dict]:
@@ -199,7 +227,7 @@ def scaling(sizes: list[int], repeats: int) -> list[dict]:
         rows.append({"n": n, "classes": len(problem.classes), "median": statistics.median(times),
                      "min": min(times), "max": max(times), "status": report.status, "gap": report.gap})
     base = rows[0]["median"]
-    print(f"\n(b) decomposed planning time (plan_problem: baseline + search + evaluation), "
+    print(f"\n(c) decomposed planning time (plan_problem: baseline + search + evaluation), "
           f"median of {repeats}")
     print(f"{'servers':>8} {'classes':>8} {'median s':>9} {'min s':>7} {'max s':>7} {'ratio':>7} "
           f"{'status':>8} {'gap':>8}")
@@ -249,6 +277,7 @@ def main() -> None:
     print(f"{MODEL}, {HARDWARE_CLASSES} hardware classes (seed {SEED}), ranks 0-64, bits 4/8/16, batch 1-8")
     if not args.skip_milp:
         side_by_side([10, 50, 200], limit, args.milp_cache)
+        shipped(limit)
     rows = scaling([10, 100, 1000, 10000], repeats)
     plot(rows, ROOT / "benchmarks" / "planner_scaling.png")
 
