@@ -188,11 +188,10 @@ def check_participation(round_index: int, got: int, total: int, required: int, s
 def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
     """The round loop of `runner.run_plan`, with each server's training on its own SuperNode."""
     from fedpipe.client import broadcast_payload, split_broadcast
-    from fedpipe.data import evaluate
     from fedpipe.metrics import plot_rounds, read_metrics, write_metrics
-    from fedpipe.models import apply_base_delta, load_base, load_tokenizer, save_adapter
+    from fedpipe.models import load_base, load_tokenizer
     from fedpipe.plan import load_plan
-    from fedpipe.runner import load_checkpoint, model_folder, plan_data, save_checkpoint
+    from fedpipe.runner import GlobalEvaluator, close_round, load_checkpoint, model_folder, plan_data
     from fedpipe.server import Coordinator
 
     # ---- setup
@@ -213,7 +212,7 @@ def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
     required = parse_min_participation(settings.min_participation, len(members))
     model_dir = model_folder(plan)
     tokenizer = load_tokenizer(model_dir)
-    eval_model = load_base(model_dir, 16)
+    evaluator = GlobalEvaluator(load_base(model_dir, 16), tokenizer, held_out, task.seq_len, model_dir)
     coordinator = Coordinator(rule)
     rows: list[dict] = []
     if settings.resume and (checkpoint / "state.json").is_file():
@@ -287,27 +286,14 @@ def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
                 "predicted_upload_bytes": entry.predicted.upload_bytes,
                 "predicted_download_bytes": entry.predicted.download_bytes,
             })
-        aggregate_start = time.perf_counter()
-        global_adapter = coordinator.aggregate(payloads)
-        aggregate_s = time.perf_counter() - aggregate_start
-
-        eval_start = time.perf_counter()
-        apply_base_delta(eval_model, model_dir, global_adapter)
-        result = evaluate(eval_model, tokenizer, held_out, task.seq_len)
-        eval_s = time.perf_counter() - eval_start
-
-        save_adapter(global_adapter, model_dir, run_dir / "adapter")
-        save_checkpoint(checkpoint, coordinator, {})
-        round_s = time.perf_counter() - round_start
-        rows.append({"round": round_index, "rule": rule, "eval": result, "servers": servers,
-                     "idle_servers": idle, "missed_servers": missed, "aggregate_s": aggregate_s,
-                     "eval_s": eval_s, "round_s": round_s,
-                     "train_s": sum(s["train_s"] for s in servers),
-                     "global_rank": max(f.rank for f in global_adapter.factors.values())})
+        closed = close_round(coordinator, payloads, evaluator, run_dir, {})
+        rows.append({"round": round_index, "rule": rule, "servers": servers, "idle_servers": idle,
+                     "missed_servers": missed, **closed, "round_s": time.perf_counter() - round_start,
+                     "train_s": sum(s["train_s"] for s in servers)})
         write_metrics(run_dir / "metrics.jsonl", rows)
         plot_rounds(rows, run_dir / "curves.png")
         log(INFO, "fedpipe: round %d/%d: %d of %d servers, eval loss %.4f, accuracy %.3f", round_index,
-            total_rounds, len(arrived), len(members), result["loss"], result["accuracy"])
+            total_rounds, len(arrived), len(members), closed["eval"]["loss"], closed["eval"]["accuracy"])
     return rows
 
 

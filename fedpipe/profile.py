@@ -8,6 +8,7 @@ with ``count``; ``expand_servers`` turns them into individual named servers when
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -142,8 +143,8 @@ class ClusterProfile(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterProfile:
-        names = [m for s in self.servers for m in s.member_names()]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        names = Counter(m for s in self.servers for m in s.member_names())
+        dup = sorted(n for n, c in names.items() if c > 1)
         if dup:
             raise ValueError(f"server names must be unique; repeated: {', '.join(dup)}")
         for s in self.servers:

@@ -35,7 +35,7 @@ def plan_table(plan: Plan) -> Group:
                   seconds(p.compute_s), seconds(p.upload_s), seconds(p.download_s), seconds(p.round_s),
                   ", ".join(s.binding) or "-")
     sv = plan.solver
-    gap = "unknown" if sv.gap is None else f"{sv.gap:.2%}"
+    gap = "unknown" if sv.gap is None else f"{sv.gap:.2g}"
     lines = [
         Text(f"makespan {seconds(plan.summary.makespan_s)} · quality (importance covered) "
              f"{plan.summary.quality:.3f} · bytes/round up {human_bytes(plan.summary.upload_bytes)} "

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
 from fedpipe import wire
@@ -79,6 +80,37 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, GlobalAdapter], dict[
         adapters[key] = GlobalAdapter(factors, round=int(meta["round"]))
     merged = {entry: wire.decode((folder / name).read_bytes())[0] for entry, name in state["merged"].items()}
     return state, adapters, merged
+
+
+# ------------------------------------------------------------------------------ closing a round
+@dataclass
+class GlobalEvaluator:
+    """The global model (base + global update, full precision) scored on the held-out split."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    held_out: list[Example]
+    seq_len: int
+    model_dir: Path
+
+    def __call__(self, global_adapter: GlobalAdapter) -> dict:
+        apply_base_delta(self.model, self.model_dir, global_adapter)
+        return evaluate(self.model, self.tokenizer, self.held_out, self.seq_len)
+
+
+def close_round(coordinator: Coordinator, payloads: list[bytes], evaluator: GlobalEvaluator,
+                run_dir: Path, pool: dict[str, AdaptedModel]) -> dict:
+    """What every backend does once the updates are in: aggregate them, evaluate the global
+    model, save it in peft format and checkpoint; returns the round's eval and timings."""
+    start = time.perf_counter()
+    global_adapter = coordinator.aggregate(payloads)
+    aggregate_s = time.perf_counter() - start
+    result = evaluator(global_adapter)
+    eval_s = time.perf_counter() - start - aggregate_s
+    save_adapter(global_adapter, evaluator.model_dir, run_dir / "adapter")
+    save_checkpoint(run_dir / "checkpoint", coordinator, pool)
+    return {"eval": result, "aggregate_s": aggregate_s, "eval_s": eval_s,
+            "global_rank": max(f.rank for f in global_adapter.factors.values())}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -142,7 +174,8 @@ def run_plan(plan_path: str | Path, *, rounds: int | None = None, out: str | Pat
                             task.seed) for m, entry in members]
     pool = {entry.name: AdaptedModel.load(model_dir, entry, device, task.seed)
             for entry in plan.servers if entry.rank_pattern}
-    eval_model = load_base(model_dir, 16, device=device)
+    evaluator = GlobalEvaluator(load_base(model_dir, 16, device=device), tokenizer, held_out,
+                                task.seq_len, model_dir)
     coordinator = Coordinator(rule)
     rows: list[dict] = []
     if resume and (checkpoint / "state.json").is_file():
@@ -181,27 +214,15 @@ def run_plan(plan_path: str | Path, *, rounds: int | None = None, out: str | Pat
                 "predicted_download_bytes": entry.predicted.download_bytes,
                 "upload_density": entry.upload_density, "download_density": entry.download_density,
             })
-        aggregate_start = time.perf_counter()
-        global_adapter = coordinator.aggregate(payloads)
-        aggregate_s = time.perf_counter() - aggregate_start
-
-        eval_start = time.perf_counter()
-        apply_base_delta(eval_model, model_dir, global_adapter)
-        result = evaluate(eval_model, tokenizer, held_out, task.seq_len)
-        eval_s = time.perf_counter() - eval_start
-
-        save_adapter(global_adapter, model_dir, run_dir / "adapter")
-        save_checkpoint(checkpoint, coordinator, pool)
-        round_s = time.perf_counter() - round_start
-        rows.append({"round": round_index, "rule": rule, "eval": result, "servers": servers,
-                     "idle_servers": idle, "aggregate_s": aggregate_s, "eval_s": eval_s,
-                     "round_s": round_s, "train_s": sum(s["train_s"] for s in servers),
-                     "global_rank": max(f.rank for f in global_adapter.factors.values())})
+        closed = close_round(coordinator, payloads, evaluator, run_dir, pool)
+        rows.append({"round": round_index, "rule": rule, "servers": servers, "idle_servers": idle,
+                     **closed, "round_s": time.perf_counter() - round_start,
+                     "train_s": sum(s["train_s"] for s in servers)})
         write_metrics(run_dir / "metrics.jsonl", rows)
         plot_rounds(rows, run_dir / "curves.png")
         if on_progress:
             on_progress("evaluated", round_index, round_index * len(trainers), total_rounds * len(trainers))
 
     # ---- cleanup
-    del pool, eval_model
+    del pool, evaluator
     return RunResult(run_dir, plan, rows)

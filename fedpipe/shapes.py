@@ -77,12 +77,12 @@ class ModelShapes:
         """The matrices of the given types, the planner's candidate sites."""
         return tuple(m for m in self.matrices if m.kind in targets)
 
-    @property
+    @cached_property
     def linear_params(self) -> int:
         """Parameters in the decoder's linear layers: the part that bitsandbytes quantizes."""
         return sum(m.params for m in self.matrices)
 
-    @property
+    @cached_property
     def other_params(self) -> int:
         """Embeddings, lm_head (when untied) and norms: kept in the compute dtype."""
         embed = self.vocab * self.hidden
