@@ -311,5 +311,39 @@ def show(
         out.print(f"wrote {rank_map_png([(p.profile.name, rm)], png, columns=1)}")
 
 
+@app.command()
+@user_errors
+def calibrate(
+    profile: Annotated[Path, typer.Argument(help="Cluster profile YAML (its model, task and targets).")],
+    bits: Annotated[str, typer.Option(help="Base precisions to measure, comma-separated; must "
+                                      "include 16.")] = "4,8,16",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to measure, comma-separated.")] = "4,8",
+    steps: Annotated[int, typer.Option(help="Timed steps per configuration, after one warm-up.")] = 3,
+    server: Annotated[str | None, typer.Option(help="The profile's server this machine stands for "
+                                               "(its tflops); default: the first of this device.")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank on every candidate matrix.")] = 8,
+    output: Annotated[Path, typer.Option("-o", "--output", help="YAML file for the `calibration:` "
+                                         "block to paste into the profile.")] = Path("calibration.yaml"),
+) -> None:
+    """Measure step time and peak memory here; fit the cost model's factors; write a calibration block."""
+    import sys
+
+    from rich.progress import Progress
+
+    from fedpipe.calibrate import parse_int_list, result_view, run_calibration, write_calibration
+    from fedpipe.render import console
+
+    with Progress(console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task("measuring", total=None)
+        result = run_calibration(
+            profile, bits=parse_int_list(bits, "--bits", [4, 8, 16]),
+            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), steps=steps, server=server,
+            rank=rank, on_config=lambda b, n, i, k: bar.update(
+                task, total=k, completed=i, description=f"measuring {b}-bit, batch {n}"))
+    out = console()
+    out.print(result_view(result))
+    out.print(f"wrote {write_calibration(result, output, 'fedpipe ' + ' '.join(sys.argv[1:]))}")
+
+
 if __name__ == "__main__":
     app()
