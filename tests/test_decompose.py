@@ -16,7 +16,6 @@ from fedpipe.importance import ImportanceReport
 from fedpipe.plan import load_plan
 from fedpipe.planner import (
     AUTO_MILP_ROWS,
-    Choice,
     build_problem,
     choose_method,
     evaluate,
@@ -29,7 +28,7 @@ from fedpipe.profile import parse_profile
 from fedpipe.shapes import load_shapes
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_planner import SHAPES, brute_force_objective, random_instance  # noqa: E402
+from test_planner import SHAPES, brute_force_objective, enumerated_optimum, random_instance  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
@@ -103,13 +102,7 @@ def test_decomposed_matches_milp_with_many_matrices():
 def test_flora_decomposed_close_to_enumeration(seed):
     problem = random_instance(seed, 2, [0, 16], aggregation="flora")
     choices, ev, report, _ = plan_problem(problem, method="decomposed")
-    names = [m.name for m in problem.matrices]
-    options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0})
-                for q, b in problem.configs(k) for rs in itertools.product(problem.ranks, repeat=len(names))]
-               for k in range(2)]
-    best = max(e.objective for combo in itertools.product(*options)
-               for e in [evaluate(problem, list(combo))]
-               if all(c.memory_gib <= cls.rep.memory_gib for c, cls in zip(e.costs, problem.classes, strict=True)))
+    best = enumerated_optimum(problem)
     assert ev.objective >= best - 1e-2 * abs(best)
     assert report.status in ("optimal", "feasible")
     assert ev.objective <= best + 1e-9  # never better than the true optimum: costs are honest
