@@ -4,7 +4,8 @@ On the bundled SmolLM2-135M and the built-in non-IID task data (Dirichlet over t
 plan a two-server profile once (`PROFILE`, small.yaml's servers at 16 bits: the base precision
 does not change what travels), then run the same plan
   * dense (upload and download density 1),
-  * at upload + download density 1/4 and 1/16 (top-k, bitmask or indices, float32 values),
+  * at upload + download density 1/4 and 1/16 (top-k, bitmask or indices, float32 values), and
+    at upload density 1/4 alone (which side costs the quality),
   * dense at lower ranks near those bytes: each rank divided by 4 and by 16 (at least 1; top-k
     at 1/4 costs 0.28x the dense values, at 1/16 0.09x, mask included),
 and print bytes per round (counted on the payloads: upload and download, all servers, averaged
@@ -60,6 +61,7 @@ def variants(plan: Plan) -> dict[str, Plan]:
         "dense": plan,
         "density 1/4": with_densities(plan, 1 / 4, 1 / 4),
         "density 1/16": with_densities(plan, 1 / 16, 1 / 16),
+        "upload 1/4, download dense": with_densities(plan, 1 / 4, None),
         "rank / 4, dense": lower_rank(plan, 4),
         "rank / 16, dense": lower_rank(plan, 16),
     }
