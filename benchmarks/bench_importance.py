@@ -1,7 +1,8 @@
 """Do importance scores mean something? LoRA on the top-k, random k and bottom-k matrices.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_importance.py [--quick]`` (full: about 15 min on 2
-idle cores; --quick: about 4 min). Prints README-ready markdown tables:
+Run: ``PYTHONPATH=. python benchmarks/bench_importance.py [--quick] [--threads 1]`` (full: an
+estimated 12-15 min on 2 idle cores, --quick about 4; on a shared, loaded box ``--threads 1``
+avoids OpenMP spin-waiting and is faster). Prints README-ready markdown tables:
 
 1. speed: `score_server` on the bundled SmolLM2-135M (fp32, CPU), 8 batches of 4 x 128 tokens
    (answer-only loss on packed built-in examples), per scorer;
@@ -9,14 +10,16 @@ idle cores; --quick: about 4 min). Prints README-ready markdown tables:
    shard of the built-in tasks, combined by sample count) for two calibration seeds: Spearman
    rank correlation between the seeds (and between sensitivity and fisher), overlap of the top-k;
 3. the same number of steps and (within a few percent) the same LoRA parameter budget on
-   (a) the top-k matrices by sensitivity, (b) k random matrices (several draws), (c) the
-   bottom-k: held-out answer loss and exact-match accuracy. Every adapted matrix gets about the
-   same number of LoRA parameters (rank ~ budget / (d_in + d_out): rank 4 on MLP matrices,
-   7 on q/o, 11 on k/v), so any k-subset costs the same and only *which* matrices differs.
+   (a) the top-k matrices by sensitivity (and by fisher, except --quick), (b) k random matrices
+   (several draws), (c) the bottom-k by sensitivity: held-out answer loss and exact-match
+   accuracy. Every adapted matrix gets about the same number of LoRA parameters
+   (rank ~ budget / (d_in + d_out): 4 on MLP matrices, 7 on q/o, 11 on k/v), so any k-subset
+   costs the same and only *which* matrices differs. One training run per arm: with 100
+   held-out examples, accuracies carry about +-9 points of noise (95 %).
 
 Another process on the same cores slows everything (the load average is printed): compare rows
-within one run. The speed table also gives the CPU seconds of all this process's threads: on
-2 idle cores the wall time is about half of that (under contention it includes spin-waiting).
+within one run. The speed table also gives the CPU seconds of all this process's threads: with
+one thread that is the compute itself, nearly independent of other load.
 """
 
 from __future__ import annotations
@@ -92,8 +95,10 @@ def top(scores: dict[str, float], k: int) -> list[str]:
     return sorted(scores, key=lambda n: -scores[n])[:k]
 
 
-def federated(batches: int, k: int, with_fisher: bool, device: str) -> tuple[dict[str, float], list[str]]:
-    """Sensitivity reports of the cluster profile for calibration seeds 0 and 1 (+ fisher)."""
+def federated(batches: int, k: int, with_fisher: bool,
+              device: str) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Sensitivity reports of the cluster profile for calibration seeds 0 and 1 (+ fisher, seed 0);
+    returns the seed-0 scores per scorer and the table."""
     reports, seconds = {}, {}
     runs = [("sensitivity", 0), ("sensitivity", 1)] + ([("fisher", 0)] if with_fisher else [])
     for scorer, seed in runs:
@@ -113,7 +118,7 @@ def federated(batches: int, k: int, with_fisher: bool, device: str) -> tuple[dic
         f0 = reports["fisher", 0]
         rows.append(f"| sensitivity vs fisher (seed 0) | {spearman(s0, f0):.3f} | "
                     f"{len(set(top(s0, k)) & set(top(f0, k)))}/{k} |")
-    return s0, rows
+    return {scorer: scores for (scorer, seed), scores in reports.items() if seed == 0}, rows
 
 
 def by_type(names: list[str]) -> str:
@@ -123,16 +128,23 @@ def by_type(names: list[str]) -> str:
     return " ".join(f"{t.removesuffix('_proj')}{c}" for t, c in sorted(counts.items()))
 
 
-def arms(model_dir: Path, tokenizer, scores: dict[str, float], k: int, draws: int, steps: int,
-         n_eval: int, lr: float, device: str = "cpu") -> list[str]:
+def arm_choices(scores: dict[str, dict[str, float]], k: int, draws: int) -> list[tuple[str, list[str]]]:
+    """(label, matrices): top-k by each scorer, `draws` random k-sets, bottom-k by sensitivity."""
+    ranked = {name: sorted(s, key=lambda n: -s[n]) for name, s in scores.items()}
+    choices = [(f"top-k by {name}", order[:k]) for name, order in ranked.items()]
+    pool = ranked["sensitivity"]
+    choices += [(f"random k (draw {d + 1})", random.Random(d).sample(pool, k)) for d in range(draws)]
+    choices.append(("bottom-k by sensitivity", pool[-k:]))
+    return choices
+
+
+def arms(model_dir: Path, tokenizer, choices: list[tuple[str, list[str]]], steps: int, n_eval: int,
+         lr: float, device: str = "cpu") -> list[str]:
+    """Train each choice from the same init on the same batches; held-out loss and accuracy."""
     shapes = {m.name: m for m in load_shapes(str(model_dir)).matrices}
     budget = 4 * max(m.d_in + m.d_out for m in shapes.values())
     ranks = {n: max(1, round(budget / (m.d_in + m.d_out))) for n, m in shapes.items()}
-    ranked = sorted(scores, key=lambda n: -scores[n])
-    choices = [("top-k by sensitivity", ranked[:k])]
-    choices += [(f"random k (draw {d + 1})", random.Random(d).sample(ranked, k))
-                for d in range(draws)]
-    choices.append(("bottom-k by sensitivity", ranked[-k:]))
+    draws = sum(label.startswith("random") for label, _ in choices)
     examples = load_examples("builtin", 2000 + n_eval, seed=0)
     train, held = split_holdout(examples, n_eval, seed=0)
     enc = encode(train, tokenizer, 64)
@@ -167,21 +179,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer batches, steps and draws (~4 min)")
     ap.add_argument("--k", type=int, default=21, help="matrices per arm (default 21 of 210)")
-    ap.add_argument("--steps", type=int, help="training steps per arm (default 80, quick 15)")
-    ap.add_argument("--draws", type=int, help="random draws (default 3, quick 1)")
-    ap.add_argument("--eval", type=int, help="held-out examples (default 150, quick 40)")
+    ap.add_argument("--steps", type=int, help="training steps per arm (default 60, quick 15)")
+    ap.add_argument("--draws", type=int, help="random draws (default 2, quick 1)")
+    ap.add_argument("--eval", type=int, help="held-out examples (default 100, quick 40)")
     ap.add_argument("--calib-batches", type=int, help="calibration batches per server in 2. "
-                    "(default 8, quick 2)")
+                    "(default 4, quick 2)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="cpu", help="where scoring (2.) and training (3.) run; "
                     "cuda computes in bf16. The speed table (1.) is always CPU fp32.")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     quick = args.quick
-    steps = args.steps or (15 if quick else 80)
-    draws = args.draws or (1 if quick else 3)
-    n_eval = args.eval or (40 if quick else 150)
-    calib_batches = args.calib_batches or (2 if quick else 8)
+    steps = args.steps or (15 if quick else 60)
+    draws = args.draws or (1 if quick else 2)
+    n_eval = args.eval or (40 if quick else 100)
+    calib_batches = args.calib_batches or (2 if quick else 4)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,11 +208,11 @@ def main() -> None:
     print("\n".join(speed(model_dir, tokenizer, names, 8)) + "\n")
     print("### Ranking stability\n")
     scores, rows = federated(calib_batches, args.k, not quick, args.device)
+    choices = arm_choices(scores, args.k, draws)
     print("\n".join(rows) + "\n")
     print(f"### Top-k vs random vs bottom-k (k = {args.k}, {steps} steps, batch 8, lr {args.lr}, "
           f"{n_eval} held-out examples, seq_len 64)\n")
-    print("\n".join(arms(model_dir, tokenizer, scores, args.k, draws, steps, n_eval, args.lr,
-                         args.device)))
+    print("\n".join(arms(model_dir, tokenizer, choices, steps, n_eval, args.lr, args.device)))
     print(f"\nwall time {time.perf_counter() - start:.0f} s, load average "
           f"{os.getloadavg()[0]:.1f} at the end")
 
