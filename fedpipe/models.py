@@ -11,6 +11,8 @@ cached Hugging Face folder) or a local Hugging Face folder with safetensors weig
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import hashlib
 import importlib.util
 import json
@@ -267,6 +269,51 @@ def _guard_cpu_repacking(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+_malloc_tuned = False
+
+
+def _return_freed_buffers_to_os() -> None:
+    """Once per process, for CPU training: glibc serves allocations of 1 MiB and more with mmap.
+
+    By default glibc's mmap threshold climbs to 32 MiB, so freed activation buffers stay in its
+    heap and the resident set counts them long after they are dead (peak RSS about twice the live
+    activations). M_MMAP_THRESHOLD = 1 MiB hands them back on free. A no-op where there is no
+    glibc `mallopt` (macOS, musl).
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h), bytes
+
+
+def _own_unquantized_tensors(model: torch.nn.Module) -> None:
+    """Give every non-quantized parameter and buffer its own memory.
+
+    After a 4/8-bit load, transformers leaves the unquantized tensors (embeddings, norms, the tied
+    lm_head) as views into the memory-mapped fp32 checkpoint; they keep the whole mapping alive,
+    and with it the file pages read while quantizing (about the 16-bit model's size of extra
+    resident memory). Copies let the mapping go.
+    """
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not isinstance(param, quantized):
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()
+    gc.collect()
+
+
 def load_base(model_dir: str | Path, bits: Literal[4, 8, 16], *, device: str = "cpu",
               compute_dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base model at `bits`, frozen, on `device`.
@@ -275,6 +322,11 @@ def load_base(model_dir: str | Path, bits: Literal[4, 8, 16], *, device: str = "
     no fast fp16 matmul) and bf16 on CUDA. 8 is LLM.int8 (`Linear8bitLt`), 4 is nf4 with double
     quantization (`Linear4bit`); the non-linear parts (embeddings, norms, lm_head) stay in the
     compute dtype. `model_dir` may also be the bundled model's name.
+
+    On a CPU two things keep the process's memory to what training needs: glibc is told to hand
+    freed buffers back (`_return_freed_buffers_to_os`), and after a 4/8-bit load the unquantized
+    tensors get their own memory so the checkpoint's memory map is released
+    (`_own_unquantized_tensors`).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -282,6 +334,8 @@ def load_base(model_dir: str | Path, bits: Literal[4, 8, 16], *, device: str = "
         raise FedpipeError(f"bits: {bits!r} is not supported; choose 4, 8 or 16")
     folder = _as_dir(model_dir)
     on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:
+        _return_freed_buffers_to_os()
     dtype = compute_dtype or (torch.float32 if on_cpu else torch.bfloat16)
     kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}}
     if bits == 8:
@@ -294,6 +348,8 @@ def load_base(model_dir: str | Path, bits: Literal[4, 8, 16], *, device: str = "
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if bits == 4:
         _guard_cpu_repacking(model)
+    if bits != 16 and on_cpu:  # on CUDA they were copied to the device already
+        _own_unquantized_tensors(model)
     for param in model.parameters():
         param.requires_grad_(False)
     return model

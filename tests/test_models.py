@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -154,6 +156,80 @@ def test_load_and_train_step(tiny_model_dir, bits, layer_type, caplog):
 def test_load_base_rejects_bad_bits(tiny_model_dir):
     with pytest.raises(FedpipeError, match="choose 4, 8 or 16"):
         load_base(tiny_model_dir, 3)
+
+
+def _mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `file` (Linux /proc/self/maps)."""
+    target = str(file.resolve())
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((low, high))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc/self/maps")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_cpu_load_releases_the_checkpoint_map(tiny_model_dir, tmp_path, bits):
+    """After a 4/8-bit CPU load no tensor of the model lives in the fp32 checkpoint's memory map,
+    and the map is gone (it would otherwise hold about the 16-bit model in resident pages)."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")  # a file no other test maps
+    checkpoint = folder / "model.safetensors"
+
+    # The check sees the map: a 16-bit CPU load computes straight from it.
+    full = load_base(folder, 16)
+    ranges = _mapped_ranges(checkpoint)
+    assert ranges
+    assert any(low <= full.model.embed_tokens.weight.data_ptr() < high for low, high in ranges)
+    del full
+    gc.collect()
+    assert not _mapped_ranges(checkpoint)
+
+    model = load_base(folder, bits)
+    ranges = _mapped_ranges(checkpoint)
+    inside = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if any(low <= t.data_ptr() < high for low, high in ranges)]
+    assert inside == []
+    assert ranges == []
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    ids = batch()
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def test_malloc_tuning_once_and_optional(monkeypatch):
+    """glibc's mmap threshold is set to 1 MiB once per process; no libc.so.6 is no error."""
+    calls = []
+
+    class FakeMallopt:  # settable argtypes / restype, like a ctypes function
+        def __call__(self, *args):
+            calls.append(args)
+            return 1
+
+    class FakeLibc:
+        mallopt = FakeMallopt()
+
+    monkeypatch.setattr(models, "_malloc_tuned", False)
+    monkeypatch.setattr(models.ctypes, "CDLL", lambda name: FakeLibc())
+    models._return_freed_buffers_to_os()
+    models._return_freed_buffers_to_os()
+    assert calls == [(-3, 1 << 20)]
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(models, "_malloc_tuned", False)
+    monkeypatch.setattr(models.ctypes, "CDLL", missing)
+    models._return_freed_buffers_to_os()  # no error (macOS, musl)
+
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(models, "_malloc_tuned", False)
+    monkeypatch.setattr(models.ctypes, "CDLL", lambda name: NoMallopt())
+    models._return_freed_buffers_to_os()
 
 
 def test_load_tokenizer_has_pad(tokenizer):
