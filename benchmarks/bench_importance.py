@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from fedpipe.data import cycle_batches, encode, evaluate, load_examples, split_holdout
+from fedpipe.gradients import score_server
 from fedpipe.importance import ScoringRequest, compute_report
 from fedpipe.models import BUNDLED, attach_lora, load_base, load_tokenizer, resolve_model_dir
-from fedpipe.scorers import get_scorer, score_server
+from fedpipe.scorers import get_scorer
 from fedpipe.shapes import load_shapes
 from fedpipe.train import train_steps
 

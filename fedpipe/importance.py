@@ -302,10 +302,10 @@ def score_shards(model: Any, tokenizer: Any, shards: dict[str, list], weights: d
     """Score each server on its own shard, then combine by sample weight (shares sum to 1).
 
     Each server draws `batches` x `batch_size` examples from its shard (seeded by `seed` and the
-    server's name; a small shard is cycled) and runs `fedpipe.scorers.score_server`.
+    server's name; a small shard is cycled) and runs `fedpipe.gradients.score_server`.
     """
     from fedpipe.data import cycle_batches, encode
-    from fedpipe.scorers import score_server
+    from fedpipe.gradients import score_server
 
     empty = [name for name, shard in shards.items() if not shard]
     if empty:

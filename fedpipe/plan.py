@@ -21,7 +21,6 @@ from pydantic import (
     model_validator,
 )
 
-from fedpipe.aggregators import get_aggregator
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
 from fedpipe.profile import AggregationRule, Bits, Task
@@ -44,8 +43,10 @@ class Prediction(_Strict):
     upload_s: float
     download_s: float
     round_s: float = Field(description="compute + upload + download.")
-    upload_bytes: int
-    download_bytes: int
+    upload_bytes: int = Field(description="Adapter bytes sent per round at the upload density "
+                              "(values and mask; the payload's header, about 0.4-0.7 KB per "
+                              "adapted matrix, comes on top).")
+    download_bytes: int = Field(description="Adapter bytes received per round (likewise).")
     lora_params: int = Field(description="Trainable LoRA parameters.")
 
 
@@ -163,6 +164,8 @@ def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:
     """Sparse downloads need a rule whose broadcast a top-k can approximate and a later round can
     correct: rules that merge each round's update into the base for good (flora) get it dense."""
+    from fedpipe.aggregators import get_aggregator  # torch: only when a plan is checked, not planned
+
     if not get_aggregator(rule).merges_into_base:
         return
     problems = [f"server {s.name!r}: download_density {s.download_density:g} with aggregation "

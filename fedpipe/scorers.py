@@ -2,7 +2,8 @@
 
 Two kinds, in one registry keyed by lowercase name (``SCORERS``, ``get_scorer``):
 
-- gradient scorers run on a server: a few calibration batches through the frozen base model,
+- gradient scorers run on a server (their torch side is ``fedpipe.gradients``, imported only
+  when scoring, so planning never loads torch): a few calibration batches through the frozen base model,
   gradients of the answer-token loss with respect to the candidate weights, one statistic per
   matrix. Only those floats leave the server.
 - data-free scorers need neither data nor weights, only shapes, so they also work for models
@@ -21,58 +22,15 @@ Formulas (W a matrix, G_t = dL_t/dW on calibration batch t = 1..T, elementwise p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedpipe.errors import FedpipeError
 from fedpipe.shapes import ModelShapes
 
-
-class Accumulator(Protocol):
-    """Per-server state of a gradient scorer: fed one (weight, gradient) pair per matrix and
-    batch, it returns one score per matrix."""
-
-    def update(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None: ...
-
-    def scores(self) -> dict[str, float]: ...
-
-
-class SensitivityAccumulator:
-    """AdaLoRA's smoothed sensitivity times smoothed uncertainty, summed per matrix."""
-
-    def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
-        self.beta1, self.beta2 = beta1, beta2
-        self.avg: dict[str, torch.Tensor] = {}
-        self.unc: dict[str, torch.Tensor] = {}
-
-    def update(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        ipt = (weight.float() * grad.float()).abs_()
-        if name not in self.avg:
-            self.avg[name], self.unc[name] = torch.zeros_like(ipt), torch.zeros_like(ipt)
-        avg, unc = self.avg[name], self.unc[name]
-        avg.mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
-        unc.mul_(self.beta2).add_(ipt.sub_(avg).abs_(), alpha=1 - self.beta2)
-
-    def scores(self) -> dict[str, float]:
-        return {n: float((self.avg[n] * self.unc[n]).sum(dtype=torch.float64)) for n in self.avg}
-
-
-class FisherAccumulator:
-    """Mean over batches of the squared mini-batch gradient, summed per matrix."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, float] = {}
-        self.steps: dict[str, int] = {}
-
-    def update(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        self.total[name] = self.total.get(name, 0.0) + float(grad.float().pow(2).sum(dtype=torch.float64))
-        self.steps[name] = self.steps.get(name, 0) + 1
-
-    def scores(self) -> dict[str, float]:
-        return {n: self.total[n] / self.steps[n] for n in self.total}
+if TYPE_CHECKING:  # the gradient side imports torch: only scoring needs it, not planning
+    from fedpipe.gradients import Accumulator
 
 
 def depth_scores(shapes: ModelShapes) -> dict[str, float]:
@@ -102,14 +60,25 @@ class Scorer:
 
 _SENSITIVITY_BETAS = {"beta1": 0.85, "beta2": 0.85}
 
+def _sensitivity() -> Accumulator:
+    from fedpipe.gradients import SensitivityAccumulator
+
+    return SensitivityAccumulator(**_SENSITIVITY_BETAS)
+
+
+def _fisher() -> Accumulator:
+    from fedpipe.gradients import FisherAccumulator
+
+    return FisherAccumulator()
+
+
 SCORERS: dict[str, Scorer] = {
     "sensitivity": Scorer(
         "sensitivity", "AdaLoRA |W*grad|, EMA-smoothed sensitivity x uncertainty (needs weights, data)",
-        settings=_SENSITIVITY_BETAS,
-        accumulator=lambda: SensitivityAccumulator(**_SENSITIVITY_BETAS)),
+        settings=_SENSITIVITY_BETAS, accumulator=_sensitivity),
     "fisher": Scorer(
         "fisher", "empirical Fisher, mean squared gradient (needs weights, data)",
-        accumulator=FisherAccumulator),
+        accumulator=_fisher),
     "prior": Scorer(
         "prior", "data-free depth ramp 1 + layer/(layers-1) (needs only shapes: any model)",
         from_shapes=depth_scores),
@@ -124,60 +93,6 @@ def get_scorer(name: str) -> Scorer:
         raise FedpipeError(f"scorer: unknown scorer {name!r}",
                            [f"{s.name}: {s.summary}" for s in SCORERS.values()])
     return scorer
-
-
-def score_server(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                 names: list[str], accumulator: Accumulator,
-                 on_batch: Callable[[], None] | None = None) -> dict[str, float]:
-    """What one server computes: its scores for `names` over its calibration `batches`.
-
-    Only the candidate weights get gradients (not embeddings or lm_head, which saves a
-    vocab-sized matmul per batch); each gradient is handed to `accumulator` as soon as it is
-    complete and then freed, so at most one matrix's gradient is alive at a time. The model's
-    requires_grad flags and train/eval mode are restored afterwards.
-    """
-    modules = dict(model.named_modules())
-    missing = [n for n in names if not isinstance(getattr(modules.get(n), "weight", None), torch.Tensor)]
-    if missing:
-        raise FedpipeError(f"the model has no weight matrix for {len(missing)} candidate(s)",
-                           missing[:5])
-    weights = {n: modules[n].weight for n in names}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    handles = []
-
-    def hook_for(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            with torch.no_grad():
-                accumulator.update(name, param.detach(), param.grad)
-            param.grad = None
-        return hook
-
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, w in weights.items():
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(hook_for(name)))
-        model.eval()  # no dropout: the scores are a property of the weights and the data
-        device = next(iter(weights.values())).device
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise FedpipeError(f"calibration loss is {loss.item()}: check the data and the "
-                                   "model's weights")
-            loss.backward()
-            if on_batch is not None:
-                on_batch()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
-    return accumulator.scores()
 
 
 def combine(per_server: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:

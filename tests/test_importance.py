@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
+from fedpipe.gradients import FisherAccumulator, SensitivityAccumulator, score_server
 from fedpipe.importance import (
     ImportanceReport,
     ScoringRequest,
@@ -32,14 +33,7 @@ from fedpipe.importance import (
 from fedpipe.importance_view import save_heatmap
 from fedpipe.models import load_base
 from fedpipe.plan import load_plan
-from fedpipe.scorers import (
-    SCORERS,
-    FisherAccumulator,
-    SensitivityAccumulator,
-    combine,
-    get_scorer,
-    score_server,
-)
+from fedpipe.scorers import SCORERS, combine, get_scorer
 from fedpipe.shapes import load_shapes
 from fedpipe.tasks import builtin_examples
 
