@@ -20,7 +20,11 @@ forward + backward ~ 2 x forward = 4 FLOPs per linear parameter per token):
   compute_s   = local_steps * b * S * flops/token / (TFLOP/s * 1e12 * utilisation) * dequant_time[q]
                 (the dequantization factor applies to the base part only)
 Bytes per round (float32 values on the wire, P(r) = sum_m r_m (d_out + d_in)):
-  upload = 4 * P(r_s); download = 4 * P(r_s), except flora: 4 * sum over all servers of P(r)
+  upload = v(d) * P(r_s); download = v(d) * P(r_s), except flora: 4 * sum over all servers of P(r)
+  (the stack is broadcast dense), with d the server's communication density and v(d) the bytes
+  per adapter value: 4 dense; below 1, 4d for the top-k values plus min(1/8, 4d) for the mask
+  (a bitmask, or int32 indices where fewer: fedpipe.wire's encoding, uint16 indices on small
+  tensors ignored, so this is an upper bound up to ceil(d n) rounding and the header).
   upload_s = upload * 8 / (uplink_mbps * 1e6); likewise download.
 """
 
@@ -36,6 +40,7 @@ LORA_STATE_BYTES = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + double-quantized block scales
 LOGIT_BYTES = 12  # fp32 logits, their log-softmax and gradient per vocabulary entry
 WIRE_BYTES_PER_VALUE = 4  # adapters travel as float32
+INDEX_BYTES = 4  # int32 flat indices, the sparse mask's alternative to a bitmask
 
 
 def compute_bytes(device: str) -> int:
@@ -101,8 +106,15 @@ class CostModel:
 
     # ---- bytes ----
     @staticmethod
-    def wire_bytes(m: Matrix, rank: int) -> int:
-        return WIRE_BYTES_PER_VALUE * m.lora_params(rank)
+    def wire_bytes(m: Matrix, rank: int, density: float = 1.0) -> float:
+        return bytes_per_value(density) * m.lora_params(rank)
+
+
+def bytes_per_value(density: float) -> float:
+    """v(d) of the module docstring: wire bytes per adapter value at communication density d."""
+    if density >= 1.0:
+        return WIRE_BYTES_PER_VALUE
+    return WIRE_BYTES_PER_VALUE * density + min(1 / 8, INDEX_BYTES * density)
 
 
 @dataclass(frozen=True)
@@ -122,21 +134,31 @@ class ServerCost:
         return self.compute_s + self.upload_s + self.download_s
 
 
-def server_cost(cost: CostModel, server: Server, bits: int, batch: int,
-                ranks: dict[str, int], matrices: dict[str, Matrix], download_bytes: int) -> ServerCost:
-    """Evaluate the formulas for one concrete configuration (the planner's check and report)."""
-    adapted = [(matrices[n], r) for n, r in ranks.items() if r > 0]
+def server_cost(cost: CostModel, server: Server, bits: int, batch: int, ranks: dict[str, int],
+                matrices: dict[str, Matrix], download_bytes: float, density: float = 1.0) -> ServerCost:
+    """Evaluate the formulas for one concrete configuration (the planner's check and report);
+    `density` is the upload's, `download_bytes` already reflects the download's.
+
+    Every adapter cost is linear in the rank and depends on the matrix only through
+    d_out + d_in, so ranks are summed per d_out + d_in first (a few terms, not one per matrix)."""
+    by_size: dict[int, tuple[Matrix, int]] = {}
+    for n, r in ranks.items():
+        if r > 0:
+            m = matrices[n]
+            rep, total = by_size.get(m.d_out + m.d_in, (m, 0))
+            by_size[m.d_out + m.d_in] = (rep, total + r)
+    adapted = list(by_size.values())
     memory = cost.fixed_memory_gib(bits, batch, server.device) + sum(
         cost.lora_memory_gib(m, r, batch, server.device) for m, r in adapted)
     compute = cost.base_compute_s(bits, batch, server) + sum(
         cost.lora_compute_s(m, r, batch, server) for m, r in adapted)
-    up = sum(cost.wire_bytes(m, r) for m, r in adapted)
+    up = round(sum(cost.wire_bytes(m, r, density) for m, r in adapted))
     return ServerCost(
         memory_gib=memory,
         compute_s=compute,
         upload_s=cost.transfer_s(up, server.uplink_mbps),
         download_s=cost.transfer_s(download_bytes, server.downlink_mbps),
         upload_bytes=up,
-        download_bytes=download_bytes,
+        download_bytes=round(download_bytes),
         lora_params=sum(m.lora_params(r) for m, r in adapted),
     )

@@ -17,10 +17,11 @@ Same model as the MILP of ``fedpipe.planner`` (its (1)-(7)), solved by exploitin
      a multiple-choice knapsack solved exactly once by dynamic programming over its matrices
      (independent of servers and configurations; rebuilt by traceback).
 
-(D3) Class subproblem. For group h, configuration j = (bits, batch) and time budget T:
+(D3) Class subproblem. For group h, configuration j = (bits, batch, density) and time budget T:
          P_hj(T) = max sum_g H_g(R_g)  s.t.  sum_g m_jg R_g <= M_h - F_hj          (memory, GiB)
                                              sum_g t_hjg R_g <= T - C_hj [- D/down_h]   (time, s)
-     with m_jg, t_hjg the memory and time of u rank units on a matrix of set g. Q_h(T) =
+     with m_jg, t_hjg the memory and time of u rank units on a matrix of set g (the density
+     scales the transfer part of t_hjg, cost.bytes_per_value). Q_h(T) =
      max_j f_j P_hj(T) is a nondecreasing step function of T.
 
 (D4) Bounds for (D3). Replacing H_g by its concave envelope (the LP relaxation of the chord
@@ -73,6 +74,7 @@ from functools import reduce
 
 import numpy as np
 
+from fedpipe.cost import WIRE_BYTES_PER_VALUE
 from fedpipe.plan import SolverReport
 
 OPTIMAL_GAP = 1e-4  # the MILP's gapRel: below it both methods say "optimal"
@@ -87,7 +89,6 @@ REFINE_BATCH = 64
 MAX_ROUNDS = 60
 FLORA_ITERATIONS = 4  # fixed-point steps per stack price
 FLORA_REFINE = 64
-WIRE_BYTES = 4  # bytes per adapter parameter on the wire (cost.WIRE_BYTES_PER_VALUE)
 GOLDEN_STEPS = 80
 SOLVER_NAME = "builtin"
 
@@ -441,6 +442,7 @@ class Pairs:
     h: np.ndarray
     bits: np.ndarray
     batch: np.ndarray
+    density: np.ndarray
     f: np.ndarray  # quality factor of the configuration
     base_s: np.ndarray  # C_hj: base compute
     down_mbps: np.ndarray
@@ -458,36 +460,37 @@ def build_pairs(problem, tables: Tables, reps: list) -> Pairs:
     time_shape = np.array([m.lora_params(unit) for m in grp_rep], dtype=float)
     mem_keys: dict[tuple, int] = {}
     mem_shapes: list[np.ndarray] = []
-    rows: dict[str, list] = {k: [] for k in ("h", "bits", "batch", "f", "base", "down", "ts", "mi", "mb")}
+    rows: dict[str, list] = {k: [] for k in ("h", "bits", "batch", "d", "f", "base", "down", "ts",
+                                             "mi", "mb")}
+    m0 = grp_rep[0]
+    p0 = m0.lora_params(unit)
     for h, rep in enumerate(reps):
-        per_param = None
-        for q in problem.profile.allowed_bits(rep):
-            for b in problem.profile.candidates.batch_sizes:
-                fixed = problem.fixed_memory_gib(q, b, rep.device)
-                if fixed > rep.memory_gib:
-                    continue
-                key = (b, rep.device)
-                if key not in mem_keys:
-                    mem_keys[key] = len(mem_shapes)
-                    mem_shapes.append(np.array([cost.lora_memory_gib(m, unit, b, rep.device)
-                                                for m in grp_rep]))
-                m0 = grp_rep[0]
-                p0 = m0.lora_params(unit)
-                per_param = (cost.lora_compute_s(m0, unit, b, rep)
-                             + cost.transfer_s(cost.wire_bytes(m0, unit), rep.uplink_mbps)
-                             + (0.0 if flora else cost.transfer_s(cost.wire_bytes(m0, unit),
-                                                                  rep.downlink_mbps))) / p0
-                rows["h"].append(h)
-                rows["bits"].append(q)
-                rows["batch"].append(b)
-                rows["f"].append(problem.config_factor(q, b))
-                rows["base"].append(problem.base_compute_s(q, b, rep))
-                rows["down"].append(rep.downlink_mbps)
-                rows["ts"].append(per_param)
-                rows["mi"].append(mem_keys[key])
-                rows["mb"].append((rep.memory_gib - fixed) * (1 - 1e-9))
+        for q, b, d in problem.configs_for(rep):
+            fixed = problem.fixed_memory_gib(q, b, rep.device)
+            if fixed > rep.memory_gib:
+                continue
+            key = (b, rep.device)
+            if key not in mem_keys:
+                mem_keys[key] = len(mem_shapes)
+                mem_shapes.append(np.array([cost.lora_memory_gib(m, unit, b, rep.device)
+                                            for m in grp_rep]))
+            per_param = (cost.lora_compute_s(m0, unit, b, rep)
+                         + cost.transfer_s(cost.wire_bytes(m0, unit, d), rep.uplink_mbps)
+                         + (0.0 if flora else cost.transfer_s(cost.wire_bytes(m0, unit, d),
+                                                              rep.downlink_mbps))) / p0
+            rows["h"].append(h)
+            rows["bits"].append(q)
+            rows["batch"].append(b)
+            rows["d"].append(d)
+            rows["f"].append(problem.config_factor(q, b, d))
+            rows["base"].append(problem.base_compute_s(q, b, rep))
+            rows["down"].append(rep.downlink_mbps)
+            rows["ts"].append(per_param)
+            rows["mi"].append(mem_keys[key])
+            rows["mb"].append((rep.memory_gib - fixed) * (1 - 1e-9))
     arr = {k: np.array(v) for k, v in rows.items()}
-    return Pairs(arr["h"].astype(np.int64), arr["bits"], arr["batch"], arr["f"].astype(float),
+    return Pairs(arr["h"].astype(np.int64), arr["bits"], arr["batch"], arr["d"].astype(float),
+                 arr["f"].astype(float),
                  arr["base"].astype(float), arr["down"].astype(float), arr["ts"].astype(float),
                  arr["mi"].astype(np.int64), arr["mb"].astype(float),
                  np.array(mem_shapes) if mem_shapes else np.zeros((0, len(grp_rep))), time_shape)
@@ -608,17 +611,25 @@ class TimeSearch:
                       pick[t], units[t][pick[t]], fb[t] if keep else None, fs[t] if keep else None)
                 for t in range(nT)]
 
-    def interval_bound(self, a: Point, b: Point) -> float:
-        """(D5) sup of Phi on [a.T, b.T]: Q_h nondecreasing gives b.bound - lambda a.T; with LP
-        bounds also the tangents at a (concavity), whose sum minus lambda T is convex in T."""
-        ub = b.bound - self.lam * a.T
-        if a.f_bound is None or not np.isfinite(a.bound):
+    def interval_bounds(self, pts: list[Point]) -> np.ndarray:
+        """(D5) sup of Phi on each [pts[i].T, pts[i+1].T]: Q_h nondecreasing gives
+        b.bound - lambda a.T; with LP bounds also the tangents at a (concavity), whose sum minus
+        lambda T is convex in T. No tangent where a configuration starts to fit inside."""
+        T = np.array([pt.T for pt in pts])
+        B = np.array([pt.bound for pt in pts])
+        a_T, b_T = T[:-1], T[1:]
+        ub = B[1:] - self.lam * a_T
+        if pts[0].f_bound is None:
             return ub
-        if np.any((a.T < self.const) & (self.const <= b.T)):
-            return ub  # a configuration starts to fit inside: no tangent at a for it
-        w = b.T - a.T
-        tangent = np.where(np.isfinite(a.f_bound), a.f_bound + a.f_slope * w, -np.inf).max(axis=1)
-        return min(ub, max(a.bound - self.lam * a.T, float(self.Omega @ tangent) - self.lam * b.T))
+        FB = np.stack([pt.f_bound for pt in pts[:-1]])  # (intervals, H, J)
+        FS = np.stack([pt.f_slope for pt in pts[:-1]])
+        w = (b_T - a_T)[:, None, None]
+        with np.errstate(invalid="ignore"):
+            tangent = np.where(np.isfinite(FB), FB + FS * w, -np.inf).max(axis=2) @ self.Omega
+        const = np.sort(self.const)
+        starts = np.searchsorted(const, b_T, "right") > np.searchsorted(const, a_T, "right")
+        with_tangent = np.minimum(ub, np.maximum(B[:-1] - self.lam * a_T, tangent - self.lam * b_T))
+        return np.where(np.isfinite(B[:-1]) & ~starts, with_tangent, ub)
 
     def run(self, deadline_at: float | None, refine: int = 0,
             prove: bool = True) -> tuple[Point | None, float, int]:
@@ -641,8 +652,8 @@ class TimeSearch:
             floor = max(lb + tol, bound)
             slack = max(tol / 2, 0.5 * (floor - lb))  # the gap at single T's remains anyway
             split, open_ = [], []
-            for a, b in zip(pts, pts[1:], strict=False):
-                ub = self.interval_bound(a, b)
+            for a, b, ub in zip(pts, pts[1:], self.interval_bounds(pts), strict=False):
+                ub = float(ub)
                 bound = max(bound, ub)
                 if ub <= lb + tol or b.T - a.T <= 1e-12 * max(1.0, b.T):
                     continue
@@ -688,7 +699,8 @@ def _hardware(problem) -> tuple[list, np.ndarray, np.ndarray]:
 def _choices(problem, tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -> list:
     from fedpipe.planner import Choice
 
-    per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]), tables.ranks_for(point.units[h]))
+    per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]), tables.ranks_for(point.units[h]),
+                        float(pairs.density[j]))
                  for h, j in enumerate(point.pair)]
     return [per_group[h] for h in of_class]
 
@@ -753,7 +765,7 @@ def _flora(problem, tables, pairs, reps, Omega, of_class, first, deadline_at):
 
     best, best_obj, current = None, -np.inf, first
     for mu in [0.0] + [mu0 * 2.0 ** k for k in range(-3, 3)]:
-        rho = WIRE_BYTES * mu * counts[pairs.h] / (Omega[pairs.h] * pairs.f)
+        rho = WIRE_BYTES_PER_VALUE * mu * counts[pairs.h] / (Omega[pairs.h] * pairs.f)
         caps = None if mu == 0 else cum_cost[np.searchsorted(-ratio, -rho, side="left")]
         assumed = None
         for _ in range(FLORA_ITERATIONS):
@@ -802,7 +814,7 @@ def solve_baseline_decomposed(problem) -> list | None:
             exhaustive = exhaustive_possible(tables)
             centre = None if exhaustive else lp_bound(tables, rows)[1]
             v, R = integer_solve(tables, rows, centre, exhaustive)
-            value = problem.config_factor(q, b) * v[0]
+            value = problem.config_factor(q, b, problem.densest) * v[0]
             if value > best_value + 1e-15:
-                best, best_value = Choice(q, b, tables.ranks_for(R[0])), value
+                best, best_value = Choice(q, b, tables.ranks_for(R[0]), problem.densest), value
     return None if best is None else [best] * len(problem.classes)

@@ -37,7 +37,7 @@ RELATIVE_TOLERANCE = 1e-6
 class Option(BaseModel):
     """One step up from the server's configuration and what it would cost."""
 
-    kind: str = Field(description="bits, batch or rank")
+    kind: str = Field(description="bits, batch, density or rank")
     label: str
     memory_gib: float
     memory_budget_gib: float
@@ -67,7 +67,8 @@ class ServerExplanation(BaseModel):
     count: int
     bits: int
     batch_size: int
-    config_factor: float = Field(description="Quality kept by the precision and batch size.")
+    density: float = Field(1.0, description="Communication density of the upload.")
+    config_factor: float = Field(description="Quality kept by the precision, batch size and density.")
     binding: list[str]
     constraints: list[str] = Field(description="Each budget and how close the plan is to it.")
     covered: float
@@ -129,7 +130,7 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     choices = []
     for cls in problem.classes:
         s = plan.server(cls.servers[0].name)
-        choices.append(Choice(s.bits, s.batch_size, dict(s.rank_pattern)))
+        choices.append(Choice(s.bits, s.batch_size, dict(s.rank_pattern), s.upload_density))
     return problem, choices, warnings
 
 
@@ -160,11 +161,15 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
     higher = [q for q in p.allowed_bits(rep) if q > ch.bits]
     if higher:
         candidates.append(("bits", f"{higher[0]}-bit base (now {ch.bits}-bit), same batch and ranks",
-                           Choice(higher[0], ch.batch, ch.ranks)))
+                           Choice(higher[0], ch.batch, ch.ranks, ch.density)))
     larger = [b for b in p.candidates.batch_sizes if b > ch.batch]
     if larger:
         candidates.append(("batch", f"batch {larger[0]} (now {ch.batch}), same precision and ranks",
-                           Choice(ch.bits, larger[0], ch.ranks)))
+                           Choice(ch.bits, larger[0], ch.ranks, ch.density)))
+    denser = [d for d in p.candidates.densities if d > ch.density]
+    if denser:
+        candidates.append(("density", f"communication density {denser[-1]:g} (now {ch.density:g}), "
+                           "same configuration otherwise", Choice(ch.bits, ch.batch, ch.ranks, denser[-1])))
     ladder = problem.ranks
     seen: set[str] = set()
     for m in sorted(problem.matrices, key=lambda m: -problem.weights[m.name]):
@@ -174,7 +179,7 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
         seen.add(m.kind)
         up = ladder[ladder.index(r) + 1]
         what = f"adapt {m.name} at rank {up}" if r == 0 else f"{m.name}: rank {r} -> {up}"
-        candidates.append(("rank", what, Choice(ch.bits, ch.batch, {**ch.ranks, m.name: up})))
+        candidates.append(("rank", what, Choice(ch.bits, ch.batch, {**ch.ranks, m.name: up}, ch.density)))
 
     deadline = p.objective.deadline_s
     out = []
@@ -241,8 +246,9 @@ def explain_plan(plan: Plan, plan_name: str = "plan", server: str | None = None,
             sp, ch = plan.server(s.name), choices[k]
             rows, unadapted, lower = _coverage(problem, ch)
             entries.append(ServerExplanation(
-                server=s.name, count=s.count, bits=ch.bits, batch_size=ch.batch,
-                config_factor=problem.config_factor(ch.bits, ch.batch), binding=list(sp.binding),
+                server=s.name, count=s.count, bits=ch.bits, batch_size=ch.batch, density=ch.density,
+                config_factor=problem.config_factor(ch.bits, ch.batch, ch.density),
+                binding=list(sp.binding),
                 constraints=_constraints(problem, k, ev, sp.binding), covered=ev.covered[k],
                 forgone=1 - ev.covered[k], forgone_unadapted=unadapted, forgone_lower_rank=lower,
                 by_type=rows, options=_options(problem, choices, k, ev)))

@@ -3,8 +3,9 @@ r"""The planner: which matrices each server adapts, at what rank, on how many bi
 Identical servers (a profile entry with ``count``, or entries with the same hardware and data)
 form a class k with c_k members and n_k samples each; they share one configuration, which is
 optimal because servers couple only through the round time T. Per class k, configurations
-j = (bits q_j, batch b_j) from its allowed set J_k; candidate matrices m with normalised
-importance w_m (sum 1); rank ladder R (0 = not adapted); gain g(r) = log2(1+r)/log2(1+r_max).
+j = (bits q_j, batch b_j, communication density d_j) from its allowed set J_k; candidate
+matrices m with normalised importance w_m (sum 1); rank ladder R (0 = not adapted); gain
+g(r) = log2(1+r)/log2(1+r_max).
 
 Matrices of one type t (q_proj, ...) have one shape, so they cost the same at a given rank: an
 optimal plan gives more important matrices of a type at least the rank of less important ones
@@ -28,10 +29,13 @@ Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T 
     (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl                flora only: everyone downloads the stack
 
 omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^(1/4)
-(quality per round grows sublinearly with the samples seen); dg_l = g(r_l) - g(r_(l-1)) with
+density_quality[d_j] (quality per round grows sublinearly with the samples seen; top-k
+communication keeps most, not all, of a dense round's progress); dg_l = g(r_l) - g(r_(l-1)) with
 g(r) = log2(1+r) / log2(1+r_max); d* are the increments of each cost from r_(l-1) to r_l.
-F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time; U, D: transfer times
-(see cost.py). T_ref is the homogeneous baseline's makespan, so lambda is
+F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time; U, D: transfer times,
+at v(d_j) bytes per value (cost.bytes_per_value: 4 dense, about 16 d + 1/8 sparse; flora's stack
+is broadcast dense). So a sparse density is chosen exactly when a server's link makes the time
+it saves worth more than the quality it costs. T_ref is the homogeneous baseline's makespan, so lambda is
 "quality given up per baseline-round of time".
 
 Methods (``plan_problem(method=...)``, ``fedpipe plan --method``): "milp" builds and solves the
@@ -55,7 +59,7 @@ from pathlib import Path
 
 import pulp
 
-from fedpipe.cost import CostModel, ServerCost, server_cost
+from fedpipe.cost import WIRE_BYTES_PER_VALUE, CostModel, ServerCost, bytes_per_value, server_cost
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
 from fedpipe.plan import (
@@ -86,6 +90,7 @@ class Choice:
     bits: int
     batch: int
     ranks: dict[str, int] = field(hash=False)  # only adapted matrices (rank > 0)
+    density: float = 1.0  # communication density of the upload (and non-flora download)
 
 
 @dataclass
@@ -137,16 +142,32 @@ class Problem:
     def ranks(self) -> list[int]:
         return self.profile.candidates.ranks
 
-    def configs(self, k: int) -> list[tuple[int, int]]:
-        rep = self.classes[k].rep
-        return [(q, b) for q in self.profile.allowed_bits(rep) for b in self.profile.candidates.batch_sizes]
+    def configs(self, k: int) -> list[tuple[int, int, float]]:
+        """Class k's (bits, batch, density) choices."""
+        return self.configs_for(self.classes[k].rep)
+
+    def configs_for(self, server: Server) -> list[tuple[int, int, float]]:
+        c = self.profile.candidates
+        return [(q, b, d) for q in self.profile.allowed_bits(server) for b in c.batch_sizes
+                for d in c.densities]
 
     def gain(self, r: int) -> float:
         return math.log2(1 + r) / math.log2(1 + max(self.ranks))
 
-    def config_factor(self, bits: int, batch: int) -> float:
+    def config_factor(self, bits: int, batch: int, density: float = 1.0) -> float:
+        o = self.profile.objective
         b_max = max(self.profile.candidates.batch_sizes)
-        return self.profile.objective.bits_quality.get(bits, 1.0) * (batch / b_max) ** BATCH_EXPONENT
+        return (o.bits_quality.get(bits, 1.0) * (batch / b_max) ** BATCH_EXPONENT
+                * o.density_quality.get(density, 1.0))
+
+    def down_density(self, density: float) -> float:
+        """The download's density for an upload density: flora broadcasts its stack dense."""
+        return 1.0 if self.flora else density
+
+    @property
+    def densest(self) -> float:
+        """The homogeneous baseline's density: it maximises quality, so the densest allowed."""
+        return self.profile.candidates.densities[0]
 
     @property
     def flora(self) -> bool:
@@ -164,7 +185,10 @@ def group_servers(servers: list[Server]) -> list[ServerClass]:
 
 
 def build_problem(profile: ClusterProfile, shapes: ModelShapes,
-                  importance: ImportanceReport | None = None) -> Problem:
+                  importance: ImportanceReport | None = None, memo: dict | None = None) -> Problem:
+    """The instance with its tables. `memo` may be shared by problems that differ only in their
+    servers and deadline (a sweep's points): its entries depend on the model, task, calibration,
+    candidates and importance, and on a server's hardware only through their keys."""
     importance = importance or depth_prior(shapes)
     matrices = list(shapes.candidates(profile.candidates.targets))
     classes = group_servers(profile.servers)
@@ -174,6 +198,7 @@ def build_problem(profile: ClusterProfile, shapes: ModelShapes,
         importance=importance, weights=importance.normalised([m.name for m in matrices]),
         matrices=matrices, classes=classes,
         omega=[c.count * c.rep.samples / total for c in classes],
+        _memo={} if memo is None else memo,
     )
 
 
@@ -189,17 +214,18 @@ class Evaluation:
     objective: float
 
 
-def _adapter_bytes(problem: Problem, choice: Choice, by_name: dict[str, Matrix]) -> int:
-    return sum(problem.cost.wire_bytes(by_name[n], r) for n, r in choice.ranks.items())
+def _adapter_values(choice: Choice, by_name: dict[str, Matrix]) -> int:
+    """P(r): the adapter's parameter count, what travels (times bytes per value)."""
+    return sum(by_name[n].lora_params(r) for n, r in choice.ranks.items())
 
 
-def download_bytes(problem: Problem, choices: list[Choice], k: int) -> int:
+def download_bytes(problem: Problem, choices: list[Choice], k: int) -> float:
     """What class k downloads per round: its own adapter, or under flora the whole stack."""
     by_name = {m.name: m for m in problem.matrices}
     if not problem.flora:
-        return _adapter_bytes(problem, choices[k], by_name)
-    return sum(c.count * _adapter_bytes(problem, ch, by_name)
-               for c, ch in zip(problem.classes, choices, strict=True))
+        return bytes_per_value(choices[k].density) * _adapter_values(choices[k], by_name)
+    return WIRE_BYTES_PER_VALUE * sum(c.count * _adapter_values(ch, by_name)
+                                      for c, ch in zip(problem.classes, choices, strict=True))
 
 
 def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
@@ -209,20 +235,23 @@ def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
     own: dict[int, int] = {}
     for ch in choices:
         if id(ch) not in own:
-            own[id(ch)] = _adapter_bytes(problem, ch, by_name)
-    stack = (sum(c.count * own[id(ch)] for c, ch in zip(problem.classes, choices, strict=True))
+            own[id(ch)] = _adapter_values(ch, by_name)
+    stack = (WIRE_BYTES_PER_VALUE * sum(c.count * own[id(ch)]
+                                        for c, ch in zip(problem.classes, choices, strict=True))
              if problem.flora else None)
+    gain = {r: problem.gain(r) for r in problem.ranks}
     costs, covered, memo = [], [], {}
     for cls, ch in zip(problem.classes, choices, strict=True):
         rep = cls.rep
         key = (id(ch), rep.memory_gib, rep.tflops, rep.uplink_mbps, rep.downlink_mbps, rep.device)
         if key not in memo:
-            down = own[id(ch)] if stack is None else stack
-            memo[key] = (server_cost(problem.cost, rep, ch.bits, ch.batch, ch.ranks, by_name, down),
-                         sum(problem.weights[n] * problem.gain(r) for n, r in ch.ranks.items()))
+            down = bytes_per_value(ch.density) * own[id(ch)] if stack is None else stack
+            memo[key] = (server_cost(problem.cost, rep, ch.bits, ch.batch, ch.ranks, by_name, down,
+                                     ch.density),
+                         sum(problem.weights[n] * gain[r] for n, r in ch.ranks.items()))
         costs.append(memo[key][0])
         covered.append(memo[key][1])
-    quality = sum(o * problem.config_factor(ch.bits, ch.batch) * cov
+    quality = sum(o * problem.config_factor(ch.bits, ch.batch, ch.density) * cov
                   for o, ch, cov in zip(problem.omega, choices, covered, strict=True))
     makespan = max(c.round_s for c in costs)
     objective = quality - problem.profile.objective.time_weight * makespan / problem.t_ref
@@ -243,7 +272,7 @@ def diagnose_infeasible(problem: Problem) -> list[str]:
     deadline = problem.profile.objective.deadline_s
     for k, cls in enumerate(problem.classes):
         rep = cls.rep
-        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b in problem.configs(k)}
+        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b, _ in problem.configs(k)}
         (q, b), need = min(fixed.items(), key=lambda kv: kv[1])
         names = ", ".join(s.name for s in cls.servers)
         if need > rep.memory_gib:
@@ -251,7 +280,7 @@ def diagnose_infeasible(problem: Problem) -> list[str]:
                             f"no adapters) but has {rep.memory_gib:g} GiB: short by "
                             f"{need - rep.memory_gib:.2f} GiB")
         elif deadline is not None:
-            fastest = min(problem.base_compute_s(q, b, rep) for q, b in problem.configs(k)
+            fastest = min(problem.base_compute_s(q, b, rep) for q, b in fixed
                           if fixed[(q, b)] <= rep.memory_gib)
             if fastest > deadline:
                 problems.append(f"server {names}: the fastest configuration takes {fastest:.1f} s "
@@ -261,14 +290,19 @@ def diagnose_infeasible(problem: Problem) -> list[str]:
 
 
 # ---------------------------------------------------------------- the MILP
+def check_solver(name: str) -> None:
+    """An unknown --solver is an error whichever method runs (the decomposed one uses none)."""
+    if name not in SOLVERS:
+        raise FedpipeError(f"--solver: unknown solver {name!r}", [f"valid: {', '.join(SOLVERS)}"])
+
+
 def _solver(name: str, time_limit: float | None) -> pulp.LpSolver:
+    check_solver(name)
     if name == "highs":
         if not pulp.HiGHS().available():
             raise FedpipeError("solver 'highs' is not available: pip install highspy (or --solver cbc)")
         return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=1e-4)
-    if name == "cbc":
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=1e-4)
-    raise FedpipeError(f"--solver: unknown solver {name!r}", [f"valid: {', '.join(SOLVERS)}"])
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=1e-4)
 
 
 def default_solver() -> str:
@@ -408,21 +442,22 @@ def solve_milp(problem: Problem, solver: str,
     for k, cls in enumerate(problem.classes):
         rep = cls.rep
         memory, timing[k] = [], []
-        for j, (q, b) in enumerate(problem.configs(k)):
+        for j, (q, b, d) in enumerate(problem.configs(k)):
             fixed = problem.fixed_memory_gib(q, b, rep.device)
             if fixed > rep.memory_gib:
                 continue  # this configuration cannot fit whatever the ranks
             z = pulp.LpVariable(f"z_{k}_{j}", cat="Binary")
             blocks[k, j] = blk = _block(prob, f"{k}_{j}", problem, groups, z)
-            quality.append(problem.omega[k] * problem.config_factor(q, b) * blk.gain)
+            quality.append(problem.omega[k] * problem.config_factor(q, b, d) * blk.gain)
             mem = _increments(groups, problem.ranks,
                               lambda m, r, b=b, d=rep.device: cost.lora_memory_gib(m, r, b, d))
             tau = _increments(groups, problem.ranks, lambda m, r, b=b, s=rep: cost.lora_compute_s(m, r, b, s))
-            own_down = 0.0 if problem.flora else 1.0
+            up = bytes_per_value(d) / WIRE_BYTES_PER_VALUE
+            down = 0.0 if problem.flora else up  # flora's download is the stack, (7)
             memory += [(z, fixed)] + [(blk.n[key], c) for key, c in mem.items()]
             timing[k] += [(z, problem.base_compute_s(q, b, rep))] + [
-                (blk.n[key], tau[key] + cost.transfer_s(wire[key], rep.uplink_mbps)
-                 + own_down * cost.transfer_s(wire[key], rep.downlink_mbps)) for key in tau]
+                (blk.n[key], tau[key] + cost.transfer_s(up * wire[key], rep.uplink_mbps)
+                 + cost.transfer_s(down * wire[key], rep.downlink_mbps)) for key in tau]
         prob += pulp.lpSum(blk.z for (kk, _), blk in blocks.items() if kk == k) == 1, f"c1_{k}"
         prob += _affine(memory) <= rep.memory_gib, f"c4_{k}"
     if problem.flora:  # (7) every server downloads the stack of all servers' adapters
@@ -442,15 +477,16 @@ def solve_milp(problem: Problem, solver: str,
     for k in range(len(problem.classes)):
         (_, j), blk = max(((key, b) for key, b in blocks.items() if key[0] == k),
                           key=lambda kb: kb[1].z.value() or 0)
-        q, b = problem.configs(k)[j]
-        choices.append(Choice(q, b, _ranks_from_counts(blk, groups, problem.ranks)))
+        q, b, d = problem.configs(k)[j]
+        choices.append(Choice(q, b, _ranks_from_counts(blk, groups, problem.ranks), d))
     return choices, report
 
 
 # ---------------------------------------------------------------- homogeneous baseline
 def solve_baseline(problem: Problem, solver: str,
                    time_limit: float | None) -> tuple[list[Choice], list[str]] | None:
-    """Every server on one common configuration: the best one the weakest can run (quality only)."""
+    """Every server on one common configuration: the best one the weakest can run (quality only,
+    so dense communication)."""
     p, cost = problem.profile, problem.cost
     common_bits = [q for q in p.candidates.bits
                    if all(q in p.allowed_bits(c.rep) for c in problem.classes)]
@@ -473,12 +509,12 @@ def solve_baseline(problem: Problem, solver: str,
             memory += [(blk.z, problem.fixed_memory_gib(q, b, cls.rep.device))]
             memory += [(blk.n[key], c) for key, c in mem.items()]
         prob += _affine(memory) <= cls.rep.memory_gib, f"mem_{k}"
-    prob += OBJECTIVE_SCALE * pulp.lpSum(problem.config_factor(q, b) * blk.gain
+    prob += OBJECTIVE_SCALE * pulp.lpSum(problem.config_factor(q, b, problem.densest) * blk.gain
                                          for (q, b), blk in zip(configs, blocks, strict=True))
     if _solve(prob, solver, time_limit).status not in ("optimal", "feasible"):
         return None
     j = max(range(len(configs)), key=lambda j: blocks[j].z.value() or 0)
-    choice = Choice(*configs[j], _ranks_from_counts(blocks[j], groups, problem.ranks))
+    choice = Choice(*configs[j], _ranks_from_counts(blocks[j], groups, problem.ranks), problem.densest)
     choices = [choice] * len(problem.classes)
     return choices, _memory_limited(problem, choices)
 
@@ -521,6 +557,7 @@ def _server_plans(problem: Problem, choices: list[Choice], ev: Evaluation) -> li
                 name=s.name, count=s.count, members=s.member_names(), samples=s.samples,
                 device=s.device, bits=ch.bits, batch_size=ch.batch,
                 rank_pattern=dict(sorted(ch.ranks.items(), key=lambda kv: order[kv[0]])),
+                upload_density=ch.density, download_density=problem.down_density(ch.density),
                 lora_alpha_ratio=problem.profile.candidates.lora_alpha_ratio,
                 importance_covered=round(cov, 6),
                 predicted=Prediction(
@@ -557,6 +594,7 @@ def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: flo
     from fedpipe.decompose import solve_baseline_decomposed, solve_decomposed
 
     solver = solver or default_solver()
+    check_solver(solver)
     method = choose_method(problem, method)
     infeasible = diagnose_infeasible(problem)
     if infeasible:
@@ -577,7 +615,7 @@ def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: flo
             bits=ch.bits, batch_size=ch.batch, adapted_matrices=len(ch.ranks),
             lora_params=b_ev.costs[0].lora_params, summary=_summary(problem, b_ev), limited_by=limited)
     else:  # no common configuration: the slowest no-adapter round sets the time scale
-        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b in problem.configs(k))
+        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
                             for k, c in enumerate(problem.classes))
     if method == "milp":
         choices, report = solve_milp(problem, solver, time_limit)
@@ -597,6 +635,21 @@ def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: flo
     return choices, ev, report, baseline_report
 
 
+def assemble_plan(problem: Problem, choices: list[Choice], report: SolverReport,
+                  baseline: Baseline | None, profile_ref: ProfileRef, importance_source: str,
+                  ev: Evaluation | None = None) -> Plan:
+    """The Plan for solved choices: what ``fedpipe plan`` and every sweep point write."""
+    p, ev = problem.profile, ev or evaluate(problem, choices)
+    return Plan(
+        profile=profile_ref, model=p.model, task=p.task, aggregation=p.aggregation,
+        importance=ImportanceRef(scorer=problem.importance.scorer, digest=problem.importance.digest(),
+                                 source=importance_source),
+        objective_time_weight=p.objective.time_weight, reference_time_s=problem.t_ref,
+        deadline_s=p.objective.deadline_s, solver=report, summary=_summary(problem, ev),
+        baseline=baseline, servers=_server_plans(problem, choices, ev),
+    )
+
+
 def make_plan(profile_path: str | Path, *, solver: str | None = None, time_limit: float | None = 60.0,
               importance: ImportanceReport | None = None, importance_source: str | None = None,
               method: str = "auto") -> Plan:
@@ -607,13 +660,7 @@ def make_plan(profile_path: str | Path, *, solver: str | None = None, time_limit
     problem = build_problem(profile, shapes, importance)
     choices, ev, report, baseline = plan_problem(problem, solver=solver, time_limit=time_limit,
                                                  method=method)
-    return Plan(
-        profile=ProfileRef(path=str(profile_path), sha256=profile_hash(profile_path),
-                           name=profile.name or profile_path.stem.removesuffix(".profile")),
-        model=profile.model, task=profile.task, aggregation=profile.aggregation,
-        importance=ImportanceRef(scorer=problem.importance.scorer, digest=problem.importance.digest(),
-                                 source=importance_source or "builtin prior"),
-        objective_time_weight=profile.objective.time_weight, reference_time_s=problem.t_ref,
-        deadline_s=profile.objective.deadline_s, solver=report, summary=_summary(problem, ev),
-        baseline=baseline, servers=_server_plans(problem, choices, ev),
-    )
+    ref = ProfileRef(path=str(profile_path), sha256=profile_hash(profile_path),
+                     name=profile.name or profile_path.stem.removesuffix(".profile"))
+    return assemble_plan(problem, choices, report, baseline, ref,
+                         importance_source or "builtin prior", ev)

@@ -53,6 +53,11 @@ class Candidates(_Strict):
     bits: list[Bits] = Field([4, 8, 16], min_length=1, description="Base-model precisions (4, 8, 16).")
     batch_sizes: list[int] = Field([4], min_length=1, description="Per-step batch sizes to choose from.")
     lora_alpha_ratio: float = Field(2.0, gt=0, description="LoRA alpha = ratio x rank per module.")
+    densities: list[float] = Field(
+        [1.0, 0.25, 0.0625], min_length=1,
+        description="Communication density ladder (share of each factor's entries sent, top-k; "
+        "1 = dense). The planner picks one per server: it applies to the upload and, except "
+        "under flora (whose stack is broadcast dense), to the download.")
 
     @field_validator("targets")
     @classmethod
@@ -85,6 +90,13 @@ class Candidates(_Strict):
     def _unique_bits(cls, v: list[int]) -> list[int]:
         return sorted(set(v))
 
+    @field_validator("densities")
+    @classmethod
+    def _valid_densities(cls, v: list[float]) -> list[float]:
+        if any(not 0 < d <= 1 for d in v):
+            raise ValueError("densities must lie in (0, 1]")
+        return sorted(set(v), reverse=True)
+
 
 class Objective(_Strict):
     """How the planner trades quality (importance covered) against round time."""
@@ -95,6 +107,11 @@ class Objective(_Strict):
     bits_quality: dict[int, float] = Field(
         {4: 0.97, 8: 0.99, 16: 1.0},
         description="Quality kept at each base precision (QLoRA: 4-bit NF4 is close to 16-bit).")
+    density_quality: dict[float, float] = Field(
+        {1.0: 1.0, 0.25: 0.9, 0.0625: 0.75},
+        description="Quality kept at each communication density: a prior from "
+        "benchmarks/bench_sparse.py (top-k with error feedback keeps most, not all, of a "
+        "dense round's progress); every candidate density needs an entry.")
 
 
 class Server(_Strict):
@@ -147,6 +164,10 @@ class ClusterProfile(_Strict):
         dup = sorted(n for n, c in names.items() if c > 1)
         if dup:
             raise ValueError(f"server names must be unique; repeated: {', '.join(dup)}")
+        missing = [d for d in self.candidates.densities if d not in self.objective.density_quality]
+        if missing:
+            raise ValueError(f"objective.density_quality has no entry for candidates.densities "
+                             f"{missing}; it covers {sorted(self.objective.density_quality)}")
         for s in self.servers:
             if s.bits and not set(s.bits) & set(self.candidates.bits):
                 raise ValueError(f"server {s.name!r}: bits {s.bits} share nothing with "

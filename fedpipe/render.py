@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -22,17 +24,27 @@ def seconds(s: float) -> str:
     return f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
 
 
+def fraction(d: float) -> str:
+    """A density for people: 1, 1/4, 1/16 (or the decimal where it is not 1/n)."""
+    inverse = 1 / d
+    return "1" if d == 1 else f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{d:g}"
+
+
 def plan_table(plan: Plan) -> Group:
     """Per server: configuration, predictions against budgets; then totals and the baseline."""
     t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation}", title_justify="left")
-    for col in ("server", "n", "bits", "batch", "matrices", "LoRA params", "memory / budget",
-                "compute", "upload", "download", "round", "binding"):
+    for col in ("server", "n", "bits", "batch", "density", "matrices", "LoRA params",
+                "memory / budget", "compute", "upload", "download", "round", "binding"):
         t.add_column(col, justify="left" if col in ("server", "binding") else "right")
     for s in plan.servers:
         p = s.predicted
-        t.add_row(s.name, str(s.count), str(s.bits), str(s.batch_size), str(len(s.rank_pattern)),
-                  f"{p.lora_params:,}", f"{p.memory_gib:.2f} / {p.memory_budget_gib:g} GiB",
-                  seconds(p.compute_s), seconds(p.upload_s), seconds(p.download_s), seconds(p.round_s),
+        density = fraction(s.upload_density) + ("" if s.download_density == s.upload_density
+                                               else f" up, {fraction(s.download_density)} down")
+        t.add_row(s.name, str(s.count), str(s.bits), str(s.batch_size), density,
+                  str(len(s.rank_pattern)), f"{p.lora_params:,}",
+                  f"{p.memory_gib:.2f} / {p.memory_budget_gib:g} GiB", seconds(p.compute_s),
+                  f"{seconds(p.upload_s)} ({human_bytes(p.upload_bytes)})",
+                  f"{seconds(p.download_s)} ({human_bytes(p.download_bytes)})", seconds(p.round_s),
                   ", ".join(s.binding) or "-")
     sv = plan.solver
     gap = "unknown" if sv.gap is None else f"{sv.gap:.2g}"
@@ -58,9 +70,10 @@ def plan_table(plan: Plan) -> Group:
     return Group(t, *lines)
 
 
-def _pair(pair, fmt: str = "{}") -> str:
+def _pair(pair, fmt: str | Callable[[object], str] = "{}") -> str:
     a, b = pair
-    return fmt.format(a) if a == b else f"{fmt.format(a)} → {fmt.format(b)}"
+    show = fmt if callable(fmt) else fmt.format
+    return show(a) if a == b else f"{show(a)} → {show(b)}"
 
 
 def diff_table(d: PlanDiff) -> Group:
@@ -77,8 +90,8 @@ def diff_table(d: PlanDiff) -> Group:
                   str(len(s.matrices_removed)),
                   f"{ups}↑ {len(s.rank_changes) - ups}↓" if s.rank_changes else "-",
                   _pair(s.memory_gib, "{:.2f}"), _pair(s.round_s, "{:.2f}"),
-                  _pair(s.lora_params, "{:,}"), _pair(s.upload_density, "{:g}"),
-                  _pair(s.download_density, "{:g}"))
+                  _pair(s.lora_params, "{:,}"), _pair(s.upload_density, fraction),
+                  _pair(s.download_density, fraction))
     totals = Text(
         f"makespan {_pair(d.makespan_s, '{:.2f}')} s · quality {_pair(d.quality, '{:.3f}')} · "
         f"upload/round {_pair(tuple(human_bytes(x) for x in d.upload_bytes))} · download/round "
@@ -238,7 +251,8 @@ def explain_view(e) -> Group:
     for s in e.servers:
         n = f" (×{s.count})" if s.count > 1 else ""
         parts.append(Text(""))
-        parts.append(Text(f"{s.server}{n}: {s.bits}-bit, batch {s.batch_size} · binding: "
+        parts.append(Text(f"{s.server}{n}: {s.bits}-bit, batch {s.batch_size}, density "
+                          f"{fraction(s.density)} · binding: "
                           f"{', '.join(s.binding) or 'nothing'}", style="bold cyan"))
         parts += [Text(f"  {line}") for line in s.constraints]
         if s.options:
@@ -253,11 +267,11 @@ def explain_view(e) -> Group:
                           seconds(o.makespan_s), f"{o.d_quality:+.2g}", Text(o.needs, style=style))
             parts.append(t)
         else:
-            parts.append(Text("  already at the top of every choice (precision, batch, rank)"))
+            parts.append(Text("  already at the top of every choice (precision, batch, density, rank)"))
         parts.append(Text(
             f"  importance covered {s.covered:.3f}, forgone {s.forgone:.3f}: {s.forgone_unadapted:.3f} on "
-            f"unadapted matrices, {s.forgone_lower_rank:.3f} on ranks below the top; precision and batch "
-            f"keep {s.config_factor:.3f} of the quality"))
+            f"unadapted matrices, {s.forgone_lower_rank:.3f} on ranks below the top; precision, batch and "
+            f"density keep {s.config_factor:.3f} of the quality"))
         lacking = [c for c in s.by_type if c.forgone > 1e-9]
         if lacking:
             t = Table(show_edge=False, box=None, padding=(0, 2))

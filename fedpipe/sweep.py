@@ -38,27 +38,8 @@ from pydantic import BaseModel, Field
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
-from fedpipe.plan import (
-    Baseline,
-    ImportanceRef,
-    Plan,
-    Prediction,
-    ProfileRef,
-    ServerPlan,
-    SolverReport,
-    Summary,
-    load_plan,
-    save_plan,
-)
-from fedpipe.planner import (
-    BINDING_TOLERANCE,
-    Choice,
-    Evaluation,
-    Problem,
-    build_problem,
-    evaluate,
-    plan_problem,
-)
+from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan
+from fedpipe.planner import Choice, assemble_plan, build_problem, plan_problem
 from fedpipe.profile import ClusterProfile, load_profile, parse_profile, profile_hash
 from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
 
@@ -114,57 +95,6 @@ def scale_profile(profile: ClusterProfile, *, memory: float = 1.0, bandwidth: fl
     if deadline_s != "keep":
         raw["objective"]["deadline_s"] = deadline_s
     return parse_profile(raw, source)
-
-
-# ---------------------------------------------------------------- a plan from a solved problem
-def _binding(problem: Problem, k: int, ev: Evaluation) -> list[str]:
-    c, budget = ev.costs[k], problem.classes[k].rep.memory_gib
-    out = []
-    if c.memory_gib >= budget * (1 - BINDING_TOLERANCE):
-        out.append("memory")
-    if c.round_s >= ev.makespan * (1 - BINDING_TOLERANCE):
-        out.append("round_time")
-    deadline = problem.profile.objective.deadline_s
-    if deadline is not None and c.round_s >= deadline * (1 - BINDING_TOLERANCE):
-        out.append("deadline")
-    return out
-
-
-def summarize(problem: Problem, ev: Evaluation) -> Summary:
-    counts = [c.count for c in problem.classes]
-    return Summary(makespan_s=ev.makespan, quality=ev.quality,
-                   upload_bytes=sum(n * c.upload_bytes for n, c in zip(counts, ev.costs, strict=True)),
-                   download_bytes=sum(n * c.download_bytes for n, c in zip(counts, ev.costs, strict=True)))
-
-
-def assemble_plan(problem: Problem, choices: list[Choice], report: SolverReport,
-                  baseline: Baseline | None, profile_ref: ProfileRef, importance_source: str) -> Plan:
-    """The Plan for solved choices, laid out as ``make_plan`` lays it out (a test holds them equal)."""
-    p, ev = problem.profile, evaluate(problem, choices)
-    order = {m.name: i for i, m in enumerate(problem.matrices)}
-    entries = {}
-    for k, (cls, ch) in enumerate(zip(problem.classes, choices, strict=True)):
-        c = ev.costs[k]
-        for s in cls.servers:
-            entries[s.name] = ServerPlan(
-                name=s.name, count=s.count, members=s.member_names(), samples=s.samples,
-                device=s.device, bits=ch.bits, batch_size=ch.batch,
-                rank_pattern=dict(sorted(ch.ranks.items(), key=lambda kv: order[kv[0]])),
-                lora_alpha_ratio=p.candidates.lora_alpha_ratio,
-                importance_covered=round(ev.covered[k], 6),
-                predicted=Prediction(
-                    memory_gib=c.memory_gib, memory_budget_gib=s.memory_gib, compute_s=c.compute_s,
-                    upload_s=c.upload_s, download_s=c.download_s, round_s=c.round_s,
-                    upload_bytes=c.upload_bytes, download_bytes=c.download_bytes,
-                    lora_params=c.lora_params),
-                binding=_binding(problem, k, ev))
-    return Plan(
-        profile=profile_ref, model=p.model, task=p.task, aggregation=p.aggregation,
-        importance=ImportanceRef(scorer=problem.importance.scorer, digest=problem.importance.digest(),
-                                 source=importance_source),
-        objective_time_weight=p.objective.time_weight, reference_time_s=problem.t_ref,
-        deadline_s=p.objective.deadline_s, solver=report, summary=summarize(problem, ev),
-        baseline=baseline, servers=[entries[s.name] for s in p.servers])
 
 
 # ---------------------------------------------------------------- results
@@ -272,6 +202,7 @@ class _Planner:
         self.shapes, self.importance = shapes, importance
         self.solver, self.time_limit = solver, time_limit
         self.done: dict[str, _Solved | FedpipeError] = {}
+        self.memo: dict = {}  # cost and gain tables every point shares (build_problem)
 
     def solve(self, profile: ClusterProfile, source: str, looser: list[_Solved] | None = None) -> _Solved:
         """The solution for `profile`, solved or reused; raises the planner's FedpipeError."""
@@ -284,7 +215,7 @@ class _Planner:
                                or s.makespan <= deadline * (1 + 1e-9)), None)
         if known is not None:
             return known
-        problem = build_problem(profile, self.shapes, self.importance)
+        problem = build_problem(profile, self.shapes, self.importance, self.memo)
         try:
             choices, ev, report, baseline = plan_problem(problem, solver=self.solver,
                                                          time_limit=self.time_limit)
@@ -383,7 +314,7 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
             if o.profile is not None:
                 point.deadline_s = o.profile.objective.deadline_s
             if o.solved is not None:
-                plans[point.name] = _write_point(point, o.profile, o.solved, shapes, importance, out,
+                plans[point.name] = _write_point(point, o.profile, o.solved, planner, out,
                                                  profile_path, f"{name}-{point.name}", source)
             if on_point is not None:
                 on_point(point)
@@ -396,11 +327,11 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
     return result
 
 
-def _write_point(point: SweepPoint, profile: ClusterProfile, solved: _Solved, shapes: ModelShapes,
-                 importance: ImportanceReport, out: Path, origin: Path, plan_name: str, source: str) -> Plan:
+def _write_point(point: SweepPoint, profile: ClusterProfile, solved: _Solved, planner: _Planner,
+                 out: Path, origin: Path, plan_name: str, source: str) -> Plan:
     """The point's profile and plan files, and its row's numbers."""
     profile = profile.model_copy(update={"name": plan_name})  # `fedpipe plan` on it names it alike
-    problem = build_problem(profile, shapes, importance)
+    problem = build_problem(profile, planner.shapes, planner.importance, planner.memo)
     problem.t_ref = solved.t_ref
     prof_file = _dump_profile(profile, out / f"{point.name}.profile.yaml",
                               f"sweep point {point.name} of {origin}: {point.budget}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from peft import LoraConfig
 
 from fedpipe.cost import server_cost
@@ -32,7 +33,7 @@ def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: st
         "model": "tiny-wide", "aggregation": aggregation,
         "task": {"seq_len": 256, "local_steps": 2},
         "candidates": {"targets": ["q_proj", "down_proj"], "ranks": ranks, "bits": [4, 16],
-                       "batch_sizes": [1, 2]},
+                       "batch_sizes": [1, 2], "densities": [1.0, 0.25]},
         "objective": {"time_weight": rng.choice([0.05, 0.3, 1.0])},
         "servers": servers,
     })
@@ -45,14 +46,14 @@ def per_server_options(problem, k):
     cls, names = problem.classes[k], [m.name for m in problem.matrices]
     by_name = {m.name: m for m in problem.matrices}
     out = []
-    for q, b in problem.configs(k):
+    for q, b, d in problem.configs(k):
         for ranks in itertools.product(problem.ranks, repeat=len(names)):
             pattern = {n: r for n, r in zip(names, ranks, strict=True) if r > 0}
-            down = sum(problem.cost.wire_bytes(by_name[n], r) for n, r in pattern.items())
-            c = server_cost(problem.cost, cls.rep, q, b, pattern, by_name, down)
+            down = sum(problem.cost.wire_bytes(by_name[n], r, d) for n, r in pattern.items())
+            c = server_cost(problem.cost, cls.rep, q, b, pattern, by_name, down, d)
             if c.memory_gib <= cls.rep.memory_gib:
                 cov = sum(problem.weights[n] * problem.gain(r) for n, r in pattern.items())
-                out.append((problem.omega[k] * problem.config_factor(q, b) * cov, c.round_s))
+                out.append((problem.omega[k] * problem.config_factor(q, b, d) * cov, c.round_s))
     return np.array(out)
 
 
@@ -70,8 +71,9 @@ def enumerated_optimum(problem) -> float:
     """The best objective over every combination of every server's choices, by `evaluate`
     (so couplings such as flora's stacked download are exact)."""
     names = [m.name for m in problem.matrices]
-    options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0})
-                for q, b in problem.configs(k) for rs in itertools.product(problem.ranks, repeat=len(names))]
+    options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0}, d)
+                for q, b, d in problem.configs(k)
+                for rs in itertools.product(problem.ranks, repeat=len(names))]
                for k in range(len(problem.classes))]
     return max(e.objective for combo in itertools.product(*options)
                for e in [evaluate(problem, list(combo))]
@@ -189,3 +191,55 @@ def test_shipped_profiles_plan(name):
     plan = make_plan(ROOT / "profiles" / f"{name}.yaml", time_limit=30)
     assert plan.solver.status in ("optimal", "feasible")
     assert all(s.predicted.memory_gib <= s.predicted.memory_budget_gib for s in plan.servers)
+
+
+def _link_profile(mbps: float, densities: list[float] | None = None, **objective):
+    """One server whose links we vary next to a fast hub: which density does the planner pick?"""
+    candidates = {"targets": ["q_proj", "v_proj"], "ranks": [0, 4, 8], "bits": [16],
+                  "batch_sizes": [4]}
+    if densities is not None:
+        candidates["densities"] = densities
+    return {"model": "smollm2-135m", "task": {"seq_len": 64, "local_steps": 5},
+            "candidates": candidates, "objective": objective,
+            "servers": [{"name": "edge", "memory_gib": 4, "tflops": 5, "uplink_mbps": mbps,
+                         "downlink_mbps": mbps, "samples": 100},
+                        {"name": "hub", "memory_gib": 4, "tflops": 20, "uplink_mbps": 500,
+                         "downlink_mbps": 500, "samples": 300}]}
+
+
+def _plan_for(tmp_path, raw: dict, method: str = "auto"):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return {s.name: s for s in make_plan(path, method=method).servers}
+
+
+@pytest.mark.parametrize("method", ["milp", "decomposed"])
+def test_density_chosen_only_where_bandwidth_binds(tmp_path, method):
+    # a fast uplink: dense, the full quality; a slow one: sparse, and bytes shrink with it
+    fast = _plan_for(tmp_path, _link_profile(1000), method)
+    slow = _plan_for(tmp_path, _link_profile(2), method)
+    assert fast["edge"].upload_density == fast["edge"].download_density == 1.0
+    assert slow["edge"].upload_density < 1.0
+    assert slow["edge"].download_density == slow["edge"].upload_density  # not flora: both ways
+    assert slow["hub"].upload_density == 1.0  # the hub's link is never the bottleneck
+    d = slow["edge"].upload_density
+    dense = 4 * slow["edge"].predicted.lora_params
+    assert slow["edge"].predicted.upload_bytes == pytest.approx(dense * (d + min(1 / 32, d)), rel=1e-6)
+
+
+def test_dense_only_ladder_and_flora_download(tmp_path):
+    only_dense = _plan_for(tmp_path, _link_profile(2, densities=[1.0]))
+    assert only_dense["edge"].upload_density == 1.0
+    flora = _plan_for(tmp_path, {**_link_profile(2), "aggregation": "flora"})
+    assert flora["edge"].upload_density < 1.0 and flora["edge"].download_density == 1.0
+
+
+def test_density_without_quality_entry_is_a_clear_error():
+    raw = _link_profile(1, densities=[1.0, 0.5])
+    with pytest.raises(FedpipeError) as e:
+        parse_profile(raw)
+    assert "density_quality" in str(e.value.problems) and "0.5" in str(e.value.problems)
+    raw = _link_profile(1, densities=[1.0, 1.5])
+    with pytest.raises(FedpipeError) as e:
+        parse_profile(raw)
+    assert "candidates.densities" in str(e.value.problems)

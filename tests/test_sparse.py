@@ -181,4 +181,25 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
     console = Console(record=True, width=250)
     console.print(diff_table(d))
     text = console.export_text()
-    assert "density up" in text and "1 → 0.25" in text
+    assert "density up" in text and "1 → 1/4" in text
+
+
+def test_planned_density_predicts_counted_bytes():
+    """The plan's predicted upload bytes against a real payload at the planned density: the
+    prediction covers values and mask; only the header (under 1 KiB per matrix) comes on top."""
+    from fedpipe.planner import make_plan
+    from fedpipe.shapes import load_shapes
+
+    plan = make_plan("tests/data/small.yaml")
+    shapes = {m.name: m for m in load_shapes("smollm2-135m").matrices}
+    sparse = [s for s in plan.servers if s.upload_density < 1]
+    assert sparse, "the edge server's 10 Mbit/s uplink should make the planner go sparse"
+    gen = torch.Generator().manual_seed(0)
+    for s in plan.servers:
+        factors = {n: LoraFactors(torch.randn(r, shapes[n].d_in, generator=gen),
+                                  torch.randn(shapes[n].d_out, r, generator=gen))
+                   for n, r in s.rank_pattern.items()}
+        zeros = {n: LoraFactors(torch.zeros_like(f.A), torch.zeros_like(f.B)) for n, f in factors.items()}
+        counted = len(wire.encode(factors, density=s.upload_density, reference=zeros))
+        header = counted - s.predicted.upload_bytes
+        assert 0 <= header <= 1024 * len(factors), (s.name, s.upload_density, counted)
