@@ -231,7 +231,10 @@ def sweep(
     plots: Annotated[bool, typer.Option(help="Write sweep.png and rankmap.png.")] = True,
     solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit per point in seconds.")] = 60.0,
-    importance: Annotated[Path | None, typer.Option(help="Importance report (YAML/JSON).")] = None,
+    method: Annotated[str, typer.Option(help="auto, milp or decomposed, as for `fedpipe plan`.")
+                      ] = "auto",
+    importance: Annotated[str, typer.Option(help="auto, a scorer or a report file, as for "
+                                            "`fedpipe plan`.")] = "auto",
 ) -> None:
     """Plan every budget point ('what if half the memory?'): a table, one plan per point, plots."""
     from rich.progress import Progress
@@ -243,18 +246,16 @@ def sweep(
     axes = {name: parse_axis(name, text) for name, text in
             (("memory", memory), ("bandwidth", bandwidth), ("servers", servers), ("deadline", deadline))
             if text is not None}
-    report = source = None
-    if importance is not None:
-        from fedpipe.importance import load_report
+    from fedpipe.importance import importance_for_plan
 
-        report, source = load_report(importance), str(importance)
+    report, source = importance_for_plan(profile, importance)
     total = 1
     for values in axes.values():
         total *= len(values)
     with Progress(console=console(stderr=True), transient=True) as bar:
         task = bar.add_task("planning budget points", total=total)
         result = run_sweep(profile, axes, out_dir=out, solver=solver, time_limit=time_limit,
-                           importance=report, importance_source=source,
+                           method=method, importance=report, importance_source=source,
                            on_point=lambda p: bar.update(task, advance=1, description=p.name))
     out_console = console()
     out_console.print(sweep_table(result))

