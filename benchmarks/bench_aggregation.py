@@ -1,6 +1,6 @@
 """Factored FlexLoRA / FLoRA aggregation against the dense reference, and a 7B-shaped round.
 
-Run: ``python benchmarks/bench_aggregation.py [--quick] [--device cpu|cuda] [--threads N]``.
+Run: ``python benchmarks/bench_aggregation.py [--quick] [--round-only] [--device cpu|cuda] [--threads N]``.
 
 Part 1, per matrix shape and server mix: the dense reference materialises
 dW = sum p_k s_k B_k A_k and takes its SVD (what the FlexLoRA reference code does; here the cheaper
@@ -142,6 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="only 4096x4096 at total rank <= 400, a 4-layer 7B round")
+    ap.add_argument("--round-only", action="store_true",
+                    help="skip the per-matrix table (its dense SVDs take minutes each)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the factored side")
     ap.add_argument("--dense-repeats", type=int, default=1, help="repeats of the dense SVD")
@@ -163,8 +165,11 @@ def main() -> None:
             f"{'flexlora (s)':>12} {'speed-up':>8} {'sv rel':>8} {'fact/f64':>8} {'dense/f64':>9} "
             f"{'flora (s)':>9} "
             f"{'flora err':>9}")
-    print(head)
-    print("-" * len(head))
+    if args.round_only:
+        shapes = []
+    else:
+        print(head)
+        print("-" * len(head))
     for shape in shapes:
         for servers, ladder in mixes:
             row = matrix_case(shape, server_ranks(servers, ladder), args.dense_repeats,

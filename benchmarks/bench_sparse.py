@@ -8,6 +8,7 @@ does not change what travels), then run the same plan
     at upload density 1/4 alone (which side costs the quality),
   * dense at lower ranks near those bytes: each rank divided by 4 and by 16 (at least 1; top-k
     at 1/4 costs 0.28x the dense values, at 1/16 0.09x, mask included),
+  * what `fedpipe plan` itself picks for this profile with its default density ladder,
 and print bytes per round (counted on the payloads: upload and download, all servers, averaged
 over the rounds) and the global model's final eval loss and exact-match accuracy, as Markdown,
 plus the largest byte reduction whose eval loss stays within 1% of dense. The base model's loss
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +42,7 @@ PROFILE = {
     "task": {"seq_len": 64, "local_steps": 3, "rounds": 3, "eval_samples": 48,
              "learning_rate": 2e-3, "partition": "dirichlet", "dirichlet_alpha": 0.5},
     "candidates": {"targets": ["q_proj", "v_proj"], "ranks": [0, 4, 8], "bits": [16],
-                   "batch_sizes": [4]},
+                   "batch_sizes": [4], "densities": [1.0]},  # dense: the variants derive from it
     "servers": [
         {"name": "edge", "memory_gib": 2, "tflops": 1, "uplink_mbps": 10, "downlink_mbps": 50,
          "samples": 100, "device": "cpu"},
@@ -56,9 +59,26 @@ def lower_rank(plan: Plan, divisor: int) -> Plan:
     return plan.model_copy(update={"servers": servers})
 
 
+def planner_choice(plan: Plan) -> Plan:
+    """What `fedpipe plan` picks for PROFILE with the default density ladder (1, 1/4, 1/16)."""
+    from fedpipe.planner import make_plan
+    from fedpipe.profile import Candidates
+
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "profile.yaml"
+        raw = {**PROFILE, "candidates": {**PROFILE["candidates"],
+                                         "densities": Candidates().densities}}
+        profile.write_text(yaml.safe_dump(raw, sort_keys=False))
+        chosen = make_plan(profile)
+    return chosen.model_copy(update={"profile": plan.profile})
+
+
 def variants(plan: Plan) -> dict[str, Plan]:
+    chosen = planner_choice(plan)
+    label = ", ".join(f"{s.name} {s.upload_density:g}" for s in chosen.servers)
     return {
         "dense": plan,
+        f"planner's choice ({label})": chosen,
         "density 1/4": with_densities(plan, 1 / 4, 1 / 4),
         "density 1/16": with_densities(plan, 1 / 16, 1 / 16),
         "upload 1/4, download dense": with_densities(plan, 1 / 4, None),
@@ -127,7 +147,7 @@ def main() -> None:
     for label, variant in variants(plan).items():
         if (wanted and label not in wanted) or label in results:
             continue
-        slug = label.replace(" ", "-").replace("/", "of").replace(",", "")
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", label.replace("/", "of")).strip("-")
         plan_path = save_plan(variant, out / f"{slug}.plan.yaml")
         start = time.perf_counter()
         result = run_plan(plan_path, rounds=args.rounds, out=out / slug, aggregation=args.rule,
