@@ -21,11 +21,13 @@ What is measured, and held against the *whole* prediction (runtime overhead incl
 - memory on CUDA: device memory in use before the model (CUDA context and libraries, read from
   cudaMemGetInfo, so it assumes no other process uses the GPU) + the allocator's peak reserved
   memory. The allocator's peak allocated memory is recorded too.
-  On a CPU two things outside the formulas show up here, and are measured, not hidden: glibc
-  keeps freed activation buffers (below its 32 MiB mmap threshold) in the heap, so the resident
-  set is about twice the live activations (activation_factor absorbs it); and transformers keeps
-  the fp32 checkpoint's memory map alive after quantizing, so 4- and 8-bit processes hold about
-  the 16-bit weights in file-backed pages too (see benchmarks/bench_predictions.py).
+  On a CPU two things outside the formulas used to show up here, and `models.load_base` now
+  removes both: glibc kept freed activation buffers (below its 32 MiB mmap threshold) in the
+  heap, so the resident set was about twice the live activations (the mmap threshold is set to
+  1 MiB for CPU training, at a measured step-time cost); and transformers kept the fp32
+  checkpoint's memory map alive after quantizing, so 4- and 8-bit processes held about the
+  16-bit weights in file-backed pages too (the unquantized tensors now get their own copies).
+  See benchmarks/results/predictions-cpu.txt.
 - runtime: the process before the model is loaded (RSS after imports on a CPU, the context on
   CUDA), recorded for reference and as the fallback overhead.
 
