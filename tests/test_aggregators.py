@@ -420,3 +420,24 @@ def test_previous_round_starts_at_one_and_counts_up():
     g = HetLoRA().aggregate(random_updates(0), previous)
     # Assert
     assert g.round == 5
+
+
+def test_flexlora_modules_on_worker_threads_give_the_serial_result():
+    # Prepare: six modules, three servers each
+    updates = random_updates(11, shape=(40, 30))
+    for i in range(5):
+        name = f"model.layers.{i}.mlp.up_proj"
+        for u, v in zip(updates, random_updates(20 + i, shape=(40, 30), module=name), strict=True):
+            u.factors[name] = v.factors[name]
+    threads = torch.get_num_threads()
+    serial, pooled = FlexLoRA(), FlexLoRA()
+    serial.workers, pooled.workers = 1, 3
+    # Execute
+    a = serial.aggregate(updates, None)
+    b = pooled.aggregate(updates, None)
+    # Assert: bitwise equal, every module there, torch's thread count restored
+    assert a.factors.keys() == b.factors.keys() and len(a.factors) == 6
+    for name in a.factors:
+        assert torch.equal(a.factors[name].A, b.factors[name].A)
+        assert torch.equal(a.factors[name].B, b.factors[name].B)
+    assert torch.get_num_threads() == threads

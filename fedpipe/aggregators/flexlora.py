@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedpipe.lora import ClientUpdate, GlobalAdapter
+from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 
 from .base import Aggregator, Broadcast, carry_over, next_round, restart_from_global
 from .linalg import (
     factored_svd,
+    map_modules,
     module_names,
     numerical_rank,
     participants,
@@ -25,17 +26,21 @@ from .linalg import (
 
 class FlexLoRA(Aggregator):
     name = "flexlora"
+    workers: int | None = None  # threads for the per-module SVDs (None: this process's cores)
 
     def aggregate(self, updates: Sequence[ClientUpdate],
                   previous: GlobalAdapter | None) -> GlobalAdapter:
         """Global factors B = U sqrt(S), A = sqrt(S) Vh over the non-zero singular values
         (descending), so truncating to the first r columns/rows is the best rank-r start."""
-        factors = {}
-        for name in module_names(updates):
+        def one(name: str) -> LoraFactors:
             stacked = stack_factors(participants(updates, name), balanced=True)
             U, S, Vh = factored_svd(stacked.B, stacked.A)
             # Keep one component even for a zero update: a rank-0 adapter cannot be saved by peft.
-            factors[name] = split_sqrt(U, S, Vh, max(1, numerical_rank(S)))
+            return split_sqrt(U, S, Vh, max(1, numerical_rank(S)))
+
+        names = module_names(updates)
+        on_cpu = all(f.A.device.type == "cpu" for u in updates for f in u.factors.values())
+        factors = map_modules(one, names, self.workers, on_cpu)
         return GlobalAdapter(carry_over(factors, previous), round=next_round(previous))
 
     def broadcast(self, new: GlobalAdapter, previous: GlobalAdapter | None,
