@@ -179,10 +179,14 @@ _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def to_yaml(data: object) -> str:
+    """YAML text in the given key order, by libyaml's C emitter where installed."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120)
+
+
 def save_plan(plan: Plan, path: str | Path) -> Path:
     """Write the plan as YAML, atomically."""
-    text = yaml.dump(plan.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, width=120)
-    return write_atomic(path, text)
+    return write_atomic(path, to_yaml(plan.model_dump(mode="json")))
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -13,7 +13,8 @@ the normalised weights), and a memo of the tables every point shares (``build_pr
 the decomposed planner's gain tables per cost group, and each configuration's fixed memory and
 base compute per hardware). Each point's profile is the base profile with scaled fields
 (validated again), and only its search is run per point, except:
-  - points whose scaled profiles are identical are solved once;
+  - points whose scaled profiles are identical are solved once, and so are points that differ
+    only in memory once no server's memory can bind (each fits its largest configuration);
   - a deadline point reuses the plan of a looser deadline (or of no deadline) at the same
     memory/bandwidth/servers when that plan's makespan already meets it: adding a constraint
     that an optimum satisfies leaves it optimal. Deadlines are therefore solved loosest first.
@@ -27,6 +28,7 @@ reproduces the plan and ``fedpipe explain`` finds it), and ``sweep.yaml``, the t
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +41,8 @@ from pydantic import BaseModel, Field
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
-from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan
-from fedpipe.planner import Choice, assemble_plan, build_problem, plan_problem
+from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan, to_yaml
+from fedpipe.planner import Choice, Problem, assemble_plan, build_problem, plan_problem
 from fedpipe.profile import ClusterProfile, load_profile, parse_profile, profile_hash
 from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
 
@@ -167,7 +169,7 @@ def _portable_model(profile: ClusterProfile, base_dir: Path) -> ClusterProfile:
 
 
 def _dump_profile(profile: ClusterProfile, path: Path, note: str) -> Path:
-    text = f"# {note}\n" + yaml.safe_dump(profile.model_dump(mode="python"), sort_keys=False, width=120)
+    text = f"# {note}\n" + to_yaml(profile.model_dump(mode="python"))
     return write_atomic(path, text)
 
 
@@ -207,8 +209,9 @@ class _Planner:
 
     def solve(self, profile: ClusterProfile, source: str, looser: list[_Solved] | None = None) -> _Solved:
         """The solution for `profile`, solved or reused; raises the planner's FedpipeError."""
-        key = profile.model_dump_json()
-        known = self.done.get(key)
+        problem = build_problem(profile, self.shapes, self.importance, self.memo)
+        keys = [profile.model_dump_json()] + _memory_free_key(profile, problem)
+        known = next((self.done[k] for k in keys if k in self.done), None)
         if isinstance(known, FedpipeError):
             raise known
         deadline = profile.objective.deadline_s
@@ -216,15 +219,38 @@ class _Planner:
                                or s.makespan <= deadline * (1 + 1e-9)), None)
         if known is not None:
             return known
-        problem = build_problem(profile, self.shapes, self.importance, self.memo)
         try:
             choices, ev, report, baseline = plan_problem(problem, solver=self.solver,
                                                          time_limit=self.time_limit, method=self.method)
         except FedpipeError as e:
-            self.done[key] = e
+            self.done.update(dict.fromkeys(keys, e))
             raise
-        self.done[key] = solved = _Solved(source, choices, report, baseline, problem.t_ref, ev.makespan)
+        solved = _Solved(source, choices, report, baseline, problem.t_ref, ev.makespan)
+        self.done.update(dict.fromkeys(keys, solved))
         return solved
+
+
+def _memory_free_key(profile: ClusterProfile, problem: Problem) -> list[str]:
+    """[the profile's key without memory budgets] when no memory budget can bind: every server
+    fits its largest configuration (every candidate matrix at the top rank, on any allowed bits
+    and batch). Memory then constrains nothing, the baseline included, so every point that
+    differs only by more memory is the same problem and reuses this solution. [] otherwise."""
+    top = max(problem.ranks)
+    by_size: dict[int, tuple] = {}  # adapter memory is linear in the rank, and per d_out + d_in
+    for m in problem.matrices:
+        rep_m, count = by_size.get(m.d_out + m.d_in, (m, 0))
+        by_size[m.d_out + m.d_in] = (rep_m, count + 1)
+    for k, cls in enumerate(problem.classes):
+        rep = cls.rep
+        need = max(problem.fixed_memory_gib(q, b, rep.device)
+                   + sum(problem.cost.lora_memory_gib(m, top * n, b, rep.device) for m, n in by_size.values())
+                   for q, b, _ in problem.configs(k))
+        if need > rep.memory_gib:
+            return []
+    raw = profile.model_dump(mode="json")
+    for server in raw["servers"]:
+        server["memory_gib"] = None
+    return [json.dumps(raw, sort_keys=True)]
 
 
 def _reason(e: FedpipeError) -> str:
@@ -323,8 +349,7 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
     result = SweepResult(profile=str(profile_path), name=name, out_dir=str(out), axes=axes,
                          points=list(points.values()), setup_s=setup_s, total_s=time.perf_counter() - start,
                          plans=plans)
-    write_atomic(out / "sweep.yaml",
-                 yaml.safe_dump(result.model_dump(mode="json"), sort_keys=False, width=120))
+    write_atomic(out / "sweep.yaml", to_yaml(result.model_dump(mode="json")))
     return result
 
 

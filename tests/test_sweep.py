@@ -116,3 +116,20 @@ def test_cli_sweep_bad_input_exit_2(tmp_path):
         assert result.exit_code == 2, result.output
         assert "error" in result.output and "Traceback" not in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_more_memory_than_any_configuration_needs_reuses_the_plan(tmp_path):
+    """At 2x memory no server of small.yaml can use all of it, so 4x and 8x are the same problem:
+    solved once, and equal to planning the point's own profile; at 1x the edge server's memory
+    binds, so 1x is solved on its own."""
+    points = {p.name: p for p in run_sweep(DATA / "small.yaml", {"memory": ["1", "2", "4", "8"]},
+                                           out_dir=tmp_path).points}
+    assert points["m1"].reused_from is None and points["m2"].reused_from is None
+    assert points["m4"].reused_from == points["m8"].reused_from == "m2"
+    assert points["m1"].quality < points["m2"].quality == points["m8"].quality
+    for name in ("m4", "m8"):
+        reused, fresh = load_plan(points[name].plan), make_plan(points[name].profile)
+        assert [(s.bits, s.batch_size, s.upload_density, s.rank_pattern) for s in reused.servers] == \
+            [(s.bits, s.batch_size, s.upload_density, s.rank_pattern) for s in fresh.servers]
+        assert [s.predicted.memory_budget_gib for s in reused.servers] == \
+            [s.predicted.memory_budget_gib for s in fresh.servers]
