@@ -219,15 +219,6 @@ def _adapter_values(choice: Choice, by_name: dict[str, Matrix]) -> int:
     return sum(by_name[n].lora_params(r) for n, r in choice.ranks.items())
 
 
-def download_bytes(problem: Problem, choices: list[Choice], k: int) -> float:
-    """What class k downloads per round: its own adapter, or under flora the whole stack."""
-    by_name = {m.name: m for m in problem.matrices}
-    if not problem.flora:
-        return bytes_per_value(choices[k].density) * _adapter_values(choices[k], by_name)
-    return WIRE_BYTES_PER_VALUE * sum(c.count * _adapter_values(ch, by_name)
-                                      for c, ch in zip(problem.classes, choices, strict=True))
-
-
 def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
     """Costs, quality and objective of concrete choices. Classes sharing hardware and a Choice
     object (as the decomposed planner returns them) are costed once."""
