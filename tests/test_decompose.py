@@ -146,19 +146,6 @@ def test_memory_and_deadline_never_violated(seed):
         assert c.memory_gib <= cls.rep.memory_gib
 
 
-def test_infeasible_diagnosis_is_the_same():
-    problem = random_instance(1, 3, [0, 8])
-    raw = problem.profile.model_dump()
-    raw["servers"][0]["memory_gib"] = 0.1
-    raw["servers"][2]["memory_gib"] = 0.2
-    problem = build_problem(parse_profile(raw), SHAPES, problem.importance)
-    with pytest.raises(FedpipeError) as e:
-        plan_problem(problem, method="decomposed")
-    text = str(e.value)
-    assert "server s0" in text and "server s2" in text and "server s1" not in text
-    assert "short by" in text and "GiB" in text
-
-
 def test_baseline_matches_milp_baseline():
     for seed in range(3):
         problem = random_instance(400 + seed, 3, [0, 8, 16])

@@ -137,14 +137,15 @@ def test_deadline_is_respected_and_marked_binding(tmp_path):
     assert ev2.makespan <= ev.makespan * 0.9 * (1 + 1e-9)
 
 
-def test_infeasible_names_each_server_and_shortfall():
+@pytest.mark.parametrize("method", ["milp", "decomposed"])
+def test_infeasible_names_each_server_and_shortfall(method):
     problem = random_instance(1, 3, [0, 8])
     raw = problem.profile.model_dump()
     raw["servers"][0]["memory_gib"] = 0.1
     raw["servers"][2]["memory_gib"] = 0.2
     problem = build_problem(parse_profile(raw), SHAPES, problem.importance)
     with pytest.raises(FedpipeError) as e:
-        plan_problem(problem, solver="highs", time_limit=30)
+        plan_problem(problem, solver="highs", time_limit=30, method=method)
     text = str(e.value)
     assert "server s0" in text and "server s2" in text and "server s1" not in text
     assert "short by" in text and "GiB" in text
