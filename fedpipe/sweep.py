@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from fedpipe.atomic import write_atomic
+from fedpipe.cost import server_cost
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
 from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan, to_yaml
@@ -235,16 +236,12 @@ def _memory_free_key(profile: ClusterProfile, problem: Problem) -> list[str]:
     fits its largest configuration (every candidate matrix at the top rank, on any allowed bits
     and batch). Memory then constrains nothing, the baseline included, so every point that
     differs only by more memory is the same problem and reuses this solution. [] otherwise."""
-    top = max(problem.ranks)
-    by_size: dict[int, tuple] = {}  # adapter memory is linear in the rank, and per d_out + d_in
-    for m in problem.matrices:
-        rep_m, count = by_size.get(m.d_out + m.d_in, (m, 0))
-        by_size[m.d_out + m.d_in] = (rep_m, count + 1)
+    by_name = {m.name: m for m in problem.matrices}
+    everything = dict.fromkeys(by_name, max(problem.ranks))
     for k, cls in enumerate(problem.classes):
         rep = cls.rep
-        need = max(problem.fixed_memory_gib(q, b, rep.device)
-                   + sum(problem.cost.lora_memory_gib(m, top * n, b, rep.device) for m, n in by_size.values())
-                   for q, b, _ in problem.configs(k))
+        need = max(server_cost(problem.cost, rep, q, b, everything, by_name, 0).memory_gib
+                   for q, b in {(q, b) for q, b, _ in problem.configs(k)})
         if need > rep.memory_gib:
             return []
     raw = profile.model_dump(mode="json")
