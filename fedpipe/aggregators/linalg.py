@@ -124,9 +124,10 @@ def map_modules(fn: Callable[[str], T], names: Sequence[str], workers: int | Non
                 on_cpu: bool = True) -> dict[str, T]:
     """{name: fn(name)} for every module, the modules spread over `workers` threads on a CPU.
 
-    Why: one factorization's intra-op threads scale badly (on two shared cores a QR with two
-    torch threads was slower than with one), while factorizations of separate matrices scale
-    across cores (measured: 1.7x on two). Each worker runs its ops single-threaded, and torch's
+    Why: one factorization's intra-op threads scale badly, while factorizations of separate
+    matrices scale across cores. Measured by benchmarks/bench_aggregation.py --round-only on a
+    2-core box (the 7B-shaped flexlora round): 34.0 s serial with one thread, 44.4 s serial with
+    two, 22.1 s on two single-threaded workers. Each worker runs its ops single-threaded, and torch's
     thread count is restored afterwards. Results do not depend on the number of workers (each
     module is computed alone, in the same order of operations). CUDA work stays serial.
     """
