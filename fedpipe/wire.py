@@ -9,24 +9,34 @@ reference the receiver already holds, e.g. the round's starting factors; no refe
 The receiver rebuilds ``reference + sparse delta``: entries outside the mask stay at the reference.
 Both sides must use the same reference tensors.
 
+Precision (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4; each one's bytes and error bound
+are documented there) applies to the values that travel, the kept ones under top-k. Every lossy
+payload (density < 1 or a precision other than fp32) sends the change against the reference when
+one is given, dense ones too: rounding then scales with the update, not with the factors. A dense
+fp32 payload is absolute and exact.
+
 Payload layout (safetensors; no pickle anywhere), per module ``NAME`` and factor ``X`` in {A, B}:
 
-* ``dense``:   ``NAME.X``         the full tensor in the value dtype (absolute, not a delta);
-* ``bitmask``: ``NAME.X.values``  k deltas in the value dtype, row-major order of the kept entries;
+* ``dense``:   ``NAME.X``         the full tensor (absolute, or a delta if ``ref``);
+* ``bitmask``: ``NAME.X.values``  k values, row-major order of the kept entries;
                ``NAME.X.mask``    uint8, ``ceil(numel / 8)`` bytes, bit i of the flat tensor is
                                   ``(mask[i // 8] >> (i % 8)) & 1``;
 * ``indices``: ``NAME.X.values``  as above;
                ``NAME.X.idx``     ascending flat indices, uint16 when numel <= 65536, else int32.
 
-Per tensor the mask uses the bitmask or the indices, whichever is fewer bytes (a tie goes to the
-bitmask). The safetensors metadata holds the caller's string pairs plus ``fedpipe.format``,
-``fedpipe.density``, ``fedpipe.dtype`` and ``fedpipe.layout``: JSON
-``{NAME: {"scale", "rank", "A": {"shape", "enc", "k", "ref"}, "B": {...}}}`` where ``ref`` says
-whether the values are deltas against a reference (false: against zeros).
+Values are float32/bfloat16/float16 tensors (a dense one in the factor's 2-D shape), or, at a
+blockwise precision, flat uint8 codes with ``NAME.X.absmax`` (float32, one per block of 64 values,
+`fedpipe.blockwise`). Per tensor the mask uses the bitmask or the indices, whichever is fewer
+bytes (a tie goes to the bitmask). The safetensors metadata holds the caller's string pairs plus
+``fedpipe.format``, ``fedpipe.density``, ``fedpipe.precision``, ``fedpipe.relative`` ("true" when
+some tensor is a delta, so the receiver needs the reference) and ``fedpipe.layout``: JSON
+``{NAME: {"scale", "rank", "A": {"shape", "enc", "k", "ref", "prec"}, "B": {...}}}``. `decode`
+checks every count, dtype and shape against the layout and raises FedpipeError naming the tensor.
 
 Error feedback: pass ``residual`` (a dict keyed ``NAME.A`` / ``NAME.B``, updated in place) and what
-the receiver did not get this time (entries cut by top-k, and rounding to the value dtype) is added
-to the next update before its top-k, so nothing is lost for good, only delayed.
+the receiver did not get this time (entries cut by top-k, and rounding to the precision) is added
+to the next update before its top-k, so nothing is lost for good, only delayed. When a residual
+still means something a round later is the sender's policy: `fedpipe.feedback.ErrorFeedback`.
 """
 
 from __future__ import annotations
@@ -40,33 +50,37 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from fedpipe import blockwise
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import LoraFactors
+from fedpipe.precision import UINT16_MAX_NUMEL, get_precision, kept, mask_bytes
 
 FORMAT = "fedpipe-wire/1"
 _RESERVED = "fedpipe."
 _LAYOUT_KEY = "fedpipe.layout"
-_VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UINT16_MAX_NUMEL = 65536
+_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def encode(
     factors: dict[str, LoraFactors],
     *,
     density: float = 1.0,
+    precision: str = "fp32",
     reference: dict[str, LoraFactors] | None = None,
-    dtype: torch.dtype = torch.float32,
     metadata: dict[str, str] | None = None,
     residual: dict[str, torch.Tensor] | None = None,
 ) -> bytes:
-    """Serialise `factors` into one payload; density 1.0 is dense, below 1 is top-k of the update.
+    """Serialise `factors` into one payload; density 1.0 is dense, below 1 is top-k of the update;
+    values at `precision` (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4).
 
-    `reference` is what the receiver already holds (only used when density < 1); `residual`, when
-    given, turns on error feedback and is updated in place (see the module docstring).
+    `reference` is what the receiver already holds: a lossy payload (density < 1 or a precision
+    other than fp32) sends the change against it; `residual`, when given, turns on error feedback
+    and is updated in place (see the module docstring).
     """
     density = _check_density(density)
-    dtype_name = _dtype_name(dtype)
+    _check_precision(precision)
     user_meta = _check_metadata(metadata)
+    lossy = density < 1.0 or precision != "fp32"
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, f in factors.items():
@@ -75,14 +89,15 @@ def encode(
         for part in ("A", "B"):
             key = f"{name}.{part}"
             x = getattr(f, part).detach().to("cpu", torch.float32)
-            ref = _reference_tensor(reference, name, part, x.shape) if density < 1.0 else None
-            entry[part] = _encode_tensor(tensors, key, x, ref, density, dtype, residual)
+            ref = _reference_tensor(reference, name, part, x.shape) if lossy else None
+            entry[part] = _encode_tensor(tensors, key, x, ref, density, precision, residual)
         layout[name] = entry
     meta = dict(user_meta)
     meta.update({
         "fedpipe.format": FORMAT,
         "fedpipe.density": repr(density),
-        "fedpipe.dtype": dtype_name,
+        "fedpipe.precision": precision,
+        "fedpipe.relative": json.dumps(any(e[p]["ref"] for e in layout.values() for p in "AB")),
         _LAYOUT_KEY: json.dumps(layout, separators=(",", ":")),
     })
     return _st_save(tensors, metadata=meta)
@@ -91,8 +106,9 @@ def encode(
 def decode(
     payload: bytes, *, reference: dict[str, LoraFactors] | None = None
 ) -> tuple[dict[str, LoraFactors], dict[str, str]]:
-    """Rebuild float32 factors from `payload`; metadata is the caller's pairs plus format, density
-    and dtype (the per-tensor layout is consumed here). Sparse tensors need the sender's reference.
+    """Rebuild float32 factors from `payload`; metadata is the caller's pairs plus format, density,
+    precision and relative (the per-tensor layout is consumed here). Deltas need the sender's
+    reference.
     """
     try:
         tensors = _st_load(bytes(payload))
@@ -141,17 +157,21 @@ def topk_with_residual(
     residual: torch.Tensor | None,
     density: float,
     *,
-    dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-feedback top-k: sparsify ``update + residual`` and keep what was not sent.
 
-    Returns ``(sparse, new_residual)`` with ``sparse + new_residual == update + residual``: `sparse`
-    holds the k = ceil(density * numel) largest-magnitude entries rounded through `dtype` (what the
-    receiver gets; zeros elsewhere), `new_residual` the cut entries and the rounding error.
+    Returns ``(sent, new_residual)`` with ``sent + new_residual == update + residual``: `sent`
+    holds the k = ceil(density * numel) largest-magnitude entries as the receiver decodes them at
+    `precision` (zeros elsewhere), `new_residual` the cut entries and the rounding error.
     Pure: the inputs are not modified.
     """
-    sparse, new_residual, _ = _topk_feedback(update, residual, _check_density(density), dtype)
-    return sparse, new_residual
+    _check_precision(precision)
+    acc = _accumulate(update, residual)
+    idx = _topk_indices(acc, kept(_check_density(density), acc.numel()))
+    _, received = _store(acc.reshape(-1).index_select(0, idx), precision, "update")
+    sent = _scatter(idx, received, acc.shape)
+    return sent, acc - sent
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -163,57 +183,79 @@ def _encode_tensor(
     x: torch.Tensor,
     ref: torch.Tensor | None,
     density: float,
-    dtype: torch.dtype,
+    precision: str,
     residual: dict[str, torch.Tensor] | None,
 ) -> dict:
-    """Write one factor tensor into `out` and return its layout entry."""
-    shape = list(x.shape)
-    numel = x.numel()
-    if density >= 1.0 or numel == 0:
-        if residual is not None:
-            # Dense sends absolute values: the only loss is rounding, which feedback carries over.
-            sent, residual[key], _ = _topk_feedback(x, _residual_for(residual, key, x), 1.0, dtype)
-            out[key] = sent.to(dtype).contiguous()
-        else:
-            out[key] = x.to(dtype).contiguous()
-        return {"shape": shape, "enc": "dense", "k": numel, "ref": False}
-    delta = x - ref if ref is not None else x
+    """Write one factor tensor into `out` and return its layout entry.
+
+    What is meant is `x` less the reference (if any) plus the carried residual; the kept entries
+    (all when dense) are stored at `precision`, and the residual becomes meant - received.
+    """
+    shape, numel = list(x.shape), x.numel()
+    meant = x - ref if ref is not None else x
     if residual is not None:
-        sparse, residual[key], idx = _topk_feedback(
-            delta, _residual_for(residual, key, x), density, dtype)
-        values = sparse.reshape(-1).index_select(0, idx)
-    else:
-        idx = _topk_indices(delta, _k(density, numel))
-        values = delta.reshape(-1).index_select(0, idx)
-    out[f"{key}.values"] = values.to(dtype).contiguous()
-    k = idx.numel()
-    idx_dtype = torch.uint16 if numel <= _UINT16_MAX_NUMEL else torch.int32
-    idx_itemsize = 2 if idx_dtype is torch.uint16 else 4
-    if math.ceil(numel / 8) <= k * idx_itemsize:
+        meant = _accumulate(meant, residual.get(key))
+    dense = density >= 1.0 or numel == 0
+    idx = torch.arange(numel) if dense else _topk_indices(meant, kept(density, numel))
+    values = meant.reshape(-1) if dense else meant.reshape(-1).index_select(0, idx)
+    stored, received = _store(values, precision, key)
+    if residual is not None:
+        residual[key] = meant - _scatter(idx, received, meant.shape)
+    spec = {"shape": shape, "enc": "dense", "k": idx.numel(), "ref": ref is not None,
+            "prec": precision}
+    value_key = key if dense else f"{key}.values"
+    if dense and not get_precision(precision).blockwise:
+        stored["values"] = stored["values"].reshape(x.shape)
+    out[value_key] = stored["values"].contiguous()
+    if "absmax" in stored:
+        out[f"{key}.absmax"] = stored["absmax"]
+    if dense:
+        return spec
+    if mask_bytes(numel, idx.numel()) == math.ceil(numel / 8):
         out[f"{key}.mask"] = _pack_bits(idx, numel)
-        enc = "bitmask"
+        spec["enc"] = "bitmask"
     else:
+        idx_dtype = torch.uint16 if numel <= UINT16_MAX_NUMEL else torch.int32
         out[f"{key}.idx"] = idx.to(torch.int32).to(idx_dtype).contiguous()
-        enc = "indices"
-    return {"shape": shape, "enc": enc, "k": k, "ref": ref is not None}
+        spec["enc"] = "indices"
+    return spec
 
 
-def _topk_feedback(
-    update: torch.Tensor, residual: torch.Tensor | None, density: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sparse, new_residual, kept flat indices) of ``update + residual``: topk_with_residual."""
+def _store(values: torch.Tensor, precision: str, key: str
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({"values": stored[, "absmax": scales]}, what the receiver decodes) of a flat vector."""
+    if precision == "fp32":
+        return {"values": values}, values
+    if get_precision(precision).blockwise:
+        if not bool(torch.isfinite(values).all()):
+            raise FedpipeError(f"{key}: non-finite values cannot be sent at {precision}")
+        codes, absmax = blockwise.quantize(values, precision)
+        return {"values": codes, "absmax": absmax}, blockwise.dequantize(
+            codes, absmax, values.numel(), precision)
+    stored = values.to(_FLOAT_DTYPES[precision])
+    received = stored.to(torch.float32)
+    if bool(torch.isfinite(values).all()) and not bool(torch.isfinite(received).all()):
+        raise FedpipeError(f"{key}: values exceed the range of {precision} (largest magnitude "
+                           f"{values.abs().max().item():.4g}); send them at bf16 or fp32")
+    return {"values": stored}, received
+
+
+def _accumulate(update: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """update + residual in float32, the residual's shape checked."""
     acc = update.detach().to(torch.float32)
-    if residual is not None:
-        if residual.shape != acc.shape:
-            raise FedpipeError(
-                f"residual: shape {tuple(residual.shape)} does not match the update's "
-                f"{tuple(acc.shape)}; clear the residual when ranks change")
-        acc = acc + residual.detach().to(acc.device, torch.float32)
-    idx = _topk_indices(acc, _k(density, acc.numel()))
-    flat = torch.zeros(acc.numel(), dtype=torch.float32, device=acc.device)
-    flat.index_copy_(0, idx, acc.reshape(-1).index_select(0, idx).to(dtype).to(torch.float32))
-    sparse = flat.reshape(acc.shape)
-    return sparse, acc - sparse, idx
+    if residual is None:
+        return acc
+    if residual.shape != acc.shape:
+        raise FedpipeError(
+            f"residual: shape {tuple(residual.shape)} does not match the update's "
+            f"{tuple(acc.shape)}; clear the residual when ranks change")
+    return acc + residual.detach().to(acc.device, torch.float32)
+
+
+def _scatter(idx: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+    flat.index_copy_(0, idx, values)
+    return flat.reshape(shape)
 
 
 def _topk_indices(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -259,14 +301,12 @@ def _decode_tensor(
     shape = tuple(int(s) for s in spec["shape"])
     if len(shape) != 2 or min(shape) < 0:
         raise ValueError(f"{key}: bad shape {shape}")
-    numel = math.prod(shape)
-    enc = spec["enc"]
+    numel, k, enc = math.prod(shape), int(spec["k"]), spec["enc"]
     if enc == "dense":
-        t = tensors[key]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{key}: tensor shape {tuple(t.shape)} != layout shape {shape}")
-        return t.to(torch.float32)
-    if enc == "bitmask":
+        idx = None
+        if k != numel:
+            raise ValueError(f"{key}: dense with k = {k} of {numel} entries")
+    elif enc == "bitmask":
         mask = tensors[f"{key}.mask"]
         if mask.dtype != torch.uint8 or mask.numel() != math.ceil(numel / 8):
             raise ValueError(f"{key}: bitmask is not {math.ceil(numel / 8)} uint8 bytes")
@@ -277,9 +317,10 @@ def _decode_tensor(
             raise ValueError(f"{key}: indices out of range or not ascending")
     else:
         raise ValueError(f"{key}: unknown encoding {enc!r}")
-    values = tensors[f"{key}.values"].to(torch.float32).reshape(-1)
-    if values.numel() != idx.numel() or idx.numel() != int(spec["k"]):
-        raise ValueError(f"{key}: {values.numel()} values for {idx.numel()} mask entries")
+    if idx is not None and idx.numel() != k:
+        raise ValueError(f"{key}: {idx.numel()} mask entries, the layout says k = {k}")
+    values = _decode_values(tensors, key, key if idx is None else f"{key}.values", k,
+                            spec.get("prec"), shape if idx is None else None)
     if spec["ref"]:
         if reference is None or name not in reference:
             raise FedpipeError(
@@ -291,10 +332,37 @@ def _decode_tensor(
                 f"decode: reference {name}.{part} has shape {tuple(base.shape)}, "
                 f"the payload was encoded against shape {shape}")
         flat = base.reshape(-1).clone()
+    elif idx is None:
+        return values.reshape(shape)
     else:
         flat = torch.zeros(numel, dtype=torch.float32)
-    flat.index_add_(0, idx, values)
+    if idx is None:
+        flat += values
+    else:
+        flat.index_add_(0, idx, values)
     return flat.reshape(shape)
+
+
+def _decode_values(tensors: dict[str, torch.Tensor], key: str, value_key: str, k: int,
+                   precision: str | None, dense_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The k float32 values stored under `value_key`, checked against the layout.
+
+    `precision` None: a payload from before precisions were recorded (float values of any width).
+    A dense float tensor keeps the factor's 2-D shape; blockwise codes are always flat.
+    """
+    stored = tensors[value_key]
+    if precision is not None and get_precision(precision).blockwise:
+        try:
+            return blockwise.dequantize(stored, tensors[f"{key}.absmax"], k, precision)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    allowed = tuple(_FLOAT_DTYPES.values()) if precision is None else (_FLOAT_DTYPES[precision],)
+    if stored.dtype not in allowed:
+        raise ValueError(f"{key}: values are {stored.dtype}, the layout says {precision}")
+    want = dense_shape if dense_shape is not None else (k,)
+    if tuple(stored.shape) != want:
+        raise ValueError(f"{key}: tensor shape {tuple(stored.shape)} != layout shape {want}")
+    return stored.to(torch.float32).reshape(-1)
 
 
 def _read_metadata(payload: bytes) -> dict[str, str]:
@@ -310,11 +378,6 @@ def _read_metadata(payload: bytes) -> dict[str, str]:
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _k(density: float, numel: int) -> int:
-    """ceil(density * numel), tolerant to float rounding (0.1 * 30 is 3, not 4), at least 1."""
-    return min(numel, max(1, math.ceil(density * numel * (1 - 1e-12))))
-
-
 def _check_density(density: float) -> float:
     d = float(density)
     if not (0.0 < d <= 1.0):
@@ -322,12 +385,11 @@ def _check_density(density: float) -> float:
     return d
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _VALUE_DTYPES.items():
-        if dt == dtype:
-            return name
-    raise FedpipeError(
-        f"dtype: {dtype} is not a wire value dtype; valid: {', '.join(_VALUE_DTYPES)}")
+def _check_precision(precision: str) -> None:
+    try:
+        get_precision(precision)
+    except ValueError as e:
+        raise FedpipeError(f"precision: {e}") from None
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:

@@ -50,13 +50,13 @@ def test_dense_round_trip_is_exact_in_float32():
     for n in f:
         assert torch.equal(out[n].A, f[n].A) and torch.equal(out[n].B, f[n].B)
         assert out[n].scale == f[n].scale and out[n].A.dtype == torch.float32
-    assert meta["fedpipe.density"] == "1.0" and meta["fedpipe.dtype"] == "float32"
+    assert meta["fedpipe.density"] == "1.0" and meta["fedpipe.precision"] == "fp32"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_half_precision_within_its_precision(dtype):
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dense_half_precision_within_its_precision(precision, dtype):
     f = _factors(MODS)
-    payload = encode(f, dtype=dtype)
+    payload = encode(f, precision=precision)
     out, meta = decode(payload)
     eps = torch.finfo(dtype).eps
     for n in f:
@@ -83,7 +83,8 @@ def test_sparse_keeps_exactly_the_topk_of_the_update_by_hand():
     t = _tables(payload)
     assert t["m.A.values"] == ("F32", 12) and t["m.A.mask"] == ("U8", 1)  # 1 byte beats 3 uint16
     layout = json.loads(_header(payload)["__metadata__"]["fedpipe.layout"])
-    assert layout["m"]["A"] == {"shape": [2, 3], "enc": "bitmask", "k": 3, "ref": True}
+    assert layout["m"]["A"] == {"shape": [2, 3], "enc": "bitmask", "k": 3, "ref": True,
+                                "prec": "fp32"}
     assert layout["m"]["rank"] == 2
 
 
@@ -150,8 +151,8 @@ def test_dense_bytes_predicts_the_payload_up_to_the_header():
     ranks = {n: x.rank for n, x in f.items()}
     shapes = {n: (x.B.shape[0], x.A.shape[1]) for n, x in f.items()}
     assert dense_bytes(ranks, shapes) == 4 * (4 * 32 + 2 * 32)
-    for dtype, bpv in ((torch.float32, 4), (torch.bfloat16, 2)):
-        payload = encode(f, dtype=dtype)
+    for precision, bpv in (("fp32", 4), ("bf16", 2)):
+        payload = encode(f, precision=precision)
         header = 8 + int.from_bytes(payload[:8], "little")
         assert payload_bytes(payload) == dense_bytes(ranks, shapes, bpv) + header
     with pytest.raises(FedpipeError, match="without a shape"):
@@ -217,7 +218,7 @@ def test_reference_must_be_given_and_match():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"density": 0.0}, "density"), ({"density": 1.5}, "density"),
-    ({"dtype": torch.int8}, "dtype"),
+    ({"precision": "int3"}, "precision"), ({"precision": torch.int8}, "precision"),
 ])
 def test_bad_arguments_raise_fedpipe_error(kwargs, match):
     with pytest.raises(FedpipeError, match=match):
@@ -237,9 +238,9 @@ def test_topk_with_residual_is_pure_and_loses_nothing():
     assert torch.equal(sparse, torch.tensor([[0.0, -5.0, 3.0], [2.0, 0.0, 0.0]]))
     assert torch.equal(new_res, torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.25, -1.0]]))
     assert torch.equal(update, u0) and torch.equal(residual, r0)
-    # Rounding to the value dtype is fed back too.
+    # Rounding to the precision is fed back too.
     x = torch.randn(8, 8)
-    sparse, new_res = topk_with_residual(x, None, 1.0, dtype=torch.bfloat16)
+    sparse, new_res = topk_with_residual(x, None, 1.0, precision="bf16")
     assert torch.equal(sparse, x.bfloat16().float()) and torch.equal(sparse + new_res, x)
 
 

@@ -1,0 +1,194 @@
+"""Value precisions on the wire: error bounds, counted bytes = predicted bytes, refused corruption."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedpipe import blockwise
+from fedpipe.errors import FedpipeError
+from fedpipe.lora import LoraFactors
+from fedpipe.precision import BLOCK, PRECISIONS, bytes_per_value, tensor_bytes, value_bytes
+from fedpipe.wire import decode, encode, payload_bytes, topk_with_residual
+
+BLOCKWISE = ["int8", "nf4", "fp4"]
+
+
+def _header_len(payload: bytes) -> int:
+    return 8 + int.from_bytes(payload[:8], "little")
+
+
+def _factors(seed: int = 0, r: int = 4, d_in: int = 100, d_out: int = 70) -> dict[str, LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    return {"m": LoraFactors(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), 2.0),
+            "n": LoraFactors(torch.randn(2, 30, generator=g), torch.randn(9, 2, generator=g) * 1e-3)}
+
+
+def _bound(want: torch.Tensor, precision: str) -> torch.Tensor:
+    """The documented per-value error bound of `precision` for the dense flat tensor `want`."""
+    p = PRECISIONS[precision]
+    flat = want.reshape(-1)
+    if not p.blockwise:
+        return p.error * flat.abs() + (2.0**-25 if precision == "fp16" else 0.0)
+    pad = torch.cat([flat, flat.new_zeros(-flat.numel() % BLOCK)]).reshape(-1, BLOCK)
+    absmax = pad.abs().max(dim=1).values.repeat_interleave(BLOCK)[: flat.numel()]
+    return p.error * absmax
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_dense_round_trip_within_documented_error(precision):
+    f = _factors()
+    out, meta = decode(encode(f, precision=precision))
+    assert meta["fedpipe.precision"] == precision and meta["fedpipe.relative"] == "false"
+    for n in f:
+        for part in ("A", "B"):
+            want, got = getattr(f[n], part), getattr(out[n], part)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert torch.all((got - want).abs().reshape(-1) <= _bound(want, precision))
+
+
+def test_values_on_the_code_book_round_trip_exactly():
+    # Prepare: every value is 0 or +-absmax of its block, which both 4-bit code books hold
+    # (bitsandbytes' 8-bit dynamic code has +1 but neither 0 nor -1: 2e-5 and 0.993 are nearest).
+    x = torch.tensor([[3.0, -3.0, 0.0, 3.0], [0.0, 0.0, -3.0, 0.0]])
+    for precision in ("nf4", "fp4"):
+        # Execute
+        out, _ = decode(encode({"m": LoraFactors(x, x.T.clone())}, precision=precision))
+        # Assert
+        assert torch.equal(out["m"].A, x) and torch.equal(out["m"].B, x.T)
+
+
+@pytest.mark.parametrize("precision", BLOCKWISE)
+def test_documented_bound_covers_the_code_book(precision):
+    """Half the widest gap between neighbouring codes is the worst rounding (relative to absmax)."""
+    import bitsandbytes.functional as F
+
+    code = F.create_dynamic_map() if precision == "int8" else F.get_4bit_type(precision, device="cpu")
+    half_gap = code.float().sort().values.diff().max().item() / 2
+    assert half_gap <= PRECISIONS[precision].error < half_gap * 1.01
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("density", [0.25, 1 / 64])
+def test_topk_then_precision_within_error_of_the_kept_values(precision, density):
+    ref = _factors(seed=1)
+    f = {n: LoraFactors(r.A + 0.1 * torch.randn_like(r.A), r.B + 0.1 * torch.randn_like(r.B), r.scale)
+         for n, r in ref.items()}
+    out, meta = decode(encode(f, density=density, precision=precision, reference=ref), reference=ref)
+    assert meta["fedpipe.relative"] == "true"
+    for n in f:
+        for part in ("A", "B"):
+            base, want, got = (getattr(x[n], part) for x in (ref, f, out))
+            sent_delta = topk_with_residual(want - base, None, density)[0]  # exact top-k, fp32
+            kept = sent_delta != 0
+            err = (got - base - sent_delta).abs()
+            worst = PRECISIONS[precision].error * sent_delta.abs().max() + 2.0**-25
+            assert torch.all(err[kept] <= worst) and torch.all(err[~kept] == 0)
+
+
+def test_lossy_dense_sends_the_change_against_the_reference():
+    # Prepare: factors far from zero, a tiny change: nf4 of the absolute values would lose it.
+    ref = {"m": LoraFactors(torch.full((2, 64), 5.0), torch.full((64, 2), 5.0))}
+    f = {"m": LoraFactors(ref["m"].A + 0.01, ref["m"].B - 0.01)}
+    # Execute
+    payload = encode(f, precision="nf4", reference=ref)
+    out, meta = decode(payload, reference=ref)
+    # Assert: the change is constant per block, so exactly on the code book.
+    assert meta["fedpipe.relative"] == "true"
+    assert torch.equal(out["m"].A, f["m"].A) and torch.equal(out["m"].B, f["m"].B)
+    with pytest.raises(FedpipeError, match="same reference"):
+        decode(payload)
+    # fp32 dense stays absolute and exact; it needs no reference.
+    assert decode(encode(f, reference=ref))[1]["fedpipe.relative"] == "false"
+
+
+def test_value_bytes_by_hand():
+    assert value_bytes(100, "fp32") == 400 and value_bytes(100, "bf16") == 200
+    assert value_bytes(100, "int8") == 100 + 4 * 2  # two blocks of 64: two float32 scales
+    assert value_bytes(101, "nf4") == 51 + 4 * 2  # two codes per byte, the last one half empty
+    assert tensor_bytes(4096, 0.25, "int8") == 1024 + 4 * 16 + 512  # + bitmask (512 B < 2048 B)
+    assert tensor_bytes(4096, 1 / 128, "nf4") == 16 + 4 + 2 * 32  # + 32 uint16 indices
+    assert bytes_per_value(1.0, "int8") == 1.0625 and bytes_per_value(1.0, "nf4") == 0.5625
+    assert bytes_per_value(0.25, "fp32") == 1.125  # cost.bytes_per_value(0.25)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("density", [1.0, 0.25, 1 / 16, 1 / 200])
+def test_counted_bytes_equal_predicted_up_to_the_header(precision, density):
+    f = _factors() | {"big": LoraFactors(torch.randn(2, 40000), torch.randn(300, 2))}
+    ref = _factors(seed=1) if density < 1 else None
+    payload = encode(f, density=density, precision=precision, reference=ref)
+    predicted = sum(tensor_bytes(t.numel(), density, precision) for x in f.values() for t in (x.A, x.B))
+    assert payload_bytes(payload) - _header_len(payload) == predicted
+
+
+def test_bytes_per_value_is_what_a_large_payload_costs():
+    f = {"m": LoraFactors(torch.randn(64, 576), torch.randn(576, 64))}  # SmolLM2-sized matrix
+    n = 2 * 64 * 576
+    for precision in PRECISIONS:
+        for density in (1.0, 0.25, 1 / 16):
+            payload = encode(f, density=density, precision=precision)
+            data = payload_bytes(payload) - _header_len(payload)
+            assert data <= bytes_per_value(density, precision) * n * 1.01
+            assert data >= bytes_per_value(density, precision) * n * 0.95  # uint16 beats int32
+
+
+def _tamper(payload: bytes, change) -> bytes:
+    """Re-serialise `payload` after `change(tensors, layout)` edits it in place."""
+    n = int.from_bytes(payload[:8], "little")
+    meta = json.loads(payload[8:8 + n])["__metadata__"]
+    tensors, layout = dict(st_load(payload)), json.loads(meta["fedpipe.layout"])
+    change(tensors, layout)
+    meta["fedpipe.layout"] = json.dumps(layout)
+    return st_save(tensors, metadata=meta)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t, lay: t.update({"m.A.absmax": t["m.A.absmax"][:-1]}), "m.A: int8 scales: expected 7"),
+    (lambda t, lay: t.update({"m.A": t["m.A"][:-3]}), "m.A: int8 codes: expected 400"),
+    (lambda t, lay: t.update({"m.A.absmax": t["m.A.absmax"] * float("nan")}), "finite"),
+    (lambda t, lay: t.update({"m.A.absmax": -t["m.A.absmax"]}), ">= 0"),
+    (lambda t, lay: t.update({"m.A.absmax": t["m.A.absmax"].half()}), "float32"),
+    (lambda t, lay: t.pop("m.B.absmax"), "m.B.absmax"),
+    (lambda t, lay: lay["m"]["A"].update({"prec": "int3"}), "not a wire precision"),
+    (lambda t, lay: lay["m"]["A"].update({"prec": "nf4"}), "nf4 codes: expected 200"),
+    (lambda t, lay: lay["m"]["A"].update({"prec": "fp32"}), "torch.uint8, the layout says fp32"),
+    (lambda t, lay: lay["m"]["A"].update({"k": 399}), "k = 399"),
+])
+def test_corrupt_quantized_payload_is_refused_naming_the_tensor(change, match):
+    payload = encode(_factors(), precision="int8")
+    with pytest.raises(FedpipeError, match="module 'm' is corrupt") as e:
+        decode(_tamper(payload, change))
+    assert match in str(e.value)
+
+
+@pytest.mark.parametrize("precision", BLOCKWISE)
+def test_truncated_quantized_payload_is_refused(precision):
+    payload = encode(_factors(), precision=precision, density=0.25)
+    for cut in (1, 100, len(payload) // 2):
+        with pytest.raises(FedpipeError, match="payload"):
+            decode(payload[:-cut])
+
+
+def test_values_a_precision_cannot_hold_are_refused_at_encode():
+    big = {"m": LoraFactors(torch.full((1, 4), 2.0**17), torch.ones(4, 1))}
+    with pytest.raises(FedpipeError, match="m.A: values exceed the range of fp16"):
+        encode(big, precision="fp16")
+    assert torch.equal(decode(encode(big, precision="bf16"))[0]["m"].A, big["m"].A)
+    nan = {"m": LoraFactors(torch.tensor([[1.0, float("nan")]]), torch.ones(2, 1))}
+    with pytest.raises(FedpipeError, match="m.A: non-finite values cannot be sent at nf4"):
+        encode(nan, precision="nf4")
+
+
+def test_blockwise_dequantize_checks_before_decoding():
+    codes, absmax = blockwise.quantize(torch.randn(130), "nf4")
+    assert codes.numel() == 65 and absmax.numel() == 3
+    assert blockwise.dequantize(codes, absmax, 130, "nf4").shape == (130,)
+    with pytest.raises(ValueError, match="expected 66 uint8"):
+        blockwise.dequantize(codes, absmax, 132, "nf4")
+    assert math.isclose(bytes_per_value(1.0, "fp4"), 0.5625)
