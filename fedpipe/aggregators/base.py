@@ -30,6 +30,10 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     merges_into_base: ClassVar[bool] = False
+    # A server's next start is in the same factor coordinates as its last one (averaged factors,
+    # restarted by truncation), so an upload residual kept in those coordinates stays meaningful
+    # (`fedpipe.feedback`). False where the global is re-based (SVD) or A is drawn afresh.
+    keeps_factor_coordinates: ClassVar[bool] = True
 
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate],

@@ -26,6 +26,7 @@ from .linalg import (
 
 class FlexLoRA(Aggregator):
     name = "flexlora"
+    keeps_factor_coordinates = False
     workers: int | None = None  # threads for the per-module SVDs (None: this process's cores)
 
     def aggregate(self, updates: Sequence[ClientUpdate],

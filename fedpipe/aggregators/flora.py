@@ -44,6 +44,7 @@ def cap(f: LoraFactors) -> LoraFactors:
 class FLoRA(Aggregator):
     name = "flora"
     merges_into_base = True
+    keeps_factor_coordinates = False
 
     def aggregate(self, updates: Sequence[ClientUpdate],
                   previous: GlobalAdapter | None) -> GlobalAdapter:
