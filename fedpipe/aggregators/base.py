@@ -11,6 +11,7 @@ from fedpipe.errors import FedpipeError
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 
 from .linalg import module_seed, start_factors
+from .truncate import Cut, Truncation
 
 
 @dataclass
@@ -34,6 +35,17 @@ class Aggregator(ABC):
     # restarted by truncation), so an upload residual kept in those coordinates stays meaningful
     # (`fedpipe.feedback`). False where the global is re-based (SVD) or A is drawn afresh.
     keeps_factor_coordinates: ClassVar[bool] = True
+    # Accepts a `Truncation` of the global rank, which grows with the servers' ranks (flexlora's
+    # SVD, flora's stack); fedit and hetlora never exceed the largest server rank.
+    truncates: ClassVar[bool] = False
+
+    def __init__(self, truncation: Truncation | None = None) -> None:
+        if truncation is not None and not self.truncates:
+            raise FedpipeError(f"truncation: {self.name} keeps the global rank at the largest server "
+                               "rank already; valid with flexlora and flora")
+        self.truncation = truncation
+        # What the last `aggregate` cut, per module (empty without truncation): `cut_metrics`.
+        self.cuts: dict[str, Cut] = {}
 
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate],

@@ -9,6 +9,9 @@ cumulative factors: [previous (capped) | this round's stack]. The cap: once the 
 more components than min(m, n) it is rewritten, without loss, as the dense product times an
 identity (exactly rank min(m, n)), so the cumulative never grows past min(m, n) + this round's
 rank, and `broadcast` can slice this round's update back out knowing only the previous adapter.
+With a `Truncation` (FLoRIST), this round's stack is replaced by its leading singular components
+before it is broadcast and appended, so every server merges, and the master copy records, the same
+truncated update.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from fedpipe.errors import FedpipeError
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 
 from .base import Aggregator, Broadcast, next_round
-from .linalg import module_names, participants, stack_factors
+from .linalg import factored_svd, module_names, participants, stack_factors
+from .truncate import truncate_svd
 
 
 def capped_rank(f: LoraFactors) -> int:
@@ -45,11 +49,17 @@ class FLoRA(Aggregator):
     name = "flora"
     merges_into_base = True
     keeps_factor_coordinates = False
+    truncates = True
 
     def aggregate(self, updates: Sequence[ClientUpdate],
                   previous: GlobalAdapter | None) -> GlobalAdapter:
         rounds = {name: stack_factors(participants(updates, name))
                   for name in module_names(updates)}
+        self.cuts = {}
+        if self.truncation is not None:
+            for name, stack in rounds.items():
+                rounds[name], self.cuts[name] = truncate_svd(
+                    *factored_svd(stack.B, stack.A), self.truncation)
         before = previous.factors if previous is not None else {}
         factors = {}
         for name in [*rounds, *(n for n in before if n not in rounds)]:
