@@ -23,6 +23,7 @@ from pydantic import (
 
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
+from fedpipe.precision import WirePrecision
 from fedpipe.profile import MERGING_RULES, AggregationRule, Bits, Task
 
 SCHEMA_VERSION = 1
@@ -72,6 +73,11 @@ class ServerPlan(_Strict):
     download_density: float = Field(1.0, description="Share of each downloaded factor's entries "
                                     "sent: top-k of the change since the previous broadcast "
                                     "(1 = dense).")
+    upload_precision: WirePrecision = Field("fp32", description="How uploaded values travel: fp32, "
+                                            "bf16, fp16, or blockwise int8 / nf4 / fp4 (64 values per "
+                                            "float32 scale); see fedpipe.precision.")
+    download_precision: WirePrecision = Field("fp32", description="How downloaded values travel "
+                                              "(likewise).")
 
     @field_validator("upload_density", "download_density")
     @classmethod
@@ -147,7 +153,7 @@ class Plan(_Strict):
     servers: list[ServerPlan]
 
     @model_validator(mode="after")
-    def _densities_fit_rule(self) -> Plan:
+    def _downloads_fit_rule(self) -> Plan:
         check_densities(self.servers, self.aggregation, error=ValueError)
         return self
 
@@ -162,14 +168,16 @@ class Plan(_Strict):
 
 def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:
-    """Sparse downloads need a rule whose broadcast a top-k can approximate and a later round can
-    correct: rules that merge each round's update into the base for good (flora) get it dense."""
+    """Lossy downloads (sparse, or a precision below fp32) need a rule whose broadcast a later round
+    can correct: rules that merge each round's update into the base for good (flora) get it exact."""
     if rule not in MERGING_RULES:
         return
-    problems = [f"server {s.name!r}: download_density {s.download_density:g} with aggregation "
-                f"{rule!r}; valid is 1 (it merges each round's update into the base for good: a top-k "
-                "of it would leave that server's base off the global model)"
+    why = (f"with aggregation {rule!r}; valid is {{}} (it merges each round's update into the base for "
+           "good: a lossy copy of it would leave that server's base off the global model)")
+    problems = [f"server {s.name!r}: download_density {s.download_density:g} " + why.format("1")
                 for s in servers if s.download_density < 1.0]
+    problems += [f"server {s.name!r}: download_precision {s.download_precision} " + why.format("fp32")
+                 for s in servers if s.download_precision != "fp32"]
     if problems:
         raise error("; ".join(problems))
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
+WirePrecision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]  # the plan's field type
 BLOCK = 64
 ABSMAX_BYTES = 4  # one float32 scale per block
 UINT16_MAX_NUMEL = 65536  # sparse indices are uint16 up to this many entries, int32 beyond

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+from typing import get_args
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedpipe import blockwise
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import LoraFactors
-from fedpipe.precision import BLOCK, PRECISIONS, bytes_per_value, tensor_bytes, value_bytes
+from fedpipe.plan import Prediction, ServerPlan, check_densities
+from fedpipe.precision import (
+    BLOCK,
+    PRECISIONS,
+    WirePrecision,
+    bytes_per_value,
+    tensor_bytes,
+    value_bytes,
+)
 from fedpipe.wire import decode, encode, payload_bytes, topk_with_residual
 
 BLOCKWISE = ["int8", "nf4", "fp4"]
@@ -192,3 +202,28 @@ def test_blockwise_dequantize_checks_before_decoding():
     with pytest.raises(ValueError, match="expected 66 uint8"):
         blockwise.dequantize(codes, absmax, 132, "nf4")
     assert math.isclose(bytes_per_value(1.0, "fp4"), 0.5625)
+
+
+def _entry(**fields) -> ServerPlan:
+    predicted = Prediction(memory_gib=1, memory_budget_gib=2, compute_s=1, upload_s=0, download_s=0,
+                           round_s=1, upload_bytes=0, download_bytes=0, lora_params=0)
+    return ServerPlan(name="edge", members=["edge-0"], samples=10, bits=4, batch_size=1,
+                      rank_pattern={"m": 4}, importance_covered=1.0, predicted=predicted, **fields)
+
+
+def test_plan_precisions_default_to_fp32_and_name_only_wire_precisions():
+    assert get_args(WirePrecision) == tuple(PRECISIONS)
+    entry = _entry()
+    assert entry.upload_precision == entry.download_precision == "fp32"
+    assert _entry(upload_precision="nf4", download_precision="int8").upload_precision == "nf4"
+    with pytest.raises(ValidationError, match="upload_precision"):
+        _entry(upload_precision="int3")
+
+
+def test_flora_refuses_lossy_download_precision():
+    lossy = _entry(download_precision="bf16", upload_precision="nf4")
+    check_densities([lossy], "flexlora")
+    check_densities([_entry(upload_precision="nf4")], "flora")
+    with pytest.raises(FedpipeError, match="'edge': download_precision bf16 with aggregation 'flora'; "
+                                           "valid is fp32"):
+        check_densities([lossy], "flora")
