@@ -11,36 +11,76 @@ bitsandbytes is imported on first use (it takes seconds), never for float precis
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from fedpipe.precision import BLOCK, get_precision
 
 
-def quantize(values: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax) of a 1-D float32 CPU vector at a blockwise `precision` (int8, nf4, fp4)."""
-    if values.numel() == 0:
-        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.float32)
-    F = _functional()
-    x = values.detach().to("cpu", torch.float32).contiguous()
-    if precision == "int8":
-        codes, state = F.quantize_blockwise(x, blocksize=BLOCK)
+def quantize(vectors: Sequence[torch.Tensor], precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(codes, absmax) of each 1-D float32 vector at a blockwise `precision` (int8, nf4, fp4).
+
+    One bitsandbytes call for all of them (a call costs milliseconds of overhead; a payload has
+    hundreds of tensors): each vector is zero-padded to whole blocks, so no block straddles two
+    vectors and each gets exactly the codes and scales it would get alone.
+    """
+    bits = get_precision(precision).bits
+    sizes = [v.numel() for v in vectors]
+    flat = torch.zeros(sum(_padded(n) for n in sizes), dtype=torch.float32)
+    offset = 0
+    for v, n in zip(vectors, sizes, strict=True):
+        flat[offset:offset + n] = v.detach().reshape(-1).to("cpu", torch.float32)
+        offset += _padded(n)
+    if offset == 0:
+        codes, absmax = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.float32)
+    elif precision == "int8":
+        codes, state = _functional().quantize_blockwise(flat, blocksize=BLOCK)
+        absmax = state.absmax
     else:
-        codes, state = F.quantize_4bit(x, blocksize=BLOCK, quant_type=precision)
-    return codes.reshape(-1).contiguous(), state.absmax.to(torch.float32).contiguous()
+        codes, state = _functional().quantize_4bit(flat, blocksize=BLOCK, quant_type=precision)
+        absmax = state.absmax
+    codes, absmax = codes.reshape(-1), absmax.to(torch.float32)
+    out, offset = [], 0
+    for n in sizes:
+        c, b = offset * bits // 8, offset // BLOCK
+        out.append((codes[c:c + math.ceil(n * bits / 8)].clone(), absmax[b:b + math.ceil(n / BLOCK)].clone()))
+        offset += _padded(n)
+    return out
 
 
-def dequantize(codes: torch.Tensor, absmax: torch.Tensor, n: int, precision: str) -> torch.Tensor:
-    """The `n` float32 values that `codes` and `absmax` stand for; ValueError if they cannot."""
-    check(codes, absmax, n, precision)
-    if n == 0:
-        return torch.zeros(0, dtype=torch.float32)
+def dequantize(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]], precision: str
+               ) -> list[torch.Tensor]:
+    """The float32 values of each (codes, absmax, n), in one bitsandbytes call; every item is
+    `check`ed first (ValueError naming its position if it does not fit)."""
+    bits = get_precision(precision).bits
+    for i, (codes, absmax, n) in enumerate(items):
+        try:
+            check(codes, absmax, n, precision)
+        except ValueError as e:
+            raise ValueError(f"item {i}: {e}") from None
+    total = sum(_padded(n) for _, _, n in items)
+    if total == 0:
+        return [torch.zeros(0, dtype=torch.float32) for _ in items]
+    codes = torch.zeros(total * bits // 8, dtype=torch.uint8)
+    offset = 0
+    for c, _, n in items:
+        codes[offset * bits // 8:offset * bits // 8 + c.numel()] = c
+        offset += _padded(n)
+    absmax = torch.cat([a for _, a, _ in items])
     F = _functional()
     if precision == "int8":
-        return F.dequantize_blockwise(codes, absmax=absmax, blocksize=BLOCK).to(torch.float32)
-    state = F.QuantState(absmax=absmax, shape=torch.Size([n]), blocksize=BLOCK, quant_type=precision,
-                         code=F.get_4bit_type(precision, device="cpu"), dtype=torch.float32)
-    return F.dequantize_4bit(codes.reshape(-1, 1), state).reshape(-1)
+        flat = F.dequantize_blockwise(codes, absmax=absmax, blocksize=BLOCK)
+    else:
+        state = F.QuantState(absmax=absmax, shape=torch.Size([total]), blocksize=BLOCK,
+                             quant_type=precision, code=F.get_4bit_type(precision, device="cpu"),
+                             dtype=torch.float32)
+        flat = F.dequantize_4bit(codes.reshape(-1, 1), state).reshape(-1)
+    out, offset = [], 0
+    for _, _, n in items:
+        out.append(flat[offset:offset + n].to(torch.float32))
+        offset += _padded(n)
+    return out
 
 
 def check(codes: torch.Tensor, absmax: torch.Tensor, n: int, precision: str) -> None:
@@ -57,6 +97,10 @@ def check(codes: torch.Tensor, absmax: torch.Tensor, n: int, precision: str) -> 
                          f"{n} values, got {absmax.numel()} {absmax.dtype}")
     if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
         raise ValueError(f"{precision} scales: block absmax values must be finite and >= 0")
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
 
 
 def _functional():

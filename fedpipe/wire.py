@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,17 +82,22 @@ def encode(
     _check_precision(precision)
     user_meta = _check_metadata(metadata)
     lossy = density < 1.0 or precision != "fp32"
-    tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
+    picks: list[_Pick] = []
     for name, f in factors.items():
         _check_factors(name, f)
-        entry: dict = {"scale": float(f.scale), "rank": int(f.rank)}
+        layout[name] = {"scale": float(f.scale), "rank": int(f.rank)}
         for part in ("A", "B"):
-            key = f"{name}.{part}"
             x = getattr(f, part).detach().to("cpu", torch.float32)
             ref = _reference_tensor(reference, name, part, x.shape) if lossy else None
-            entry[part] = _encode_tensor(tensors, key, x, ref, density, precision, residual)
-        layout[name] = entry
+            picks.append(_pick(name, part, x, ref, density, residual))
+    # All values at once: blockwise quantization is one bitsandbytes call per payload.
+    stored = _store([p.values for p in picks], precision, [p.key for p in picks])
+    tensors: dict[str, torch.Tensor] = {}
+    for p, (st, received) in zip(picks, stored, strict=True):
+        if residual is not None:
+            residual[p.key] = p.meant - _scatter(p.idx, received, p.meant.shape)
+        layout[p.name][p.part] = _write(tensors, p, st, precision)
     meta = dict(user_meta)
     meta.update({
         "fedpipe.format": FORMAT,
@@ -120,11 +126,13 @@ def decode(
             raise ValueError("layout is not a JSON object")
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise FedpipeError(f"payload: not a valid fedpipe wire payload ({e})") from e
+    quantized = _dequantize_all(tensors, layout)
     factors: dict[str, LoraFactors] = {}
     for name, entry in layout.items():
         try:
             parts = {
-                part: _decode_tensor(tensors, f"{name}.{part}", entry[part], reference, name, part)
+                part: _decode_tensor(tensors, f"{name}.{part}", entry[part], reference, name, part,
+                                     quantized)
                 for part in ("A", "B")
             }
             factors[name] = LoraFactors(parts["A"], parts["B"], float(entry["scale"]))
@@ -169,7 +177,7 @@ def topk_with_residual(
     _check_precision(precision)
     acc = _accumulate(update, residual)
     idx = _topk_indices(acc, kept(_check_density(density), acc.numel()))
-    _, received = _store(acc.reshape(-1).index_select(0, idx), precision, "update")
+    [(_, received)] = _store([acc.reshape(-1).index_select(0, idx)], precision, ["update"])
     sent = _scatter(idx, received, acc.shape)
     return sent, acc - sent
 
@@ -177,67 +185,81 @@ def topk_with_residual(
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _encode_tensor(
-    out: dict[str, torch.Tensor],
-    key: str,
-    x: torch.Tensor,
-    ref: torch.Tensor | None,
-    density: float,
-    precision: str,
-    residual: dict[str, torch.Tensor] | None,
-) -> dict:
-    """Write one factor tensor into `out` and return its layout entry.
+@dataclass
+class _Pick:
+    """One factor tensor on its way out: what is meant, and which entries of it travel."""
 
-    What is meant is `x` less the reference (if any) plus the carried residual; the kept entries
-    (all when dense) are stored at `precision`, and the residual becomes meant - received.
-    """
-    shape, numel = list(x.shape), x.numel()
+    name: str
+    part: str
+    meant: torch.Tensor  # x less the reference (if any) plus the carried residual
+    idx: torch.Tensor  # ascending flat indices of the entries sent (all when dense)
+    values: torch.Tensor  # meant at idx
+    dense: bool
+    relative: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{self.part}"
+
+
+def _pick(name: str, part: str, x: torch.Tensor, ref: torch.Tensor | None, density: float,
+          residual: dict[str, torch.Tensor] | None) -> _Pick:
     meant = x - ref if ref is not None else x
     if residual is not None:
-        meant = _accumulate(meant, residual.get(key))
+        meant = _accumulate(meant, residual.get(f"{name}.{part}"))
+    numel = meant.numel()
     dense = density >= 1.0 or numel == 0
     idx = torch.arange(numel) if dense else _topk_indices(meant, kept(density, numel))
     values = meant.reshape(-1) if dense else meant.reshape(-1).index_select(0, idx)
-    stored, received = _store(values, precision, key)
-    if residual is not None:
-        residual[key] = meant - _scatter(idx, received, meant.shape)
-    spec = {"shape": shape, "enc": "dense", "k": idx.numel(), "ref": ref is not None,
-            "prec": precision}
-    value_key = key if dense else f"{key}.values"
-    if dense and not get_precision(precision).blockwise:
-        stored["values"] = stored["values"].reshape(x.shape)
-    out[value_key] = stored["values"].contiguous()
+    return _Pick(name, part, meant, idx, values, dense, ref is not None)
+
+
+def _write(out: dict[str, torch.Tensor], p: _Pick, stored: dict[str, torch.Tensor],
+           precision: str) -> dict:
+    """Put one tensor's stored values (and scales, mask) into `out`; return its layout entry."""
+    shape, numel = list(p.meant.shape), p.meant.numel()
+    spec = {"shape": shape, "enc": "dense", "k": p.idx.numel(), "ref": p.relative, "prec": precision}
+    values = stored["values"]
+    if p.dense and not get_precision(precision).blockwise:
+        values = values.reshape(p.meant.shape)  # a dense float tensor keeps its 2-D shape
+    out[p.key if p.dense else f"{p.key}.values"] = values.contiguous()
     if "absmax" in stored:
-        out[f"{key}.absmax"] = stored["absmax"]
-    if dense:
+        out[f"{p.key}.absmax"] = stored["absmax"]
+    if p.dense:
         return spec
-    if mask_bytes(numel, idx.numel()) == math.ceil(numel / 8):
-        out[f"{key}.mask"] = _pack_bits(idx, numel)
+    if mask_bytes(numel, p.idx.numel()) == math.ceil(numel / 8):
+        out[f"{p.key}.mask"] = _pack_bits(p.idx, numel)
         spec["enc"] = "bitmask"
     else:
         idx_dtype = torch.uint16 if numel <= UINT16_MAX_NUMEL else torch.int32
-        out[f"{key}.idx"] = idx.to(torch.int32).to(idx_dtype).contiguous()
+        out[f"{p.key}.idx"] = p.idx.to(torch.int32).to(idx_dtype).contiguous()
         spec["enc"] = "indices"
     return spec
 
 
-def _store(values: torch.Tensor, precision: str, key: str
-           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({"values": stored[, "absmax": scales]}, what the receiver decodes) of a flat vector."""
+def _store(vectors: list[torch.Tensor], precision: str, keys: list[str]
+           ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """For each flat vector: ({"values": stored[, "absmax": scales]}, what the receiver decodes)."""
     if precision == "fp32":
-        return {"values": values}, values
+        return [({"values": v}, v) for v in vectors]
     if get_precision(precision).blockwise:
-        if not bool(torch.isfinite(values).all()):
-            raise FedpipeError(f"{key}: non-finite values cannot be sent at {precision}")
-        codes, absmax = blockwise.quantize(values, precision)
-        return {"values": codes, "absmax": absmax}, blockwise.dequantize(
-            codes, absmax, values.numel(), precision)
-    stored = values.to(_FLOAT_DTYPES[precision])
-    received = stored.to(torch.float32)
-    if bool(torch.isfinite(values).all()) and not bool(torch.isfinite(received).all()):
-        raise FedpipeError(f"{key}: values exceed the range of {precision} (largest magnitude "
-                           f"{values.abs().max().item():.4g}); send them at bf16 or fp32")
-    return {"values": stored}, received
+        for v, key in zip(vectors, keys, strict=True):
+            if not bool(torch.isfinite(v).all()):
+                raise FedpipeError(f"{key}: non-finite values cannot be sent at {precision}")
+        quantized = blockwise.quantize(vectors, precision)
+        received = blockwise.dequantize(
+            [(c, a, v.numel()) for (c, a), v in zip(quantized, vectors, strict=True)], precision)
+        return [({"values": c, "absmax": a}, r)
+                for (c, a), r in zip(quantized, received, strict=True)]
+    out = []
+    for v, key in zip(vectors, keys, strict=True):
+        stored = v.to(_FLOAT_DTYPES[precision])
+        received = stored.to(torch.float32)
+        if bool(torch.isfinite(v).all()) and not bool(torch.isfinite(received).all()):
+            raise FedpipeError(f"{key}: values exceed the range of {precision} (largest magnitude "
+                               f"{v.abs().max().item():.4g}); send them at bf16 or fp32")
+        out.append(({"values": stored}, received))
+    return out
 
 
 def _accumulate(update: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -297,6 +319,7 @@ def _decode_tensor(
     reference: dict[str, LoraFactors] | None,
     name: str,
     part: str,
+    quantized: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     shape = tuple(int(s) for s in spec["shape"])
     if len(shape) != 2 or min(shape) < 0:
@@ -319,8 +342,9 @@ def _decode_tensor(
         raise ValueError(f"{key}: unknown encoding {enc!r}")
     if idx is not None and idx.numel() != k:
         raise ValueError(f"{key}: {idx.numel()} mask entries, the layout says k = {k}")
-    values = _decode_values(tensors, key, key if idx is None else f"{key}.values", k,
-                            spec.get("prec"), shape if idx is None else None)
+    values = quantized[key] if key in quantized else _decode_values(
+        tensors, key if idx is None else f"{key}.values", k, spec.get("prec"),
+        shape if idx is None else None)
     if spec["ref"]:
         if reference is None or name not in reference:
             raise FedpipeError(
@@ -343,25 +367,47 @@ def _decode_tensor(
     return flat.reshape(shape)
 
 
-def _decode_values(tensors: dict[str, torch.Tensor], key: str, value_key: str, k: int,
+def _dequantize_all(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
+    """{NAME.X: its k float32 values} of every blockwise tensor, one bitsandbytes call per
+    precision; each tensor's codes and scales are checked first, naming the module if corrupt."""
+    groups: dict[str, list[tuple[str, tuple[torch.Tensor, torch.Tensor, int]]]] = {}
+    for name, entry in layout.items():
+        key = name
+        try:
+            for part in ("A", "B"):
+                key, spec = f"{name}.{part}", entry[part]
+                precision = spec.get("prec")
+                if precision is None or not get_precision(precision).blockwise:
+                    continue
+                item = (tensors[key if spec["enc"] == "dense" else f"{key}.values"],
+                        tensors[f"{key}.absmax"], int(spec["k"]))
+                blockwise.check(*item, precision)
+                groups.setdefault(precision, []).append((key, item))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FedpipeError(f"payload: module {name!r} is corrupt ({key}: {e})") from e
+    out: dict[str, torch.Tensor] = {}
+    for precision, group in groups.items():
+        values = blockwise.dequantize([item for _, item in group], precision)
+        out.update(zip((key for key, _ in group), values, strict=True))
+    return out
+
+
+def _decode_values(tensors: dict[str, torch.Tensor], value_key: str, k: int,
                    precision: str | None, dense_shape: tuple[int, ...] | None) -> torch.Tensor:
-    """The k float32 values stored under `value_key`, checked against the layout.
+    """The k float32 values of a float tensor stored under `value_key`, checked against the layout.
 
     `precision` None: a payload from before precisions were recorded (float values of any width).
-    A dense float tensor keeps the factor's 2-D shape; blockwise codes are always flat.
+    A dense tensor keeps the factor's 2-D shape.
     """
     stored = tensors[value_key]
-    if precision is not None and get_precision(precision).blockwise:
-        try:
-            return blockwise.dequantize(stored, tensors[f"{key}.absmax"], k, precision)
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
+    if precision is not None:
+        get_precision(precision)  # an unknown name is a corrupt layout
     allowed = tuple(_FLOAT_DTYPES.values()) if precision is None else (_FLOAT_DTYPES[precision],)
     if stored.dtype not in allowed:
-        raise ValueError(f"{key}: values are {stored.dtype}, the layout says {precision}")
+        raise ValueError(f"{value_key}: values are {stored.dtype}, the layout says {precision}")
     want = dense_shape if dense_shape is not None else (k,)
     if tuple(stored.shape) != want:
-        raise ValueError(f"{key}: tensor shape {tuple(stored.shape)} != layout shape {want}")
+        raise ValueError(f"{value_key}: tensor shape {tuple(stored.shape)} != layout shape {want}")
     return stored.to(torch.float32).reshape(-1)
 
 

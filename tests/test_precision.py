@@ -168,7 +168,7 @@ def _tamper(payload: bytes, change) -> bytes:
     (lambda t, lay: lay["m"]["A"].update({"prec": "int3"}), "not a wire precision"),
     (lambda t, lay: lay["m"]["A"].update({"prec": "nf4"}), "nf4 codes: expected 200"),
     (lambda t, lay: lay["m"]["A"].update({"prec": "fp32"}), "torch.uint8, the layout says fp32"),
-    (lambda t, lay: lay["m"]["A"].update({"k": 399}), "k = 399"),
+    (lambda t, lay: lay["m"]["A"].update({"k": 399}), "expected 399 uint8 bytes for 399 values"),
 ])
 def test_corrupt_quantized_payload_is_refused_naming_the_tensor(change, match):
     payload = encode(_factors(), precision="int8")
@@ -196,11 +196,22 @@ def test_values_a_precision_cannot_hold_are_refused_at_encode():
 
 
 def test_blockwise_dequantize_checks_before_decoding():
-    codes, absmax = blockwise.quantize(torch.randn(130), "nf4")
-    assert codes.numel() == 65 and absmax.numel() == 3
-    assert blockwise.dequantize(codes, absmax, 130, "nf4").shape == (130,)
-    with pytest.raises(ValueError, match="expected 66 uint8"):
-        blockwise.dequantize(codes, absmax, 132, "nf4")
+    # Prepare: three vectors, one empty, none a whole number of blocks.
+    vectors = [torch.randn(130), torch.zeros(0), torch.randn(7)]
+    # Execute: one call for all, and each alone.
+    together = blockwise.quantize(vectors, "nf4")
+    alone = [blockwise.quantize([v], "nf4")[0] for v in vectors]
+    # Assert: the same codes and scales either way, two codes per byte, one scale per 64.
+    assert [(c.numel(), a.numel()) for c, a in together] == [(65, 3), (0, 0), (4, 1)]
+    for (c1, a1), (c2, a2) in zip(together, alone, strict=True):
+        assert torch.equal(c1, c2) and torch.equal(a1, a2)
+    back = blockwise.dequantize([(c, a, v.numel()) for (c, a), v in zip(together, vectors, strict=True)],
+                                "nf4")
+    assert [b.shape for b in back] == [(130,), (0,), (7,)]
+    assert torch.equal(back[2], blockwise.dequantize([(*together[2], 7)], "nf4")[0])
+    codes, absmax = together[0]
+    with pytest.raises(ValueError, match="item 0: nf4 codes: expected 66 uint8"):
+        blockwise.dequantize([(codes, absmax, 132)], "nf4")
     assert math.isclose(bytes_per_value(1.0, "fp4"), 0.5625)
 
 
@@ -227,3 +238,10 @@ def test_flora_refuses_lossy_download_precision():
     with pytest.raises(FedpipeError, match="'edge': download_precision bf16 with aggregation 'flora'; "
                                            "valid is fp32"):
         check_densities([lossy], "flora")
+
+
+@pytest.mark.parametrize("precision", BLOCKWISE)
+def test_rank_zero_factors_round_trip(precision):
+    f = {"m": LoraFactors(torch.zeros(0, 4), torch.zeros(3, 0))}
+    out, _ = decode(encode(f, precision=precision))
+    assert out["m"].A.shape == (0, 4) and out["m"].B.shape == (3, 0)
