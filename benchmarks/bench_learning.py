@@ -21,8 +21,8 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from fedpipe.federation.inprocess import run_plan
 from fedpipe.plan import Plan, ServerPlan, load_plan, save_plan
-from fedpipe.runner import run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

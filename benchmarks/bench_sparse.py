@@ -34,8 +34,9 @@ from pathlib import Path
 import yaml
 from transformers.utils import logging as hf_logging
 
+from fedpipe.federation.inprocess import run_plan
+from fedpipe.federation.spec import model_folder, plan_data, with_densities
 from fedpipe.plan import Plan, load_plan, save_plan
-from fedpipe.runner import model_folder, plan_data, run_plan, with_densities
 
 PROFILE = {
     "name": "sparse-bench", "model": "smollm2-135m", "aggregation": "flexlora",
@@ -103,7 +104,7 @@ def base_eval(plan: Plan, n_eval: int, device: str) -> dict:
     from fedpipe.models import load_base, load_tokenizer
 
     model_dir = model_folder(plan)
-    held_out = plan_data(plan, n_eval)[3]
+    held_out = plan_data(plan, n_eval)[1]
     result = evaluate(load_base(model_dir, 16, device=device), load_tokenizer(model_dir), held_out,
                       plan.task.seq_len)
     return {"loss": result["loss"], "accuracy": result["accuracy"]}

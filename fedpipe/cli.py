@@ -174,8 +174,8 @@ def run(
         raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
     from transformers.utils import logging as hf_logging
 
+    from fedpipe.federation.inprocess import run_plan
     from fedpipe.render import console, run_progress, run_table
-    from fedpipe.runner import run_plan
 
     hf_logging.disable_progress_bar()  # our own bar shows rounds and servers
 

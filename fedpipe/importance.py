@@ -258,7 +258,7 @@ def weights_dir(profile_model: str, base_dir: Path, *, convert: bool = True) -> 
 def server_shards(request: ScoringRequest) -> dict[str, list]:
     """Each server's (profile entry's) training data, dealt as a run deals it.
 
-    As `fedpipe.runner.plan_data` deals it when every server trains: the pool is the task's
+    As `fedpipe.federation.spec.plan_data` deals it when every server trains: the pool is the task's
     dataset (builtin: enough of every family that a skewed shard never repeats examples), the
     held-out examples are removed first, then `fedpipe.data.partition` deals the rest over the
     individual members. An entry's data is the union of its members' shards.

@@ -9,15 +9,17 @@ from typer.testing import CliRunner
 
 from fedpipe import wire
 from fedpipe.cli import app
-from fedpipe.client import AdaptedModel, EdgeTrainer, derived_seed
+from fedpipe.client import AdaptedModel, EdgeTrainer
+from fedpipe.coordinator import Coordinator, align_components
 from fedpipe.diff import diff_plans
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.inprocess import run_plan
+from fedpipe.federation.spec import model_folder, plan_data, training_members, with_densities
 from fedpipe.lora import LoraFactors
 from fedpipe.models import get_factors, load_tokenizer, make_tiny_llama, reset_lora, set_factors
 from fedpipe.plan import load_plan, save_plan
+from fedpipe.protocol import derived_seed, read_update
 from fedpipe.render import diff_table
-from fedpipe.runner import model_folder, plan_data, run_plan, with_densities
-from fedpipe.server import Coordinator, align_components, decode_update
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def wide_plan(tmp_path, model_dir, rule: str, rank: int = 32):
 def federation(plan, rule):
     """The runner's setup, kept open so a test can look inside every round."""
     task = plan.task
-    members, _, shards, _ = plan_data(plan, task.eval_samples)
+    members, (shards, _) = training_members(plan), plan_data(plan, task.eval_samples)
     model_dir = model_folder(plan)
     tokenizer = load_tokenizer(model_dir)
     trainers = [EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
@@ -76,7 +78,7 @@ def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
             start = get_factors(model)
             reference = coordinator.upload_reference(up)
             assert_same(reference, start)  # rebuilt on the coordinator from the payload alone
-            got = decode_update(up, reference).factors
+            got = read_update(up, reference).factors
             expected = {}
             for name, f in trained.items():
                 parts = {}

@@ -1,8 +1,9 @@
-"""The aggregation server: what each edge server receives, and combining what comes back.
+"""The coordinator: what each edge server receives, and combining what comes back.
 
 It holds the only state of a federation: the global adapter (full precision, scales folded) and
-the one before it (flora broadcasts the difference). Both backends drive it the same way:
-`broadcast` per server, then `aggregate` over the payloads that arrived.
+the one before it (flora broadcasts the difference). The round loop (`fedpipe.federation.loop`)
+drives it the same way for every transport: `broadcast` per server, then `aggregate` over the
+updates that arrived.
 
 For sparse communication (see `fedpipe.client`) it also remembers, per plan entry, the last
 broadcast as that entry decoded it: the reference of the next sparse broadcast and the start a
@@ -18,23 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpipe import wire
 from fedpipe.aggregators import get_aggregator
-from fedpipe.client import broadcast_payload, peek_metadata, split_broadcast, start_reference
 from fedpipe.errors import FedpipeError
-from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
+from fedpipe.lora import GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
+from fedpipe.protocol import broadcast_payload, peek_metadata, read_broadcast, read_update, start_reference
 
 # Rules whose aggregate depends on each server's product B_k A_k alone, so a server may start from
 # any factorization of its start: their broadcasts are aligned to what the server holds. Rules that
 # average factors (fedit, hetlora) need every server in the same coordinates, and are not.
 ALIGNED_RULES = frozenset({"flexlora"})
-
-
-def decode_update(payload: bytes, reference: dict[str, LoraFactors] | None = None) -> ClientUpdate:
-    factors, meta = wire.decode(payload, reference=reference)
-    return ClientUpdate(server=meta["server"], n_samples=int(meta["n_samples"]), factors=factors,
-                        metrics={"train_loss": float(meta.get("train_loss", "nan"))})
 
 
 def align_components(new: dict[str, LoraFactors],
@@ -81,9 +75,18 @@ class Coordinator:
         """Rounds aggregated so far."""
         return self.global_adapter.round if self.global_adapter is not None else 0
 
-    def broadcast(self, entry: ServerPlan) -> bytes:
+    def broadcast(self, entry: ServerPlan, *, synced: bool = True) -> bytes:
         """The payload a server of this plan entry starts the next round from (the same bytes for
-        every call in a round); below download_density 1 a top-k delta against the last one."""
+        every call in a round); below download_density 1 a top-k delta against the last one.
+        Under a rule that merges into the base, a server that is not `synced` (it did not take
+        part last round, or the run was resumed) gets the cumulative update instead of the round's."""
+        payload = self._broadcast(entry)
+        if synced or not self.aggregator.merges_into_base or self.global_adapter is None:
+            return payload
+        init = read_broadcast(payload).init
+        return broadcast_payload(self.global_adapter.factors, init, self.round + 1, base="full")
+
+    def _broadcast(self, entry: ServerPlan) -> bytes:
         next_round = self.round + 1
         last = self.sent.get(entry.name)
         if last is not None and last.round == next_round:
@@ -102,16 +105,17 @@ class Coordinator:
             if self.aggregator.name in ALIGNED_RULES:
                 init = align_components(init, reference)
         payload = broadcast_payload(base_delta, init, next_round,
+                                    base="delta" if self.aggregator.merges_into_base else "none",
                                     density=1.0 if reference is None else entry.download_density,
                                     reference=reference,
                                     reference_round=None if reference is None else last.round)
-        held = split_broadcast(payload, reference=reference)[1]  # exactly what the server decodes
+        held = read_broadcast(payload, reference=reference).init  # exactly what the server decodes
         self.sent[entry.name] = _Sent(next_round, payload, held)
         return payload
 
     def aggregate(self, payloads: Sequence[bytes]) -> GlobalAdapter:
         """Combine the updates that arrived (weights renormalised over them)."""
-        updates = [decode_update(p, self.upload_reference(p)) for p in payloads]
+        updates = [read_update(p, self.upload_reference(p)) for p in payloads]
         new = self.aggregator.aggregate(updates, self.global_adapter)
         self.previous, self.global_adapter = self.global_adapter, new
         return new
