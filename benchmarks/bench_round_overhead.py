@@ -41,7 +41,7 @@ import fedpipe.federation.inprocess as inprocess
 import fedpipe.federation.loop as loop
 import fedpipe.federation.spec as spec
 import fedpipe.metrics as metrics
-from fedpipe.coordinator import Coordinator
+from fedpipe.federation.coordinator import Coordinator
 from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import load_plan
 

@@ -34,8 +34,10 @@ from pathlib import Path
 import yaml
 from transformers.utils import logging as hf_logging
 
+from fedpipe.data import plan_data
 from fedpipe.federation.inprocess import run_plan
-from fedpipe.federation.spec import model_folder, plan_data, with_densities
+from fedpipe.federation.spec import with_densities
+from fedpipe.models import plan_model_dir
 from fedpipe.plan import Plan, load_plan, save_plan
 
 PROFILE = {
@@ -103,7 +105,7 @@ def base_eval(plan: Plan, n_eval: int, device: str) -> dict:
     from fedpipe.data import evaluate
     from fedpipe.models import load_base, load_tokenizer
 
-    model_dir = model_folder(plan)
+    model_dir = plan_model_dir(plan)
     held_out = plan_data(plan, n_eval)[1]
     result = evaluate(load_base(model_dir, 16, device=device), load_tokenizer(model_dir), held_out,
                       plan.task.seq_len)

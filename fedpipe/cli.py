@@ -152,37 +152,47 @@ def run(
                                                            "the SuperLink's (default: system CAs).")] = None,
     round_timeout: Annotated[float, typer.Option(help="flower: seconds a round waits for replies; "
                                                  "who is late misses the round.")] = 3600.0,
-    min_participation: Annotated[str, typer.Option(help="flower: replies a round needs, a count (2) "
-                                                   "or a fraction (0.5).")] = "1",
+    min_participation: Annotated[str, typer.Option(help="Replies a round needs, a count (2) or a fraction "
+                                                   "(0.5); a refused update counts as missed.")] = "1",
+    norm_bound: Annotated[float | None, typer.Option(help="Refuse an update whose norm is over this "
+                                                     "multiple of the round's median; 0 = off (default: "
+                                                     "the plan's task.norm_bound, 10).")] = None,
+    clip_norm: Annotated[float | None, typer.Option(help="Clip every update to this norm before "
+                                                    "aggregating; 0 = off (default: the plan's).")] = None,
 ) -> None:
     """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
+    if backend not in ("inprocess", "flower"):
+        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
     if backend == "flower" and (upload_density is not None or download_density is not None):
         raise FedpipeError("--upload-density/--download-density: the flower backend's nodes read the "
                            "densities from their plan file; set them there")
+    from fedpipe.federation.spec import RunSpec
+    from fedpipe.render import console, run_table
+
+    settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
+                    eval_samples=eval_samples, min_participation=min_participation,
+                    round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm)
+    spec = RunSpec.resolve(plan_file, upload_density=upload_density, download_density=download_density,
+                           **settings)  # every argument checked here, before anything heavy
+    if spec.completed_rounds >= spec.rounds:
+        console().print(f"{spec.folder.path} is complete: it holds {spec.completed_rounds} of "
+                        f"{spec.rounds} rounds; nothing to do (--rounds N to go further)")
+        return
     if backend == "flower":
         from fedpipe.flower_app import launch
-        from fedpipe.render import console, run_table
 
         result = launch(plan_file, superlink=superlink, insecure=insecure,
-                        root_certificates=root_certificates, rounds=rounds, out=out,
-                        aggregation=aggregation, resume=resume, local_steps=local_steps,
-                        eval_samples=eval_samples, round_timeout=round_timeout,
-                        min_participation=min_participation)
-        console().print(run_table(result))
-        return
-    if backend != "inprocess":
-        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
-    from transformers.utils import logging as hf_logging
+                        root_certificates=root_certificates, **settings)
+    else:
+        from transformers.utils import logging as hf_logging
 
-    from fedpipe.federation.inprocess import run_plan
-    from fedpipe.render import console, run_progress, run_table
+        from fedpipe.federation.inprocess import InProcessTransport
+        from fedpipe.federation.loop import run_federation
+        from fedpipe.render import run_progress
 
-    hf_logging.disable_progress_bar()  # our own bar shows rounds and servers
-
-    with run_progress() as on_progress:
-        result = run_plan(plan_file, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
-                          local_steps=local_steps, eval_samples=eval_samples, on_progress=on_progress,
-                          upload_density=upload_density, download_density=download_density)
+        hf_logging.disable_progress_bar()  # our own bar shows rounds and servers
+        with run_progress() as on_progress:
+            result = run_federation(spec, InProcessTransport(spec), on_progress)
     console().print(run_table(result))
 
 

@@ -13,7 +13,7 @@ Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
 Messages carry the wire payloads unchanged (a uint8 array in an ArrayRecord), so bytes counted are
 the wire bytes: ``query`` (who are you: server name, plan digest), ``train`` (broadcast payload +
 round settings -> update payload + measurements). The ClientApp rebuilds its shard exactly as the
-in-process transport does (`federation.spec.plan_data`) and trains with the same `EdgeTrainer`; the
+in-process transport does (`data.plan_data`) and trains with the same `EdgeTrainer`; the
 round loop is the same one, so a run matches the in-process backend.
 
 A node that fails or times out misses that round only: the round aggregates the replies that
@@ -41,12 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpipe.data import plan_data
 from fedpipe.digest import sha256_file
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.loop import RunResult, run_federation
-from fedpipe.federation.spec import RunSpec, model_folder, plan_data, training_members
+from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport
 from fedpipe.metrics import read_metrics
+from fedpipe.models import plan_model_dir
 
 INSTALL_HINT = "pip install 'fedpipe[flower]'"
 try:
@@ -88,6 +90,8 @@ class RunSettings:
     eval_samples: int = 0  # 0: the plan's
     round_timeout: float = 3600.0
     min_participation: str = "1"
+    norm_bound: float = -1.0  # -1: the plan's; 0: off
+    clip_norm: float = -1.0
 
     @classmethod
     def from_config(cls, config: dict) -> RunSettings:
@@ -97,7 +101,9 @@ class RunSettings:
         return RunSpec.resolve(self.plan, rounds=self.rounds or None, out=self.out,
                                aggregation=self.aggregation or None, resume=self.resume,
                                local_steps=self.local_steps or None, eval_samples=self.eval_samples or None,
-                               min_participation=self.min_participation, round_timeout=self.round_timeout)
+                               min_participation=self.min_participation, round_timeout=self.round_timeout,
+                               norm_bound=None if self.norm_bound < 0 else self.norm_bound,
+                               clip_norm=None if self.clip_norm < 0 else self.clip_norm)
 
 
 def replies_by_sender(sent: dict, replies) -> dict:
@@ -169,7 +175,7 @@ class FlowerTransport(Transport):
 
     def __init__(self, grid: Grid, spec: RunSpec) -> None:
         self.grid, self.spec = grid, spec
-        self.roster = Roster(grid, [m for m, _ in training_members(spec.plan)], spec.plan_sha256,
+        self.roster = Roster(grid, [m for m, _ in spec.plan.training_members()], spec.plan_sha256,
                              spec.round_timeout)
         self.roster.wait_for_all(spec.round_timeout)
 
@@ -283,10 +289,10 @@ def train_node(server: str, plan_path: str, device: str, content: RecordDict,
         raise FedpipeError(f"server {server}: {plan_path} differs from the coordinator's plan")
     plan = load_plan(plan_path)
     task, entry = plan.task, plan.server(server)
-    if server not in dict(training_members(plan)):
+    if server not in dict(plan.training_members()):
         raise FedpipeError(f"server {server}: it trains nothing in this plan")
     shards, _ = plan_data(plan, int(config["eval_samples"]))
-    model_dir = model_folder(plan)
+    model_dir = plan_model_dir(plan)
     trainer = EdgeTrainer(server, entry, shards[server], load_tokenizer(model_dir), model_dir,
                           task.seq_len, task.learning_rate, task.seed)
     adapted = AdaptedModel.load(model_dir, entry, device, task.seed)
@@ -341,7 +347,7 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     if not entry.rank_pattern:
         raise FedpipeError(f"server {server}: the plan adapts no matrix on it, so it has nothing to run")
     plan_data(plan, plan.task.eval_samples)  # the data and model must be here: fail now, not at round 1
-    model_folder(plan)
+    plan_model_dir(plan)
     if auth_key is not None and (insecure or not auth_key.is_file()):
         raise FedpipeError(f"--auth-key {auth_key}: " + ("SuperNode authentication needs TLS (drop "
                            "--insecure)" if insecure else "no such file"))
@@ -402,7 +408,8 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            root_certificates: Path | None = None, rounds: int | None = None, out: Path | None = None,
            aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
            eval_samples: int | None = None, round_timeout: float = 3600.0,
-           min_participation: str = "1", echo: Callable[[str], None] | None = None):
+           min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
+           echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
     The ServerApp runs beside the SuperLink and writes the run folder there (an absolute path from
@@ -410,12 +417,15 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
     """
     spec = RunSpec.resolve(plan_path, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
                            local_steps=local_steps, eval_samples=eval_samples,
-                           min_participation=min_participation, round_timeout=round_timeout)
+                           min_participation=min_participation, round_timeout=round_timeout,
+                           norm_bound=norm_bound, clip_norm=clip_norm)
     run_dir = spec.folder.path.resolve()
     settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
                            rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
                            local_steps=local_steps or 0, eval_samples=eval_samples or 0,
-                           round_timeout=float(round_timeout), min_participation=str(min_participation))
+                           round_timeout=float(round_timeout), min_participation=str(min_participation),
+                           norm_bound=-1.0 if norm_bound is None else norm_bound,
+                           clip_norm=-1.0 if clip_norm is None else clip_norm)
     connection = {"address": superlink}
     if insecure:
         connection["insecure"] = True

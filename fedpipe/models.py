@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from fedpipe.cache import BUNDLED, cache_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import GlobalAdapter, LoraFactors
+from fedpipe.plan import Plan
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -68,6 +69,12 @@ def bundled_gguf() -> Path:
 
 def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
+
+
+def plan_model_dir(plan: Plan) -> Path:
+    """The plan's model with weights: the bundled one, or a folder (relative to its profile)."""
+    beside_profile = Path(plan.profile.path).parent / plan.model
+    return resolve_model_dir(str(beside_profile) if beside_profile.is_dir() else plan.model)
 
 
 def resolve_model_dir(model: str) -> Path:

@@ -159,6 +159,17 @@ class Plan(_Strict):
         raise FedpipeError(f"server {name!r} is not in the plan",
                            [f"servers: {', '.join(m for s in self.servers for m in s.members)}"])
 
+    def training_members(self) -> list[tuple[str, ServerPlan]]:
+        """(member, its entry) for every server that adapts something, in plan order."""
+        members = [(m, entry) for entry in self.servers for m in entry.members if entry.rank_pattern]
+        if not members:
+            raise FedpipeError("the plan adapts no matrix on any server: nothing to train")
+        return members
+
+    def idle_members(self) -> list[str]:
+        """Servers the plan gives nothing to adapt: they never train."""
+        return [m for entry in self.servers for m in entry.members if not entry.rank_pattern]
+
 
 def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:

@@ -44,6 +44,10 @@ class Task(_Strict):
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = skewed.")
     eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
     seed: int = Field(0, description="Seed for data, initialisation and partitioning.")
+    norm_bound: float | None = Field(10.0, gt=0, description="Refuse an update whose norm is over this "
+                                     "multiple of the round's median update norm (null: no bound).")
+    clip_norm: float | None = Field(None, gt=0, description="Scale every update down to at most this "
+                                    "norm before aggregating (robust aggregation; null: off).")
 
 
 class Candidates(_Strict):

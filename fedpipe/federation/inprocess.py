@@ -10,20 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedpipe.client import AdaptedModel, EdgeTrainer
+from fedpipe.data import plan_data
 from fedpipe.federation.loop import Progress, RunResult, run_federation
-from fedpipe.federation.spec import RunSpec, model_folder, plan_data, training_members
+from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport
 from fedpipe.measure import resident_gib
-from fedpipe.models import load_tokenizer
+from fedpipe.models import load_tokenizer, plan_model_dir
 
 
 class InProcessTransport(Transport):
     def __init__(self, spec: RunSpec) -> None:
         plan, task = spec.plan, spec.plan.task
-        model_dir = model_folder(plan)
+        model_dir = plan_model_dir(plan)
         tokenizer = load_tokenizer(model_dir)
         shards, _ = plan_data(plan, spec.eval_samples)
-        members = training_members(plan)
+        members = plan.training_members()
         self.trainers = {m: EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
                                         task.learning_rate, task.seed) for m, entry in members}
         self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)

@@ -11,6 +11,7 @@ round (or every member after a resume) is sent the cumulative merged update (`ba
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,17 +19,19 @@ from pathlib import Path
 
 import torch
 
-from fedpipe.coordinator import Coordinator
-from fedpipe.data import evaluate
+from fedpipe.data import evaluate, plan_data
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.coordinator import Coordinator
 from fedpipe.federation.records import RoundRow, ServerRow
-from fedpipe.federation.spec import RunSpec, idle_members, model_folder, plan_data, training_members
+from fedpipe.federation.screen import Expected, Refused, clipped, norm_outliers, product_norm
+from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport
-from fedpipe.lora import GlobalAdapter
-from fedpipe.models import apply_base_delta, load_base, load_tokenizer, save_adapter
+from fedpipe.lora import ClientUpdate, GlobalAdapter
+from fedpipe.models import apply_base_delta, load_base, load_tokenizer, plan_model_dir, save_adapter
 from fedpipe.plan import Plan
 from fedpipe.tasks import Example
 
+log = logging.getLogger("fedpipe")
 Progress = Callable[[str, int, int, int], None]  # (server or "evaluated", round, done, total)
 
 
@@ -58,18 +61,17 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
     """Run (or resume) the spec's rounds over `transport`; the run folder holds the results."""
     # ---- setup
     plan, folder = spec.plan, spec.folder
-    members = training_members(plan)
-    model_dir = model_folder(plan)
-    _, held_out = plan_data(plan, spec.eval_samples)
+    members = plan.training_members()
+    model_dir = plan_model_dir(plan)
+    shards, held_out = plan_data(plan, spec.eval_samples)
     evaluator = GlobalEvaluator(load_base(model_dir, 16, device=spec.device), load_tokenizer(model_dir),
                                 held_out, plan.task.seq_len, model_dir)
+    shapes = matrix_shapes(evaluator.model, {name for _, entry in members for name in entry.rank_pattern})
     coordinator, rows = Coordinator(spec.rule), []
-    if spec.resume and folder.holds_run():
-        state, adapters = folder.load_checkpoint()
-        if state.rule != spec.rule:
-            raise FedpipeError(f"--resume: the run used aggregation {state.rule!r}, not {spec.rule!r}")
+    if spec.completed_rounds:
+        _, adapters = folder.load_checkpoint()
         coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"))
-        rows = folder.read_rows(up_to=state.round)
+        rows = folder.read_rows(up_to=coordinator.round)
     synced: set[str] = set()  # members whose base holds every merge so far (they replied last round)
     total = spec.rounds * len(members)
 
@@ -91,10 +93,14 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
             replies, late = transport.exchange(round_index, deliveries, spec.local_steps, on_sent)
             missed |= late
             synced = set(replies)
-            _check_participation(round_index, len(replies), len(members), spec, missed, "replied")
-            sent = {d.member: d for d in deliveries}
-            arrived = [(replies[m], sent[m]) for m, _ in members if m in replies]  # plan order
-            rows.append(close_round(spec, coordinator, evaluator, arrived, missed, start).model_dump())
+            expected = {m: Expected(m, entry.name, round_index, len(shards[m]), entry.rank_pattern,
+                                    {n: shapes[n] for n in entry.rank_pattern}) for m, entry in members}
+            arrived = [(replies[d.member], d) for d in deliveries if d.member in replies]  # plan order
+            accepted, refused = screen_replies(coordinator, spec, arrived, expected)
+            missed |= refused
+            _check_participation(round_index, len(accepted), len(members), spec, missed,
+                                 "sent an update that passed the checks")
+            rows.append(close_round(spec, coordinator, evaluator, accepted, missed, start).model_dump())
             folder.write_rows(rows)
             if on_progress:
                 on_progress("evaluated", round_index, round_index * len(members), total)
@@ -104,20 +110,53 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
     return RunResult(folder.path, plan, rows)
 
 
+def matrix_shapes(model: torch.nn.Module, names: set[str]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each named linear layer of the (unquantized) base model."""
+    shapes = {name: tuple(module.weight.shape) for name, module in model.named_modules() if name in names}
+    missing = sorted(names - set(shapes))
+    if missing:
+        raise FedpipeError(f"the plan adapts {len(missing)} module(s) the model does not have, "
+                           f"e.g. {missing[0]}")
+    return shapes
+
+
+Accepted = tuple[ClientUpdate, Reply, Delivery]
+
+
+def screen_replies(coordinator: Coordinator, spec: RunSpec, arrived: list[tuple[Reply, Delivery]],
+                   expected: dict[str, Expected]) -> tuple[list[Accepted], dict[str, str]]:
+    """The trust boundary (`screen`): decode and check each reply against the plan, refuse norm
+    outliers, clip when asked. Returns the accepted updates in plan order and who was refused why."""
+    checked, refused = [], {}
+    for reply, delivery in arrived:
+        try:
+            checked.append((coordinator.receive(reply.payload, expected[reply.member]), reply, delivery))
+        except Refused as e:
+            refused[reply.member] = f"refused: {e.reason}"
+    outliers = norm_outliers({reply.member: product_norm(update.factors) for update, reply, _ in checked},
+                             spec.norm_bound)
+    refused |= {m: f"refused: {why}" for m, why in outliers.items()}
+    for member, why in refused.items():
+        log.warning("round %d: %s %s; the round goes on without it", expected[member].round, member, why)
+    accepted = [(clipped(u, spec.clip_norm) if spec.clip_norm else u, r, d) for u, r, d in checked
+                if r.member not in outliers]
+    return accepted, refused
+
+
 def close_round(spec: RunSpec, coordinator: Coordinator, evaluator: GlobalEvaluator,
-                arrived: list[tuple[Reply, Delivery]], missed: dict[str, str], start: float) -> RoundRow:
-    """Once the updates are in: aggregate them, evaluate the global model, save it in peft format
-    and checkpoint; returns the round's row."""
+                accepted: list[Accepted], missed: dict[str, str], start: float) -> RoundRow:
+    """Once the updates are in and checked: aggregate them, evaluate the global model, save it in
+    peft format and checkpoint; returns the round's row."""
     t0 = time.perf_counter()
-    global_adapter = coordinator.aggregate([reply.payload for reply, _ in arrived])
+    global_adapter = coordinator.aggregate([update for update, _, _ in accepted])
     aggregate_s = time.perf_counter() - t0
     result = evaluator(global_adapter)
     eval_s = time.perf_counter() - t0 - aggregate_s
     save_adapter(global_adapter, evaluator.model_dir, spec.folder.adapter)
-    spec.folder.save_checkpoint(spec.rule, global_adapter, coordinator.previous)
-    servers = [server_row(reply, delivery) for reply, delivery in arrived]
+    spec.folder.save_checkpoint(spec.fingerprint(), global_adapter, coordinator.previous)
+    servers = [server_row(reply, delivery) for _, reply, delivery in accepted]
     return RoundRow(round=global_adapter.round, rule=spec.rule, servers=servers,
-                    idle_servers=idle_members(spec.plan), missed_servers=missed, eval=result,
+                    idle_servers=spec.plan.idle_members(), missed_servers=missed, eval=result,
                     aggregate_s=aggregate_s, eval_s=eval_s,
                     global_rank=max((f.rank for f in global_adapter.factors.values()), default=0),
                     round_s=time.perf_counter() - start, train_s=sum(s.train_s for s in servers))

@@ -50,9 +50,29 @@ class RoundRow(_Strict):
     train_s: float
 
 
+class RunFingerprint(_Strict):
+    """What makes a run that run: a resume with anything else would splice two runs together."""
+
+    plan: str = Field(description="sha256 of the plan's content as run (densities overridden).")
+    rule: str
+    local_steps: int
+    eval_samples: int
+    seed: int
+    data: str = Field(description="The dataset file's sha256, or its source string.")
+    norm_bound: float | None
+    clip_norm: float | None
+
+    def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
+        """(field, this value, the other's) for every field that differs."""
+        return [(name, getattr(self, name), getattr(other, name)) for name in type(self).model_fields
+                if getattr(self, name) != getattr(other, name)]
+
+
 class CheckpointState(_Strict):
-    """state.json: the round the checkpoint holds, and the tensor files that make it up."""
+    """state.json: the round the checkpoint holds, the tensor files that make it up, and the
+    settings it was made with."""
 
     round: int
     rule: str
     files: dict[str, str] = Field(description="'global' / 'previous' -> safetensors file name.")
+    fingerprint: RunFingerprint

@@ -1,25 +1,26 @@
-"""A run's settings, resolved once before anything heavy, and the data a plan deals its servers.
+"""A run's settings, resolved once before anything heavy.
 
 `RunSpec.resolve` takes the plan file and the command line's overrides, checks every one of them
-(rule names, densities, counts, the run folder) and returns the settings every transport runs by,
-so a mistake is reported in well under a second, before any model loads.
+(rule names, densities, counts, the run folder, a resume against what the checkpoint recorded) and
+returns the settings every transport runs by, so a mistake is reported in well under a second,
+before any model loads. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fedpipe.aggregators import get_aggregator
-from fedpipe.data import load_examples, partition, split_holdout
 from fedpipe.digest import sha256_file
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.records import RunFingerprint
 from fedpipe.federation.rundir import RunFolder
-from fedpipe.models import resolve_model_dir
 from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
-from fedpipe.tasks import FAMILIES, Example
+from fedpipe.profile import AggregationRule
 
 
 class RunSpec(BaseModel):
@@ -38,28 +39,85 @@ class RunSpec(BaseModel):
     min_participation: int
     round_timeout: float
     resume: bool
+    norm_bound: float | None
+    clip_norm: float | None
     device: str = "cpu"
+    completed_rounds: int = 0  # rounds the run folder already holds (a resume)
 
     @classmethod
     def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
                 aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
                 eval_samples: int | None = None, upload_density: float | None = None,
                 download_density: float | None = None, min_participation: str | int | float = "1",
-                round_timeout: float = 3600.0, device: str = "cpu") -> RunSpec:
+                round_timeout: float = 3600.0, norm_bound: float | None = None,
+                clip_norm: float | None = None, device: str = "cpu") -> RunSpec:
+        """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
         plan_path = Path(plan_path)
         plan = with_densities(load_plan(plan_path), upload_density, download_density)
-        rule = get_aggregator(aggregation or plan.aggregation).name
+        rule = rule_name(aggregation or plan.aggregation)
         check_densities(plan.servers, rule)
         if round_timeout <= 0:
             raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
+        norm_bound = _setting("--norm-bound", norm_bound, plan.task.norm_bound)
+        clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
         folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
         folder.claim(resume)
-        return cls(plan_path=plan_path, plan=plan, plan_sha256=sha256_file(plan_path), folder=folder,
+        spec = cls(plan_path=plan_path, plan=plan, plan_sha256=sha256_file(plan_path), folder=folder,
                    rule=rule, rounds=rounds or plan.task.rounds,
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
-                   min_participation=parse_min_participation(min_participation, len(training_members(plan))),
-                   round_timeout=float(round_timeout), resume=resume, device=device)
+                   min_participation=parse_min_participation(min_participation, len(plan.training_members())),
+                   round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
+                   clip_norm=clip_norm, device=device)
+        if resume and folder.holds_run():
+            state = folder.read_state()
+            differences = state.fingerprint.differences(spec.fingerprint())
+            if differences:
+                raise FedpipeError(f"--resume: {folder.path} was run with other settings; resume it "
+                                   "with the same ones, or start a new run with --out",
+                                   [f"{what}: the run has {had}, now {now}" for what, had, now in
+                                    differences])
+            spec = spec.model_copy(update={"completed_rounds": state.round})
+        return spec
+
+    def fingerprint(self) -> RunFingerprint:
+        """What a resume must keep equal (only the number of rounds may grow)."""
+        task = self.plan.task
+        return RunFingerprint(plan=plan_content_hash(self.plan), rule=self.rule, local_steps=self.local_steps,
+                              eval_samples=self.eval_samples, seed=task.seed,
+                              data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
+                              clip_norm=self.clip_norm)
+
+
+def _setting(flag: str, given: float | None, planned: float | None) -> float | None:
+    if given is None:
+        return planned
+    if not (math.isfinite(given) and given >= 0):
+        raise FedpipeError(f"{flag}: must be a positive number, or 0 for off; got {given}")
+    return given or None
+
+
+def rule_name(name: str) -> str:
+    """The aggregation rule's canonical name, or an error listing the valid ones."""
+    valid = get_args(AggregationRule)
+    canonical = name.strip().lower()
+    if canonical not in valid:
+        raise FedpipeError(f"unknown aggregation rule {name!r}", [f"aggregation: valid rules are "
+                                                                  f"{', '.join(sorted(valid))}"])
+    return canonical
+
+
+def plan_content_hash(plan: Plan) -> str:
+    """sha256 of what the plan asks servers to do (as overridden), not of how long it took to solve."""
+    content = plan.model_dump(mode="json", exclude={"solver": {"solve_time_s"}})
+    return hashlib.sha256(repr(sorted(content.items())).encode()).hexdigest()
+
+
+def data_fingerprint(plan: Plan) -> str:
+    """The dataset a run trains on: a file's sha256, else its source string (builtin is seeded)."""
+    source = plan.task.dataset
+    path = Path(plan.profile.path).parent / source
+    return f"sha256:{sha256_file(path)}" if path.is_file() else source
 
 
 def with_densities(plan: Plan, upload: float | None = None, download: float | None = None) -> Plan:
@@ -88,36 +146,3 @@ def parse_min_participation(text: str | int | float, n_servers: int) -> int:
         return value
     raise FedpipeError(f"min_participation: {raw!r} is neither a count from 1 to {n_servers} (the "
                        "servers that train) nor a fraction in (0, 1] written with a decimal point")
-
-
-def training_members(plan: Plan) -> list[tuple[str, ServerPlan]]:
-    """(member, its plan entry) for every server that adapts something, in plan order."""
-    members = [(m, entry) for entry in plan.servers for m in entry.members if entry.rank_pattern]
-    if not members:
-        raise FedpipeError("the plan adapts no matrix on any server: nothing to train")
-    return members
-
-
-def idle_members(plan: Plan) -> list[str]:
-    return [m for entry in plan.servers for m in entry.members if not entry.rank_pattern]
-
-
-def model_folder(plan: Plan) -> Path:
-    """The plan's model with weights: the bundled one, or a folder (relative to its profile)."""
-    beside_profile = Path(plan.profile.path).parent / plan.model
-    return resolve_model_dir(str(beside_profile) if beside_profile.is_dir() else plan.model)
-
-
-def plan_data(plan: Plan, n_eval: int) -> tuple[dict[str, list[Example]], list[Example]]:
-    """(each training member's shard, the held-out split): a function of the plan, its seed and
-    data only, so every transport and machine rebuilds the same."""
-    task = plan.task
-    members = training_members(plan)
-    # generated data: enough of every family that a skewed (non-IID) shard never repeats examples
-    needed = (sum(entry.samples for _, entry in members) + n_eval) * len(FAMILIES)
-    examples = load_examples(task.dataset, n=needed if task.dataset.startswith("builtin") else None,
-                             seed=task.seed)
-    train_pool, held_out = split_holdout(examples, n_eval, task.seed)
-    shards = partition(train_pool, {m: entry.samples for m, entry in members}, task.partition,
-                       task.dirichlet_alpha, task.seed)
-    return shards, held_out

@@ -13,7 +13,6 @@ re-establishes it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ import torch
 
 from fedpipe.aggregators import get_aggregator
 from fedpipe.errors import FedpipeError
-from fedpipe.lora import GlobalAdapter, LoraFactors
+from fedpipe.federation.screen import Expected, Refused, check_content, check_global, check_sender
+from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
 from fedpipe.protocol import broadcast_payload, peek_metadata, read_broadcast, read_update, start_reference
 
@@ -113,28 +113,46 @@ class Coordinator:
         self.sent[entry.name] = _Sent(next_round, payload, held)
         return payload
 
-    def aggregate(self, payloads: Sequence[bytes]) -> GlobalAdapter:
-        """Combine the updates that arrived (weights renormalised over them)."""
-        updates = [read_update(p, self.upload_reference(p)) for p in payloads]
-        new = self.aggregator.aggregate(updates, self.global_adapter)
+    def receive(self, payload: bytes, expected: Expected) -> ClientUpdate:
+        """One member's update, decoded and checked against what the plan says it must be
+        (`federation.screen`); `Refused` names the member and the reason otherwise."""
+        try:
+            meta = peek_metadata(payload)
+            check_sender(meta, expected)
+            update = read_update(payload, self.upload_reference(meta, expected))
+        except Refused:
+            raise
+        except FedpipeError as e:
+            raise Refused(expected.member, str(e)) from None
+        check_content(update, expected)
+        return update
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalAdapter:
+        """Combine the checked updates (weights renormalised over them). The coordinator moves on
+        only when the new global adapter is finite: otherwise the round fails and nothing changes."""
+        try:
+            new = self.aggregator.aggregate(updates, self.global_adapter)
+        except torch.linalg.LinAlgError as e:
+            raise FedpipeError(f"round {self.round + 1}: {self.aggregator.name} could not aggregate the "
+                               f"updates ({e}); the previous checkpoint stands") from None
+        check_global(new.factors, new.round)
         self.previous, self.global_adapter = self.global_adapter, new
         return new
 
-    def upload_reference(self, payload: bytes) -> dict[str, LoraFactors] | None:
+    def upload_reference(self, meta: dict[str, str], expected: Expected) -> dict[str, LoraFactors] | None:
         """The start a sparse update is relative to: this round's broadcast to the sender's entry
-        as it decoded it, and fresh modules rebuilt from the seed the sender names (None: dense)."""
-        meta = peek_metadata(payload)
+        as it decoded it, and fresh modules rebuilt from the sender's seed in the plan's shapes
+        (None: dense)."""
         if float(meta.get("fedpipe.density", "1")) >= 1.0:
             return None
-        server, entry, round_index = meta.get("server"), meta.get("entry"), meta.get("round")
-        last = self.sent.get(str(entry))
-        if last is None or str(last.round) != round_index or "fresh_seed" not in meta:
+        last = self.sent.get(expected.entry)
+        if last is None or last.round != expected.round or "fresh_seed" not in meta:
             raise FedpipeError(
-                f"server {server}: its round {round_index} update is sparse, against a start this "
-                f"coordinator cannot rebuild (entry {entry!r}: last broadcast "
+                f"server {expected.member}: its round {expected.round} update is sparse, against a start "
+                f"this coordinator cannot rebuild (entry {expected.entry!r}: last broadcast "
                 f"{'none' if last is None else f'round {last.round}'})")
-        layout = json.loads(meta["fedpipe.layout"])
-        shapes = {name: (tuple(e["A"]["shape"]), tuple(e["B"]["shape"])) for name, e in layout.items()}
+        shapes = {name: ((r, expected.shapes[name][1]), (expected.shapes[name][0], r))
+                  for name, r in expected.ranks.items()}
         return start_reference(last.init, int(meta["fresh_seed"]), shapes)
 
 
