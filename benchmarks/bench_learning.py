@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def homogeneous_plan(plan: Plan) -> Plan:
     """Every server on the baseline's configuration (what the weakest can run)."""
-    from fedpipe.planner import build_problem, solve_baseline
+    from fedpipe.planning.planner import build_problem, solve_baseline
     from fedpipe.profile import load_profile
     from fedpipe.shapes import load_shapes
 

@@ -1,6 +1,6 @@
 """`fedpipe calibrate`: measure LoRA training here, fit the cost model's factors to it.
 
-The cost model (``fedpipe.cost``) has four calibrated factors (``fedpipe.profile.Calibration``).
+The cost model (``fedpipe.planning.cost``) has four calibrated factors (``fedpipe.profile.Calibration``).
 This module measures, on the local machine, the step time and peak memory of LoRA training of a
 profile's model at each base precision x batch size, and fits those factors so the predictions
 hold against the measurements.
@@ -63,8 +63,8 @@ from pathlib import Path
 import yaml
 
 from fedpipe.atomic import write_atomic
-from fedpipe.cost import GIB, LOGIT_BYTES, CostModel, server_cost
 from fedpipe.errors import FedpipeError
+from fedpipe.planning.cost import GIB, LOGIT_BYTES, CostModel, server_cost
 from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile
 from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import fedpipe.decompose as decompose
+import fedpipe.planning.decompose as decompose
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport
 from fedpipe.plan import load_plan
-from fedpipe.planner import (
+from fedpipe.planning.planner import (
     AUTO_MILP_ROWS,
     build_problem,
     choose_method,

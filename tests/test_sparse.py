@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 from fedpipe import wire
 from fedpipe.cli import app
 from fedpipe.client import AdaptedModel, EdgeTrainer, derived_seed
-from fedpipe.diff import diff_plans
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import LoraFactors
 from fedpipe.models import get_factors, load_tokenizer, make_tiny_llama, reset_lora, set_factors
 from fedpipe.plan import load_plan, save_plan
+from fedpipe.planning.diff import diff_plans
 from fedpipe.render import diff_table
 from fedpipe.runner import model_folder, plan_data, run_plan, with_densities
 from fedpipe.server import Coordinator, align_components, decode_update
@@ -187,7 +187,7 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
 def test_planned_density_predicts_counted_bytes():
     """The plan's predicted upload bytes against a real payload at the planned density: the
     prediction covers values and mask; only the header (under 1 KiB per matrix) comes on top."""
-    from fedpipe.planner import make_plan
+    from fedpipe.planning.planner import make_plan
     from fedpipe.shapes import load_shapes
 
     plan = make_plan("tests/data/small.yaml")

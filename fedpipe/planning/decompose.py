@@ -1,6 +1,6 @@
 r"""The decomposed planner: a search over the round time T with independent per-class subproblems.
 
-Same model as the MILP of ``fedpipe.planner`` (its (1)-(7)), solved by exploiting its structure.
+Same model as the MILP of ``fedpipe.planning.planner`` (its (1)-(7)), solved by exploiting its structure.
 
 (D1) Hardware groups. Servers couple only through T (and flora's stack download). For a fixed T
      each class k maximises omega_k f_j gain_k subject to its own memory and round time; omega_k
@@ -74,8 +74,8 @@ from functools import reduce
 
 import numpy as np
 
-from fedpipe.cost import WIRE_BYTES_PER_VALUE
 from fedpipe.plan import SolverReport
+from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE
 
 OPTIMAL_GAP = 1e-4  # the MILP's gapRel: below it both methods say "optimal"
 TARGET_GAP = 1e-6  # the search stops refining below this proven gap
@@ -697,7 +697,7 @@ def _hardware(problem) -> tuple[list, np.ndarray, np.ndarray]:
 
 
 def _choices(problem, tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -> list:
-    from fedpipe.planner import Choice
+    from fedpipe.planning.planner import Choice
 
     per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]), tables.ranks_for(point.units[h]),
                         float(pairs.density[j]))
@@ -707,7 +707,7 @@ def _choices(problem, tables: Tables, pairs: Pairs, point: Point, of_class: np.n
 
 def solve_decomposed(problem, time_limit: float | None = None) -> tuple[list | None, SolverReport]:
     """(D1)-(D6): choices per class and an honest report (status, proven gap, time)."""
-    from fedpipe.planner import evaluate, is_feasible
+    from fedpipe.planning.planner import evaluate, is_feasible
 
     start = time.perf_counter()
     deadline_at = None if time_limit is None else start + time_limit
@@ -746,7 +746,7 @@ def _flora(problem, tables, pairs, reps, Omega, of_class, first, deadline_at):
     stops adding adapter parameters whose gain per parameter is below 4 mu c_h / (Omega_h f_j)
     (the time-ordered LP curve gives where). mu = 0 and multiples of the price seen by the
     slowest downlink are tried, each with a few fixed-point steps on the assumed stack D."""
-    from fedpipe.planner import evaluate, is_feasible
+    from fedpipe.planning.planner import evaluate, is_feasible
 
     by_name = {m.name: m for m in problem.matrices}
 
@@ -789,7 +789,7 @@ def _flora(problem, tables, pairs, reps, Omega, of_class, first, deadline_at):
 
 def solve_baseline_decomposed(problem) -> list | None:
     """(D7): one configuration and one rank pattern for every server, quality only."""
-    from fedpipe.planner import Choice
+    from fedpipe.planning.planner import Choice
 
     p, cost = problem.profile, problem.cost
     tables = tables_for(problem)

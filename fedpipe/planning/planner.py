@@ -39,7 +39,7 @@ it saves worth more than the quality it costs. T_ref is the homogeneous baseline
 "quality given up per baseline-round of time".
 
 Methods (``plan_problem(method=...)``, ``fedpipe plan --method``): "milp" builds and solves the
-model above (``solve_milp``, the reference); "decomposed" (``fedpipe.decompose``) searches over T
+model above (``solve_milp``, the reference); "decomposed" (``fedpipe.planning.decompose``) searches over T
 with independent per-hardware subproblems and proves its own gap; "auto" takes the MILP while it
 is tiny (at most AUTO_MILP_ROWS chord rows (3), where it proves optimality in well under a
 second) and the decomposed search above (measured: at 2160 rows 0.9 s vs 0.6 s, at 6480 rows
@@ -59,7 +59,6 @@ from pathlib import Path
 
 import pulp
 
-from fedpipe.cost import WIRE_BYTES_PER_VALUE, CostModel, ServerCost, bytes_per_value, server_cost
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
 from fedpipe.plan import (
@@ -72,6 +71,7 @@ from fedpipe.plan import (
     SolverReport,
     Summary,
 )
+from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE, CostModel, ServerCost, bytes_per_value, server_cost
 from fedpipe.profile import ClusterProfile, Server, load_profile, profile_hash
 from fedpipe.shapes import Matrix, ModelShapes, load_shapes
 
@@ -581,8 +581,8 @@ def choose_method(problem: Problem, method: str) -> str:
 def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: float | None = 60.0,
                  method: str = "auto") -> tuple[list[Choice], Evaluation, SolverReport, Baseline | None]:
     """Baseline first (it sets the time scale), then the heterogeneous plan by `method`:
-    "milp" (one model, `solver`), "decomposed" (search over T, fedpipe.decompose) or "auto"."""
-    from fedpipe.decompose import solve_baseline_decomposed, solve_decomposed
+    "milp" (one model, `solver`), "decomposed" (search over T, fedpipe.planning.decompose) or "auto"."""
+    from fedpipe.planning.decompose import solve_baseline_decomposed, solve_decomposed
 
     solver = solver or default_solver()
     check_solver(solver)

@@ -39,11 +39,11 @@ import yaml
 from pydantic import BaseModel, Field
 
 from fedpipe.atomic import write_atomic
-from fedpipe.cost import server_cost
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
 from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan, to_yaml
-from fedpipe.planner import Choice, Problem, assemble_plan, build_problem, plan_problem
+from fedpipe.planning.cost import server_cost
+from fedpipe.planning.planner import Choice, Problem, assemble_plan, build_problem, plan_problem
 from fedpipe.profile import ClusterProfile, load_profile, parse_profile, profile_hash
 from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
 
