@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedpipe.errors import FedpipeError
+from fedpipe.rules import rules_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run federated LoRA fine-tuning across heterogeneous edge servers.")
@@ -132,7 +133,7 @@ def run(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan YAML written by `fedpipe plan`.")],
     rounds: Annotated[int | None, typer.Option(min=1, help="Rounds (default: the plan's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/NAME).")] = None,
-    aggregation: Annotated[str | None, typer.Option(help="fedit | hetlora | flora | flexlora "
+    aggregation: Annotated[str | None, typer.Option(help=f"{rules_help()} "
                                                     "(default: the plan's).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue after the last completed round.")] = False,
     local_steps: Annotated[int | None, typer.Option(min=1, help="Local steps per round "

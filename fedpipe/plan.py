@@ -23,7 +23,8 @@ from pydantic import (
 
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
-from fedpipe.profile import MERGING_RULES, AggregationRule, Bits, Task
+from fedpipe.profile import Bits, Task
+from fedpipe.rules import AggregationRule, rule_traits
 
 SCHEMA_VERSION = 1
 Constraint = Literal["memory", "round_time", "deadline"]
@@ -163,8 +164,10 @@ class Plan(_Strict):
 def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:
     """Sparse downloads need a rule whose broadcast a top-k can approximate and a later round can
-    correct: rules that merge each round's update into the base for good (flora) get it dense."""
-    if rule not in MERGING_RULES:
+    correct (``fedpipe.rules``: sparse_download); rules that merge each round's update into the
+    base for good (flora) get it dense. One check for plan validation, the runner and the
+    coordinator."""
+    if rule_traits(rule).sparse_download:
         return
     problems = [f"server {s.name!r}: download_density {s.download_density:g} with aggregation "
                 f"{rule!r}; valid is 1 (it merges each round's update into the base for good: a top-k "

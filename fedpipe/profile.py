@@ -16,13 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpipe.errors import FedpipeError
+from fedpipe.rules import AggregationRule, rules_help
 from fedpipe.shapes import MATRIX_TYPES
 
 Bits = Literal[4, 8, 16]
-AggregationRule = Literal["fedit", "hetlora", "flora", "flexlora"]
-# rules whose broadcast every server merges into its base for good, so downloads stay dense (the
-# rule classes say the same with `merges_into_base`; a test holds the two equal)
-MERGING_RULES = frozenset({"flora"})
 
 
 class _Strict(BaseModel):
@@ -156,7 +153,7 @@ class ClusterProfile(_Strict):
     model: str = Field(description="A shape card (e.g. llama-2-7b), a local HF folder, or smollm2-135m.")
     task: Task = Task()
     candidates: Candidates = Candidates()
-    aggregation: AggregationRule = Field("flexlora", description="fedit | hetlora | flora | flexlora.")
+    aggregation: AggregationRule = Field("flexlora", description=f"{rules_help()}.")
     objective: Objective = Objective()
     calibration: Calibration = Calibration()
     servers: list[Server] = Field(min_length=1)
