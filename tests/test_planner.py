@@ -13,7 +13,8 @@ from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport
 from fedpipe.plan import load_plan, save_plan
 from fedpipe.planning.cost import server_cost
-from fedpipe.planning.planner import Choice, build_problem, evaluate, make_plan, plan_problem
+from fedpipe.planning.planner import make_plan, plan_problem
+from fedpipe.planning.problem import Choice, build_problem, evaluate
 from fedpipe.profile import parse_profile
 from fedpipe.shapes import shapes_from_config
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import depth_prior, load_report
 from fedpipe.plan import Plan
-from fedpipe.planning.planner import Choice, Evaluation, Problem, build_problem, evaluate
+from fedpipe.planning.problem import Choice, Evaluation, Problem, build_problem, evaluate
 from fedpipe.profile import load_profile, profile_hash
 from fedpipe.shapes import load_shapes
 
