@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpipe.atomic import write_atomic
 from fedpipe.cache import BUNDLED, cache_dir
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.profile import ClusterProfile, load_profile
 from fedpipe.scorers import DEFAULT_SCORER, SCORERS, Scorer, combine, depth_scores, get_scorer
@@ -189,10 +190,10 @@ class ScoringRequest:
         dataset = Path(_dataset_source(self))
         return {
             "model": {"name": self.profile.model,
-                      "config": _sha256(model_dir / "config.json"), "weights": weights},
+                      "config": file_sha256(model_dir / "config.json"), "weights": weights},
             "data": {"task": task.model_dump(include={"dataset", "partition", "dirichlet_alpha",
                                                       "eval_samples", "seed"}),
-                     "file": _sha256(dataset) if dataset.is_file() else None,
+                     "file": file_sha256(dataset) if dataset.is_file() else None,
                      "servers": [(s.name, s.samples, s.count) for s in self.profile.servers],
                      "targets": list(self.profile.candidates.targets)},
         }
@@ -226,11 +227,6 @@ class ScoringRequest:
 
 def _cache_root() -> Path:
     return cache_dir() / "importance"
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def weights_dir(profile_model: str, base_dir: Path, *, convert: bool = True) -> Path | None:

@@ -7,7 +7,6 @@ with ``count``; ``expand_servers`` turns them into individual named servers when
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -224,8 +223,3 @@ def load_profile(path: str | Path) -> ClusterProfile:
     except yaml.YAMLError as e:
         raise FedpipeError(f"{path}: not valid YAML ({e})") from None
     return parse_profile(raw, str(path))
-
-
-def profile_hash(path: str | Path) -> str:
-    """sha256 of the profile file's bytes, recorded in the plan."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -179,11 +179,11 @@ def test_plan_round_trips_and_feeds_peft(cluster_plan, tmp_path):
 
 def test_committed_plans_are_current():
     """Every shipped profile has its plan committed, generated from the profile as it is now."""
-    from fedpipe.profile import profile_hash
+    from fedpipe.digest import file_sha256
 
     for profile in sorted((ROOT / "profiles").glob("*.yaml")):
         plan = load_plan(ROOT / "plans" / f"{profile.stem}.plan.yaml")
-        assert plan.profile.sha256 == profile_hash(profile), f"re-run: fedpipe plan {profile}"
+        assert plan.profile.sha256 == file_sha256(profile), f"re-run: fedpipe plan {profile}"
         assert all(s.predicted.memory_gib <= s.predicted.memory_budget_gib for s in plan.servers)
 
 

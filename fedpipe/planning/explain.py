@@ -24,11 +24,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import depth_prior, load_report
 from fedpipe.plan import Plan
 from fedpipe.planning.problem import Choice, Evaluation, Problem, build_problem, evaluate
-from fedpipe.profile import load_profile, profile_hash
+from fedpipe.profile import load_profile
 from fedpipe.shapes import load_shapes
 
 RELATIVE_TOLERANCE = 1e-6
@@ -115,7 +116,7 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     if not path.is_file():
         raise FedpipeError(f"explain: the plan's profile {path} is not there",
                            ["pass the profile it was planned from with --profile"])
-    if profile_path is None and profile_hash(path) != plan.profile.sha256:
+    if profile_path is None and file_sha256(path) != plan.profile.sha256:
         warnings.append(f"{path} changed since the plan was made: numbers are recomputed from it")
     profile = load_profile(path)
     shapes = load_shapes(profile.model, path.parent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport
 from fedpipe.plan import (
@@ -47,7 +48,7 @@ from fedpipe.planning.problem import (
     is_feasible,
     memory_limited,
 )
-from fedpipe.profile import load_profile, profile_hash
+from fedpipe.profile import load_profile
 from fedpipe.shapes import load_shapes
 
 METHODS = ("auto", "milp", "decomposed")
@@ -178,7 +179,7 @@ def make_plan(profile_path: str | Path, *, solver: str | None = None, time_limit
     problem = build_problem(profile, shapes, importance)
     choices, ev, report, baseline = plan_problem(problem, solver=solver, time_limit=time_limit,
                                                  method=method)
-    ref = ProfileRef(path=str(profile_path), sha256=profile_hash(profile_path),
+    ref = ProfileRef(path=str(profile_path), sha256=file_sha256(profile_path),
                      name=profile.name or profile_path.stem.removesuffix(".profile"))
     return assemble_plan(problem, choices, report, baseline, ref,
                          importance_source or "builtin prior", ev)

@@ -39,13 +39,14 @@ import yaml
 from pydantic import BaseModel, Field
 
 from fedpipe.atomic import write_atomic
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
 from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan, to_yaml
 from fedpipe.planning.cost import server_cost
 from fedpipe.planning.planner import assemble_plan, plan_problem
 from fedpipe.planning.problem import Choice, Problem, TableCache, build_problem
-from fedpipe.profile import ClusterProfile, load_profile, parse_profile, profile_hash
+from fedpipe.profile import ClusterProfile, load_profile, parse_profile
 from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
 
 AXES = ("memory", "bandwidth", "servers", "deadline")
@@ -360,7 +361,7 @@ def _write_point(point: SweepPoint, profile: ClusterProfile, solved: _Solved, pl
     prof_file = _dump_profile(profile, out / f"{point.name}.profile.yaml",
                               f"sweep point {point.name} of {origin}: {point.budget}")
     plan = assemble_plan(problem, solved.choices, solved.report, solved.baseline,
-                         ProfileRef(path=str(prof_file), sha256=profile_hash(prof_file), name=plan_name),
+                         ProfileRef(path=str(prof_file), sha256=file_sha256(prof_file), name=plan_name),
                          source)
     point.plan = str(save_plan(plan, out / f"{point.name}.plan.yaml"))
     point.profile, point.status = str(prof_file), "ok"
