@@ -65,8 +65,8 @@ import yaml
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
 from fedpipe.planning.cost import GIB, LOGIT_BYTES, CostModel, server_cost
-from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile
-from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
+from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile_and_shapes
+from fedpipe.shapes import CARDS_DIR, ModelShapes
 
 NEUTRAL = Calibration(activation_factor=1.0, utilisation=1.0, dequant_time={4: 1.0, 8: 1.0, 16: 1.0},
                       runtime_overhead_gib=0.0)
@@ -474,10 +474,9 @@ class CalibrationResult:
 
 def make_setup(profile_path: str | Path, server: str | None = None, rank: int = 8,
                device: str | None = None) -> Setup:
-    profile = load_profile(profile_path)
+    profile, shapes = load_profile_and_shapes(profile_path)
     if rank < 1:
         raise FedpipeError(f"--rank: {rank} must be at least 1")
-    shapes = load_shapes(profile.model, Path(profile_path).parent)
     return Setup(profile, shapes, choose_server(profile, server, device or local_device()), rank)
 
 

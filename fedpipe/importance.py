@@ -42,9 +42,9 @@ from fedpipe.atomic import write_atomic
 from fedpipe.cache import BUNDLED, cache_dir
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
-from fedpipe.profile import ClusterProfile, load_profile
+from fedpipe.profile import ClusterProfile, load_profile_and_shapes
 from fedpipe.scorers import DEFAULT_SCORER, SCORERS, Scorer, combine, depth_scores, get_scorer
-from fedpipe.shapes import ModelShapes, load_shapes
+from fedpipe.shapes import ModelShapes
 
 DEFAULT_BATCHES = 8
 DEFAULT_BATCH_SIZE = 4
@@ -151,8 +151,7 @@ class ScoringRequest:
             raise FedpipeError("importance: bad calibration settings", problems)
         spec = get_scorer(scorer)
         profile_path = Path(profile_path)
-        profile = load_profile(profile_path)
-        shapes = load_shapes(profile.model, profile_path.parent)
+        profile, shapes = load_profile_and_shapes(profile_path)
         return cls(profile_path, profile, shapes, spec, batches, batch_size, seq_len, seed)
 
     @property

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from fedpipe.cache import BUNDLED, cache_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import GlobalAdapter, LoraFactors
+from fedpipe.plan import alpha_pattern
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -401,7 +402,7 @@ def attach_lora(model: PreTrainedModel, rank_pattern: dict[str, int], *,
     config = LoraConfig(
         r=first, lora_alpha=alpha_ratio * first, lora_dropout=dropout, bias="none",
         target_modules=sorted(ranks), rank_pattern=dict(ranks),
-        alpha_pattern={name: alpha_ratio * rank for name, rank in ranks.items()},
+        alpha_pattern=alpha_pattern(ranks, alpha_ratio),
         task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft 0.21 calls a transformers 5 method that is deprecated; nothing for users to do.

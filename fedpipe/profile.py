@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedpipe.errors import FedpipeError
 from fedpipe.rules import AggregationRule, rules_help
-from fedpipe.shapes import MATRIX_TYPES
+from fedpipe.shapes import MATRIX_TYPES, ModelShapes, load_shapes
 
 Bits = Literal[4, 8, 16]
 
@@ -223,3 +223,10 @@ def load_profile(path: str | Path) -> ClusterProfile:
     except yaml.YAMLError as e:
         raise FedpipeError(f"{path}: not valid YAML ({e})") from None
     return parse_profile(raw, str(path))
+
+
+def load_profile_and_shapes(path: str | Path) -> tuple[ClusterProfile, ModelShapes]:
+    """The profile and its model's shapes; a model folder is looked up next to the profile."""
+    path = Path(path)
+    profile = load_profile(path)
+    return profile, load_shapes(profile.model, path.parent)

@@ -18,6 +18,7 @@ from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport
 from fedpipe.plan import (
+    BUILTIN_PRIOR_SOURCE,
     Baseline,
     ImportanceRef,
     Plan,
@@ -48,8 +49,7 @@ from fedpipe.planning.problem import (
     is_feasible,
     memory_limited,
 )
-from fedpipe.profile import load_profile
-from fedpipe.shapes import load_shapes
+from fedpipe.profile import load_profile_and_shapes
 
 METHODS = ("auto", "milp", "decomposed")
 AUTO_MILP_ROWS = 2000  # chord rows up to which "auto" uses the MILP (see choose_method)
@@ -174,12 +174,11 @@ def make_plan(profile_path: str | Path, *, solver: str | None = None, time_limit
               method: str = "auto") -> Plan:
     """Load a profile, solve, and return the plan (the one call behind ``fedpipe plan``)."""
     profile_path = Path(profile_path)
-    profile = load_profile(profile_path)
-    shapes = load_shapes(profile.model, profile_path.parent)
+    profile, shapes = load_profile_and_shapes(profile_path)
     problem = build_problem(profile, shapes, importance)
     choices, ev, report, baseline = plan_problem(problem, solver=solver, time_limit=time_limit,
                                                  method=method)
     ref = ProfileRef(path=str(profile_path), sha256=file_sha256(profile_path),
                      name=profile.name or profile_path.stem.removesuffix(".profile"))
     return assemble_plan(problem, choices, report, baseline, ref,
-                         importance_source or "builtin prior", ev)
+                         importance_source or BUILTIN_PRIOR_SOURCE, ev)

@@ -42,7 +42,16 @@ from fedpipe.atomic import write_atomic
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
-from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan, to_yaml
+from fedpipe.plan import (
+    BUILTIN_PRIOR_SOURCE,
+    Baseline,
+    Plan,
+    ProfileRef,
+    SolverReport,
+    load_plan,
+    save_plan,
+    to_yaml,
+)
 from fedpipe.planning.cost import server_cost
 from fedpipe.planning.planner import assemble_plan, plan_problem
 from fedpipe.planning.problem import Choice, Problem, TableCache, build_problem
@@ -325,7 +334,7 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
     base = _portable_model(base, profile_path.parent)
     shapes = load_shapes(base.model, profile_path.parent)
     importance = importance or depth_prior(shapes)
-    source = importance_source or "builtin prior"
+    source = importance_source or BUILTIN_PRIOR_SOURCE
     planner = _Planner(shapes, importance, solver, time_limit, method)
     out = Path(out_dir) if out_dir is not None else Path("plans") / "sweeps" / name
     setup_s = time.perf_counter() - start
