@@ -63,7 +63,9 @@ from pathlib import Path
 import yaml
 
 from fedpipe.atomic import write_atomic
+from fedpipe.cache import BUNDLED
 from fedpipe.errors import FedpipeError
+from fedpipe.importance import weights_dir
 from fedpipe.planning.cost import GIB, LOGIT_BYTES, CostModel, server_cost
 from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile_and_shapes
 from fedpipe.shapes import CARDS_DIR, ModelShapes
@@ -316,16 +318,12 @@ def choose_server(profile: ClusterProfile, name: str | None, device: str) -> Ser
 
 def model_weights(profile: ClusterProfile, profile_dir: Path, workdir: Path) -> tuple[Path, str]:
     """(HF folder with weights, 'real weights' | 'random weights from ...') for the profile's model."""
-    from fedpipe.models import BUNDLED, resolve_model_dir
-
-    for folder in (profile_dir / profile.model, Path(profile.model).expanduser()):
-        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return folder, f"real weights ({folder})"
-    if profile.model == BUNDLED:
-        try:
-            return resolve_model_dir(BUNDLED), "real weights (bundled SmolLM2-135M)"
-        except FedpipeError:
-            pass  # package missing: its shape card still gives a same-sized model
+    try:
+        folder = weights_dir(profile.model, profile_dir)
+    except FedpipeError:  # the bundled package is missing: its shape card gives a same-sized model
+        folder = None
+    if folder is not None:
+        return folder, f"real weights ({'bundled SmolLM2-135M' if profile.model == BUNDLED else folder})"
     card = CARDS_DIR / f"{profile.model.lower()}.json"
     source = card if card.is_file() else profile_dir / profile.model / "config.json"
     if not source.is_file():
