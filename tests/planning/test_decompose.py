@@ -3,10 +3,10 @@ kept, identical servers treated alike, and a thousand servers planned as a handf
 
 import itertools
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from instances import SHAPES, brute_force_objective, enumerated_optimum, random_instance
 from typer.testing import CliRunner
 
 import fedpipe.planning.decompose as decompose
@@ -20,10 +20,7 @@ from fedpipe.planning.problem import build_problem, evaluate, hardware_key
 from fedpipe.profile import parse_profile
 from fedpipe.shapes import load_shapes
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_planner import SHAPES, brute_force_objective, enumerated_optimum, random_instance  # noqa: E402
-
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def _objective_with_same_scale(problem, method):

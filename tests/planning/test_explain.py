@@ -16,7 +16,7 @@ from fedpipe.planning.problem import Choice, evaluate
 from fedpipe.planning.sweep import run_sweep
 from fedpipe.plots import plan_layout, rank_map
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 runner = CliRunner()
 
 

@@ -15,7 +15,7 @@ from fedpipe.planning.sweep import load_sweep, parse_axis, run_sweep, scale_prof
 from fedpipe.profile import load_profile
 from fedpipe.shapes import load_shapes
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 SMALL = DATA / "small.yaml"
 runner = CliRunner()
 
