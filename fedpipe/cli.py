@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedpipe.errors import FedpipeError
+from fedpipe.rules import rules_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run federated LoRA fine-tuning across heterogeneous edge servers.")
@@ -56,7 +57,7 @@ def plan(
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
     from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
-    from fedpipe.planner import make_plan
+    from fedpipe.planning.planner import make_plan
     from fedpipe.render import console, plan_table
 
     report, source = importance_for_plan(profile, importance)
@@ -115,8 +116,8 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Print the diff as JSON.")] = False,
 ) -> None:
     """Show per server what changed between two plans, and the change in totals."""
-    from fedpipe.diff import diff_plans
     from fedpipe.plan import load_plan
+    from fedpipe.planning.diff import diff_plans
     from fedpipe.render import console, diff_table
 
     d = diff_plans(load_plan(a), load_plan(b), str(a), str(b))
@@ -132,7 +133,7 @@ def run(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan YAML written by `fedpipe plan`.")],
     rounds: Annotated[int | None, typer.Option(min=1, help="Rounds (default: the plan's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/NAME).")] = None,
-    aggregation: Annotated[str | None, typer.Option(help="fedit | hetlora | flora | flexlora "
+    aggregation: Annotated[str | None, typer.Option(help=f"{rules_help()} "
                                                     "(default: the plan's).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue after the last completed round.")] = False,
     local_steps: Annotated[int | None, typer.Option(min=1, help="Local steps per round "
@@ -249,9 +250,9 @@ def sweep(
     """Plan every budget point ('what if half the memory?'): a table, one plan per point, plots."""
     from rich.progress import Progress
 
-    from fedpipe.diff import diff_plans
+    from fedpipe.planning.diff import diff_plans
+    from fedpipe.planning.sweep import parse_axis, run_sweep
     from fedpipe.render import console, diff_table, sweep_table
-    from fedpipe.sweep import parse_axis, run_sweep
 
     axes = {name: parse_axis(name, text) for name, text in
             (("memory", memory), ("bandwidth", bandwidth), ("servers", servers), ("deadline", deadline))
@@ -292,8 +293,8 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Print the explanation as JSON.")] = False,
 ) -> None:
     """Why a server got its configuration: what binds, what one step better would take, what is forgone."""
-    from fedpipe.explain import explain_plan
     from fedpipe.plan import load_plan
+    from fedpipe.planning.explain import explain_plan
     from fedpipe.render import console, explain_view
 
     e = explain_plan(load_plan(plan_file), str(plan_file), server, profile, importance)

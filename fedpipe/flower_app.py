@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpipe.data import plan_data
-from fedpipe.digest import sha256_file
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.loop import RunResult, run_federation
 from fedpipe.federation.spec import RunSpec
@@ -217,7 +217,7 @@ class FlowerTransport(Transport):
 
 def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
     """The ServerApp's run: the shared round loop over the Flower transport."""
-    if sha256_file(settings.plan) != settings.plan_sha256:
+    if file_sha256(settings.plan) != settings.plan_sha256:
         raise FedpipeError(f"{settings.plan} changed since the run was submitted")
     spec = settings.to_spec()
 
@@ -261,7 +261,7 @@ def node_settings(context: Context) -> tuple[str, str, str]:
 @client_app.query()
 def identify(msg: Message, context: Context) -> Message:
     server, plan, _ = node_settings(context)
-    info = ConfigRecord({"server": server, "plan_sha256": sha256_file(plan)})
+    info = ConfigRecord({"server": server, "plan_sha256": file_sha256(plan)})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
@@ -285,7 +285,7 @@ def train_node(server: str, plan_path: str, device: str, content: RecordDict,
     config = content["config"]
     if config["server"] != server:
         raise FedpipeError(f"this SuperNode serves {server!r}, but was sent {config['server']!r}'s round")
-    if sha256_file(plan_path) != config["plan_sha256"]:
+    if file_sha256(plan_path) != config["plan_sha256"]:
         raise FedpipeError(f"server {server}: {plan_path} differs from the coordinator's plan")
     plan = load_plan(plan_path)
     task, entry = plan.task, plan.server(server)

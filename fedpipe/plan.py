@@ -23,11 +23,14 @@ from pydantic import (
 
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
-from fedpipe.profile import MERGING_RULES, AggregationRule, Bits, Task
+from fedpipe.profile import Bits, Task
+from fedpipe.rules import AggregationRule, rule_traits
 
 SCHEMA_VERSION = 1
 Constraint = Literal["memory", "round_time", "deadline"]
 SolverStatus = Literal["optimal", "feasible", "infeasible", "not_solved"]
+# ImportanceRef.source of a plan made with the planner's data-free depth prior (no report file)
+BUILTIN_PRIOR_SOURCE = "builtin prior"
 
 
 class _Strict(BaseModel):
@@ -82,7 +85,19 @@ class ServerPlan(_Strict):
         return value
 
     def alpha_pattern(self) -> dict[str, float]:
-        return {name: self.lora_alpha_ratio * r for name, r in self.rank_pattern.items()}
+        """peft's ``alpha_pattern`` for this server (see `alpha_pattern`)."""
+        return alpha_pattern(self.rank_pattern, self.lora_alpha_ratio)
+
+    def scales(self) -> dict[str, float]:
+        """peft's scaling alpha / r per adapted module: the ratio, whatever the rank (what the
+        aggregation rules fold into the factors)."""
+        return {name: self.lora_alpha_ratio for name, r in self.rank_pattern.items() if r > 0}
+
+
+def alpha_pattern(ranks: dict[str, int], alpha_ratio: float) -> dict[str, float]:
+    """LoRA alpha per adapted module: alpha = ratio x rank, so peft's scaling alpha / r is the
+    ratio on every module whatever its rank (the one place alpha is derived from a rank)."""
+    return {name: alpha_ratio * r for name, r in ranks.items() if r > 0}
 
 
 class SolverReport(_Strict):
@@ -126,7 +141,7 @@ class ProfileRef(_Strict):
 class ImportanceRef(_Strict):
     scorer: str
     digest: str
-    source: str = Field(description="'builtin prior' or the report's path.")
+    source: str = Field(description=f"{BUILTIN_PRIOR_SOURCE!r} or the report's path.")
 
 
 class Plan(_Strict):
@@ -174,8 +189,10 @@ class Plan(_Strict):
 def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:
     """Sparse downloads need a rule whose broadcast a top-k can approximate and a later round can
-    correct: rules that merge each round's update into the base for good (flora) get it dense."""
-    if rule not in MERGING_RULES:
+    correct (``fedpipe.rules``: sparse_download); rules that merge each round's update into the
+    base for good (flora) get it dense. One check for plan validation, the runner and the
+    coordinator."""
+    if rule_traits(rule).sparse_download:
         return
     problems = [f"server {s.name!r}: download_density {s.download_density:g} with aggregation "
                 f"{rule!r}; valid is 1 (it merges each round's update into the base for good: a top-k "

@@ -22,7 +22,7 @@ from test_run import read_global, tiny_plan
 from typer.testing import CliRunner
 
 from fedpipe.cli import app
-from fedpipe.digest import sha256_file
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.federation.spec import parse_min_participation
@@ -236,7 +236,7 @@ class LoopbackGrid:
 
 
 def settings_for(plan_path: Path, out: Path, **kw) -> object:
-    return flower_app.RunSettings(plan=str(plan_path), out=str(out), plan_sha256=sha256_file(plan_path),
+    return flower_app.RunSettings(plan=str(plan_path), out=str(out), plan_sha256=file_sha256(plan_path),
                                   eval_samples=EVAL_SAMPLES, round_timeout=0.1, **kw)
 
 

@@ -11,7 +11,6 @@ from fedpipe import wire
 from fedpipe.cli import app
 from fedpipe.client import AdaptedModel, EdgeTrainer
 from fedpipe.data import plan_data
-from fedpipe.diff import diff_plans
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.coordinator import Coordinator, align_components
 from fedpipe.federation.inprocess import run_plan
@@ -29,6 +28,7 @@ from fedpipe.models import (
     set_factors,
 )
 from fedpipe.plan import load_plan, save_plan
+from fedpipe.planning.diff import diff_plans
 from fedpipe.protocol import derived_seed, peek_metadata, read_update
 from fedpipe.render import diff_table
 
@@ -208,7 +208,7 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
 def test_planned_density_predicts_counted_bytes():
     """The plan's predicted upload bytes against a real payload at the planned density: the
     prediction covers values and mask; only the header (under 1 KiB per matrix) comes on top."""
-    from fedpipe.planner import make_plan
+    from fedpipe.planning.planner import make_plan
     from fedpipe.shapes import load_shapes
 
     plan = make_plan("tests/data/small.yaml")

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
+from fedpipe.rules import rule_traits
 
 from .linalg import module_seed, start_factors
 
@@ -29,7 +30,11 @@ class Aggregator(ABC):
     """One aggregation rule: combine the servers' updates, then tell each server how to restart."""
 
     name: ClassVar[str]
-    merges_into_base: ClassVar[bool] = False
+    merges_into_base: ClassVar[bool]  # from fedpipe.rules, the one table of the rules' traits
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.merges_into_base = rule_traits(cls.name).merges_into_base
 
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate],

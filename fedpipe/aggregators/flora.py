@@ -43,7 +43,6 @@ def cap(f: LoraFactors) -> LoraFactors:
 
 class FLoRA(Aggregator):
     name = "flora"
-    merges_into_base = True
 
     def aggregate(self, updates: Sequence[ClientUpdate],
                   previous: GlobalAdapter | None) -> GlobalAdapter:

@@ -24,11 +24,7 @@ from fedpipe.federation.screen import Expected, Refused, check_content, check_gl
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
 from fedpipe.protocol import broadcast_payload, peek_metadata, read_broadcast, read_update, start_reference
-
-# Rules whose aggregate depends on each server's product B_k A_k alone, so a server may start from
-# any factorization of its start: their broadcasts are aligned to what the server holds. Rules that
-# average factors (fedit, hetlora) need every server in the same coordinates, and are not.
-ALIGNED_RULES = frozenset({"flexlora"})
+from fedpipe.rules import rule_traits
 
 
 def align_components(new: dict[str, LoraFactors],
@@ -95,14 +91,14 @@ class Coordinator:
         if self.global_adapter is None:
             base_delta, init = {}, {}
         else:
-            scales = {name: entry.lora_alpha_ratio for name in entry.rank_pattern}
-            b = self.aggregator.broadcast(self.global_adapter, self.previous, entry.rank_pattern, scales)
+            b = self.aggregator.broadcast(self.global_adapter, self.previous, entry.rank_pattern,
+                                          entry.scales())
             base_delta, init = b.base_delta, b.adapter_init
         reference = None
         if (entry.download_density < 1.0 and init and not base_delta and last is not None
                 and last.round == next_round - 1 and _same_shapes(init, last.init)):
             reference = last.init
-            if self.aggregator.name in ALIGNED_RULES:
+            if rule_traits(self.aggregator.name).aligned_broadcasts:
                 init = align_components(init, reference)
         payload = broadcast_payload(base_delta, init, next_round,
                                     base="delta" if self.aggregator.merges_into_base else "none",

@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fedpipe.digest import sha256_file
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.records import RunFingerprint
 from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
-from fedpipe.profile import AggregationRule
+from fedpipe.rules import rule_traits
 
 
 class RunSpec(BaseModel):
@@ -54,7 +53,7 @@ class RunSpec(BaseModel):
         """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
         plan_path = Path(plan_path)
         plan = with_densities(load_plan(plan_path), upload_density, download_density)
-        rule = rule_name(aggregation or plan.aggregation)
+        rule = rule_traits(aggregation or plan.aggregation).name
         check_densities(plan.servers, rule)
         if round_timeout <= 0:
             raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
@@ -62,7 +61,7 @@ class RunSpec(BaseModel):
         clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
         folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
         folder.claim(resume)
-        spec = cls(plan_path=plan_path, plan=plan, plan_sha256=sha256_file(plan_path), folder=folder,
+        spec = cls(plan_path=plan_path, plan=plan, plan_sha256=file_sha256(plan_path), folder=folder,
                    rule=rule, rounds=rounds or plan.task.rounds,
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
@@ -97,16 +96,6 @@ def _setting(flag: str, given: float | None, planned: float | None) -> float | N
     return given or None
 
 
-def rule_name(name: str) -> str:
-    """The aggregation rule's canonical name, or an error listing the valid ones."""
-    valid = get_args(AggregationRule)
-    canonical = name.strip().lower()
-    if canonical not in valid:
-        raise FedpipeError(f"unknown aggregation rule {name!r}", [f"aggregation: valid rules are "
-                                                                  f"{', '.join(sorted(valid))}"])
-    return canonical
-
-
 def plan_content_hash(plan: Plan) -> str:
     """sha256 of what the plan asks servers to do (as overridden), not of how long it took to solve."""
     content = plan.model_dump(mode="json", exclude={"solver": {"solve_time_s"}})
@@ -117,7 +106,7 @@ def data_fingerprint(plan: Plan) -> str:
     """The dataset a run trains on: a file's sha256, else its source string (builtin is seeded)."""
     source = plan.task.dataset
     path = Path(plan.profile.path).parent / source
-    return f"sha256:{sha256_file(path)}" if path.is_file() else source
+    return f"sha256:{file_sha256(path)}" if path.is_file() else source
 
 
 def with_densities(plan: Plan, upload: float | None = None, download: float | None = None) -> Plan:
