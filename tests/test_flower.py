@@ -202,6 +202,7 @@ class LoopbackGrid:
         self.contexts = {}
         self.silent: set[int] = set()
         self.failing: set[int] = set()
+        self.poisoned: set[int] = set()
         for node, server in servers.items():
             self.add(node, server)
 
@@ -229,10 +230,27 @@ class LoopbackGrid:
                 continue
             handler = {"query": flower_app.identify, "train": flower_app.train}[msg.metadata.message_type]
             try:
-                replies.append(handler(msg, self.contexts[node]))
+                reply = handler(msg, self.contexts[node])
+                if node in self.poisoned and msg.metadata.message_type == "train":
+                    poison(reply)
+                replies.append(reply)
             except FedpipeError as e:
                 replies.append(Message(Error(code=0, reason=str(e)), reply_to=msg))
         return replies
+
+
+def poison(reply) -> None:
+    """A node's update with one NaN among its values, its metadata intact (a broken or malicious
+    node): rewritten at the safetensors level, so sparse payloads are poisoned too."""
+    from safetensors.torch import load, save
+
+    from fedpipe import wire
+
+    payload = flower_app.record_bytes(reply.content["update"])
+    tensors, meta = load(payload), wire.read_metadata(payload)
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    reply.content["update"] = flower_app.bytes_record(save(tensors, metadata=meta))
 
 
 def settings_for(plan_path: Path, out: Path, **kw) -> object:
@@ -304,7 +322,7 @@ def test_too_few_servers_fail_the_round_with_who_is_missing(tmp_path, tiny_model
 
     grid.add(11, "edge")
     grid.failing.add(11)
-    with pytest.raises(FedpipeError, match=r"round 1: 1 of 2 servers replied; --min-participation "
+    with pytest.raises(FedpipeError, match=r"round 1: 1 of 2 servers sent an update that passed the checks; --min-participation "
                                            r"needs 2") as failed:
         flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "b", min_participation="1.0"))
     assert "edge: failed: ClientApp crashed" in str(failed.value)
@@ -312,6 +330,19 @@ def test_too_few_servers_fail_the_round_with_who_is_missing(tmp_path, tiny_model
     rows = flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "c", min_participation="0.5"))
     assert [s["server"] for s in rows[0]["servers"]] == ["hub"]
     assert rows[0]["missed_servers"] == {"edge": "failed: ClientApp crashed"}
+
+
+def test_a_nan_update_is_refused_and_the_run_completes_without_it(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flexlora", rounds=2)
+    grid = LoopbackGrid(plan_path, {11: "edge", 22: "hub"})
+    grid.poisoned.add(11)
+    rows = flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "run"))
+    for row in rows:
+        assert [s["server"] for s in row["servers"]] == ["hub"]
+        assert row["missed_servers"]["edge"].startswith("refused: module") and "non-finite" in row[
+            "missed_servers"]["edge"]
+        assert row["eval"]["loss"] == row["eval"]["loss"]  # finite global model, evaluated
+    assert max_abs_diff(read_global(tmp_path / "run"), read_global(tmp_path / "run")) == 0
 
 
 def test_a_node_with_another_plan_is_refused(tmp_path, tiny_model_dir):
