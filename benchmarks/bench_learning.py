@@ -21,15 +21,16 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from fedpipe.federation.inprocess import run_plan
 from fedpipe.plan import Plan, ServerPlan, load_plan, save_plan
-from fedpipe.runner import run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def homogeneous_plan(plan: Plan) -> Plan:
     """Every server on the baseline's configuration (what the weakest can run)."""
-    from fedpipe.planner import build_problem, solve_baseline
+    from fedpipe.planning.milp import solve_baseline
+    from fedpipe.planning.problem import build_problem
     from fedpipe.profile import load_profile
     from fedpipe.shapes import load_shapes
 

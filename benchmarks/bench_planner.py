@@ -30,8 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedpipe.decompose import solve_baseline_decomposed, solve_decomposed  # noqa: E402
-from fedpipe.planner import Choice, build_problem, evaluate, plan_problem, solve_milp  # noqa: E402
+from fedpipe.planning.decompose import solve_baseline_decomposed, solve_decomposed  # noqa: E402
+from fedpipe.planning.milp import solve_milp  # noqa: E402
+from fedpipe.planning.planner import plan_problem  # noqa: E402
+from fedpipe.planning.problem import Choice, build_problem, evaluate  # noqa: E402
 from fedpipe.profile import parse_profile  # noqa: E402
 from fedpipe.shapes import load_shapes  # noqa: E402
 

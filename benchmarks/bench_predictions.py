@@ -189,7 +189,7 @@ def main() -> None:
 
 
 def _weights(setup, bits: int) -> float:
-    from fedpipe.cost import CostModel
+    from fedpipe.planning.cost import CostModel
 
     return CostModel(setup.shapes, setup.profile.task, setup.profile.calibration).base_weights_gib(
         bits, setup.device)

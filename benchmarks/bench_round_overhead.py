@@ -5,7 +5,7 @@ Run: ``PYTHONPATH=. python benchmarks/bench_round_overhead.py [--plan plans/clus
 
 A real `fedpipe run` of the plan (default: the shipped cluster plan on the bundled SmolLM2-135M,
 six servers at 4, 8 and 16 bits, flexlora) in this process, with every phase of
-`fedpipe.runner.run_plan` timed by wrapping the functions it calls (nothing in the runner is
+`fedpipe.federation.inprocess.run_plan` timed by wrapping the functions it calls (nothing in the loop is
 changed). The baseline is the run's own local training (`train_steps`, the AdamW steps); every
 other phase is reported as seconds and as a share of the round:
 
@@ -37,33 +37,38 @@ from pathlib import Path
 import torch
 
 import fedpipe.client as client
-import fedpipe.runner as runner
+import fedpipe.federation.inprocess as inprocess
+import fedpipe.federation.loop as loop
+import fedpipe.federation.spec as spec
+import fedpipe.metrics as metrics
+from fedpipe.federation.coordinator import Coordinator
+from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import load_plan
-from fedpipe.server import Coordinator
 
 SECONDS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 
-# (owner, attribute, phase): the functions run_plan calls, as the runner and client look them up
+# (owner, attribute, phase): the functions run_plan calls, as the loop and client look them up
 PHASES = [
-    (runner, "load_tokenizer", "setup: tokenizer"),
-    (runner, "load_examples", "setup: data (examples, hold-out, partition)"),
-    (runner, "split_holdout", "setup: data (examples, hold-out, partition)"),
-    (runner, "partition", "setup: data (examples, hold-out, partition)"),
+    (inprocess, "load_tokenizer", "setup: tokenizer"),
+    (loop, "load_tokenizer", "setup: tokenizer"),
+    (spec, "load_examples", "setup: data (examples, hold-out, partition)"),
+    (spec, "split_holdout", "setup: data (examples, hold-out, partition)"),
+    (spec, "partition", "setup: data (examples, hold-out, partition)"),
     (client.EdgeTrainer, "__init__", "setup: tokenise shards"),
     (client.AdaptedModel, "load", "setup: load + quantize + attach LoRA"),
-    (runner, "load_base", "setup: load evaluation model"),
+    (loop, "load_base", "setup: load evaluation model"),
     (Coordinator, "broadcast", "round: coordinator broadcast"),
     (client.EdgeTrainer, "train_round", "client round (total)"),
     (client, "train_steps", "round: local training (baseline)"),
-    (runner, "resident_gib", "round: memory metric"),
+    (inprocess, "resident_gib", "round: memory metric"),
     (Coordinator, "aggregate", "round: aggregate (decode + rule)"),
-    (runner, "apply_base_delta", "round: eval merge global update"),
-    (runner, "evaluate", "round: eval loss + generation"),
-    (runner, "save_adapter", "round: save peft adapter"),
-    (runner, "save_checkpoint", "round: save checkpoint"),
-    (runner, "write_metrics", "after: metrics.jsonl"),
-    (runner, "plot_rounds", "after: curves PNG"),
+    (loop, "apply_base_delta", "round: eval merge global update"),
+    (loop, "evaluate", "round: eval loss + generation"),
+    (loop, "save_adapter", "round: save peft adapter"),
+    (RunFolder, "save_checkpoint", "round: save checkpoint"),
+    (metrics, "write_metrics", "after: metrics.jsonl"),
+    (metrics, "plot_rounds", "after: curves PNG"),
 ]
 
 
@@ -114,7 +119,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, instrumented():
         start = time.perf_counter()
-        result = runner.run_plan(args.plan, rounds=args.rounds, out=Path(tmp) / "run", local_steps=steps,
+        result = inprocess.run_plan(args.plan, rounds=args.rounds, out=Path(tmp) / "run", local_steps=steps,
                                  eval_samples=n_eval)
         wall = time.perf_counter() - start
 

@@ -34,8 +34,11 @@ from pathlib import Path
 import yaml
 from transformers.utils import logging as hf_logging
 
+from fedpipe.data import plan_data
+from fedpipe.federation.inprocess import run_plan
+from fedpipe.federation.spec import with_densities
+from fedpipe.models import plan_model_dir
 from fedpipe.plan import Plan, load_plan, save_plan
-from fedpipe.runner import model_folder, plan_data, run_plan, with_densities
 
 PROFILE = {
     "name": "sparse-bench", "model": "smollm2-135m", "aggregation": "flexlora",
@@ -61,7 +64,7 @@ def lower_rank(plan: Plan, divisor: int) -> Plan:
 
 def planner_choice(plan: Plan) -> Plan:
     """What `fedpipe plan` picks for PROFILE with the default density ladder (1, 1/4, 1/16)."""
-    from fedpipe.planner import make_plan
+    from fedpipe.planning.planner import make_plan
     from fedpipe.profile import Candidates
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,8 +105,8 @@ def base_eval(plan: Plan, n_eval: int, device: str) -> dict:
     from fedpipe.data import evaluate
     from fedpipe.models import load_base, load_tokenizer
 
-    model_dir = model_folder(plan)
-    held_out = plan_data(plan, n_eval)[3]
+    model_dir = plan_model_dir(plan)
+    held_out = plan_data(plan, n_eval)[1]
     result = evaluate(load_base(model_dir, 16, device=device), load_tokenizer(model_dir), held_out,
                       plan.task.seq_len)
     return {"loss": result["loss"], "accuracy": result["accuracy"]}
@@ -126,7 +129,7 @@ def main() -> None:
     out = Path(args.out)
     frozen = out / "dense.plan.yaml"  # planned once; a re-run (or a resumed one) reuses it
     if not frozen.is_file():
-        from fedpipe.planner import make_plan
+        from fedpipe.planning.planner import make_plan
 
         profile = Path(args.profile) if args.profile else out / "profile.yaml"
         if not args.profile:

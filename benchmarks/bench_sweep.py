@@ -28,9 +28,9 @@ import yaml
 
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import save_plan
-from fedpipe.planner import make_plan
+from fedpipe.planning.planner import make_plan
+from fedpipe.planning.sweep import run_sweep, scale_profile
 from fedpipe.profile import load_profile
-from fedpipe.sweep import run_sweep, scale_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 AXES = {"memory": ["0.5", "1", "2", "4", "8"], "bandwidth": ["0.25", "1"]}

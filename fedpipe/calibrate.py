@@ -1,6 +1,6 @@
 """`fedpipe calibrate`: measure LoRA training here, fit the cost model's factors to it.
 
-The cost model (``fedpipe.cost``) has four calibrated factors (``fedpipe.profile.Calibration``).
+The cost model (``fedpipe.planning.cost``) has four calibrated factors (``fedpipe.profile.Calibration``).
 This module measures, on the local machine, the step time and peak memory of LoRA training of a
 profile's model at each base precision x batch size, and fits those factors so the predictions
 hold against the measurements.
@@ -63,10 +63,11 @@ from pathlib import Path
 import yaml
 
 from fedpipe.atomic import write_atomic
-from fedpipe.cost import GIB, LOGIT_BYTES, CostModel, server_cost
+from fedpipe.cache import BUNDLED, weights_dir
 from fedpipe.errors import FedpipeError
-from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile
-from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
+from fedpipe.planning.cost import GIB, LOGIT_BYTES, CostModel, server_cost
+from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile_and_shapes
+from fedpipe.shapes import CARDS_DIR, ModelShapes
 
 NEUTRAL = Calibration(activation_factor=1.0, utilisation=1.0, dequant_time={4: 1.0, 8: 1.0, 16: 1.0},
                       runtime_overhead_gib=0.0)
@@ -316,16 +317,12 @@ def choose_server(profile: ClusterProfile, name: str | None, device: str) -> Ser
 
 def model_weights(profile: ClusterProfile, profile_dir: Path, workdir: Path) -> tuple[Path, str]:
     """(HF folder with weights, 'real weights' | 'random weights from ...') for the profile's model."""
-    from fedpipe.models import BUNDLED, resolve_model_dir
-
-    for folder in (profile_dir / profile.model, Path(profile.model).expanduser()):
-        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return folder, f"real weights ({folder})"
-    if profile.model == BUNDLED:
-        try:
-            return resolve_model_dir(BUNDLED), "real weights (bundled SmolLM2-135M)"
-        except FedpipeError:
-            pass  # package missing: its shape card still gives a same-sized model
+    try:
+        folder = weights_dir(profile.model, profile_dir)
+    except FedpipeError:  # the bundled package is missing: its shape card gives a same-sized model
+        folder = None
+    if folder is not None:
+        return folder, f"real weights ({'bundled SmolLM2-135M' if profile.model == BUNDLED else folder})"
     card = CARDS_DIR / f"{profile.model.lower()}.json"
     source = card if card.is_file() else profile_dir / profile.model / "config.json"
     if not source.is_file():
@@ -474,10 +471,9 @@ class CalibrationResult:
 
 def make_setup(profile_path: str | Path, server: str | None = None, rank: int = 8,
                device: str | None = None) -> Setup:
-    profile = load_profile(profile_path)
+    profile, shapes = load_profile_and_shapes(profile_path)
     if rank < 1:
         raise FedpipeError(f"--rank: {rank} must be at least 1")
-    shapes = load_shapes(profile.model, Path(profile_path).parent)
     return Setup(profile, shapes, choose_server(profile, server, device or local_device()), rank)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedpipe.errors import FedpipeError
+from fedpipe.rules import rules_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run federated LoRA fine-tuning across heterogeneous edge servers.")
@@ -56,7 +57,7 @@ def plan(
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
     from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
-    from fedpipe.planner import make_plan
+    from fedpipe.planning.planner import make_plan
     from fedpipe.render import console, plan_table
 
     report, source = importance_for_plan(profile, importance)
@@ -115,8 +116,8 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Print the diff as JSON.")] = False,
 ) -> None:
     """Show per server what changed between two plans, and the change in totals."""
-    from fedpipe.diff import diff_plans
     from fedpipe.plan import load_plan
+    from fedpipe.planning.diff import diff_plans
     from fedpipe.render import console, diff_table
 
     d = diff_plans(load_plan(a), load_plan(b), str(a), str(b))
@@ -132,7 +133,7 @@ def run(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan YAML written by `fedpipe plan`.")],
     rounds: Annotated[int | None, typer.Option(min=1, help="Rounds (default: the plan's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/NAME).")] = None,
-    aggregation: Annotated[str | None, typer.Option(help="fedit | hetlora | flora | flexlora "
+    aggregation: Annotated[str | None, typer.Option(help=f"{rules_help()} "
                                                     "(default: the plan's).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue after the last completed round.")] = False,
     local_steps: Annotated[int | None, typer.Option(min=1, help="Local steps per round "
@@ -152,37 +153,47 @@ def run(
                                                            "the SuperLink's (default: system CAs).")] = None,
     round_timeout: Annotated[float, typer.Option(help="flower: seconds a round waits for replies; "
                                                  "who is late misses the round.")] = 3600.0,
-    min_participation: Annotated[str, typer.Option(help="flower: replies a round needs, a count (2) "
-                                                   "or a fraction (0.5).")] = "1",
+    min_participation: Annotated[str, typer.Option(help="Replies a round needs, a count (2) or a fraction "
+                                                   "(0.5); a refused update counts as missed.")] = "1",
+    norm_bound: Annotated[float | None, typer.Option(help="Refuse an update whose norm is over this "
+                                                     "multiple of the round's median; 0 = off (default: "
+                                                     "the plan's task.norm_bound, 10).")] = None,
+    clip_norm: Annotated[float | None, typer.Option(help="Clip every update to this norm before "
+                                                    "aggregating; 0 = off (default: the plan's).")] = None,
 ) -> None:
     """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
+    if backend not in ("inprocess", "flower"):
+        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
     if backend == "flower" and (upload_density is not None or download_density is not None):
         raise FedpipeError("--upload-density/--download-density: the flower backend's nodes read the "
                            "densities from their plan file; set them there")
+    from fedpipe.federation.spec import RunSpec
+    from fedpipe.render import console, run_table
+
+    settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
+                    eval_samples=eval_samples, min_participation=min_participation,
+                    round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm)
+    spec = RunSpec.resolve(plan_file, upload_density=upload_density, download_density=download_density,
+                           **settings)  # every argument checked here, before anything heavy
+    if spec.completed_rounds >= spec.rounds:
+        console().print(f"{spec.folder.path} is complete: it holds {spec.completed_rounds} of "
+                        f"{spec.rounds} rounds; nothing to do (--rounds N to go further)")
+        return
     if backend == "flower":
         from fedpipe.flower_app import launch
-        from fedpipe.render import console, run_table
 
         result = launch(plan_file, superlink=superlink, insecure=insecure,
-                        root_certificates=root_certificates, rounds=rounds, out=out,
-                        aggregation=aggregation, resume=resume, local_steps=local_steps,
-                        eval_samples=eval_samples, round_timeout=round_timeout,
-                        min_participation=min_participation)
-        console().print(run_table(result))
-        return
-    if backend != "inprocess":
-        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
-    from transformers.utils import logging as hf_logging
+                        root_certificates=root_certificates, **settings)
+    else:
+        from transformers.utils import logging as hf_logging
 
-    from fedpipe.render import console, run_progress, run_table
-    from fedpipe.runner import run_plan
+        from fedpipe.federation.inprocess import InProcessTransport
+        from fedpipe.federation.loop import run_federation
+        from fedpipe.render import run_progress
 
-    hf_logging.disable_progress_bar()  # our own bar shows rounds and servers
-
-    with run_progress() as on_progress:
-        result = run_plan(plan_file, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
-                          local_steps=local_steps, eval_samples=eval_samples, on_progress=on_progress,
-                          upload_density=upload_density, download_density=download_density)
+        hf_logging.disable_progress_bar()  # our own bar shows rounds and servers
+        with run_progress() as on_progress:
+            result = run_federation(spec, InProcessTransport(spec), on_progress)
     console().print(run_table(result))
 
 
@@ -239,9 +250,9 @@ def sweep(
     """Plan every budget point ('what if half the memory?'): a table, one plan per point, plots."""
     from rich.progress import Progress
 
-    from fedpipe.diff import diff_plans
+    from fedpipe.planning.diff import diff_plans
+    from fedpipe.planning.sweep import parse_axis, run_sweep
     from fedpipe.render import console, diff_table, sweep_table
-    from fedpipe.sweep import parse_axis, run_sweep
 
     axes = {name: parse_axis(name, text) for name, text in
             (("memory", memory), ("bandwidth", bandwidth), ("servers", servers), ("deadline", deadline))
@@ -282,8 +293,8 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Print the explanation as JSON.")] = False,
 ) -> None:
     """Why a server got its configuration: what binds, what one step better would take, what is forgone."""
-    from fedpipe.explain import explain_plan
     from fedpipe.plan import load_plan
+    from fedpipe.planning.explain import explain_plan
     from fedpipe.render import console, explain_view
 
     e = explain_plan(load_plan(plan_file), str(plan_file), server, profile, importance)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from fedpipe.errors import FedpipeError
-from fedpipe.tasks import Example, builtin_examples
+from fedpipe.plan import Plan
+from fedpipe.tasks import FAMILIES, Example, builtin_examples
 
 __all__ = [
     "DEFAULT_BUILTIN_N",
@@ -535,3 +536,18 @@ def evaluate(
     result = summary(list(range(len(enc))))
     result["per_family"] = {f: summary(m) for f, m in sorted(families.items())}
     return result
+
+
+def plan_data(plan: Plan, n_eval: int) -> tuple[dict[str, list[Example]], list[Example]]:
+    """(each training member's shard, the held-out split): a function of the plan, its seed and
+    data only, so every transport and machine rebuilds the same."""
+    task = plan.task
+    members = plan.training_members()
+    # generated data: enough of every family that a skewed (non-IID) shard never repeats examples
+    needed = (sum(entry.samples for _, entry in members) + n_eval) * len(FAMILIES)
+    examples = load_examples(task.dataset, n=needed if task.dataset.startswith("builtin") else None,
+                             seed=task.seed)
+    train_pool, held_out = split_holdout(examples, n_eval, task.seed)
+    shards = partition(train_pool, {m: entry.samples for m, entry in members}, task.partition,
+                       task.dirichlet_alpha, task.seed)
+    return shards, held_out

@@ -8,7 +8,7 @@ sum of what was received equals the sum of what was meant less one bounded resid
 Where the residual lives, and why: in the coordinates of the update itself, per module and
 factor. That is only meaningful while the next round's start for the module is in the same
 coordinates: true for rules that average factors and restart by truncation (fedit, hetlora:
-`Aggregator.keeps_factor_coordinates`), false for flexlora (the global is re-based by an SVD every
+``fedpipe.rules``: keeps_factor_coordinates), false for flexlora (the global is re-based by an SVD every
 round) and flora (a fresh random A every round), where a factor residual a round later would add
 noise, not the lost update. So the residual of a module is dropped when its shape changes (the
 rank changed) and the caller calls `reset` whenever the basis changes (every round under flexlora

@@ -3,31 +3,30 @@
 Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
 
     coordinator machine   flower-superlink            (Fleet, Control and Runtime APIs, one port)
-                          └─ ServerApp process        `coordinate`: rounds, aggregation, eval,
-                                                      the run folder (started by the SuperLink)
+                          └─ ServerApp process        `coordinate`: the round loop
+                                                      (`fedpipe.federation.loop`) over this
+                                                      transport (started by the SuperLink)
                           `fedpipe run --backend flower` submits the run (`flwr run`), streams its log
     each edge machine     `fedpipe node PLAN --server NAME` = flower-supernode with node config
                           plan=PATH server=NAME; one ClientApp process per message, `train_node`
 
 Messages carry the wire payloads unchanged (a uint8 array in an ArrayRecord), so bytes counted are
 the wire bytes: ``query`` (who are you: server name, plan digest), ``train`` (broadcast payload +
-round settings -> update payload + measurements). The ClientApp rebuilds its shard exactly as
-`runner.run_plan` does (`runner.plan_data`) and trains with the same `EdgeTrainer`; the coordinator
-aggregates with the same `Coordinator`, in plan order, so a run matches the in-process backend.
+round settings -> update payload + measurements). The ClientApp rebuilds its shard exactly as the
+in-process transport does (`data.plan_data`) and trains with the same `EdgeTrainer`; the
+round loop is the same one, so a run matches the in-process backend.
 
 A node that fails or times out misses that round only: the round aggregates the replies that
 arrived (weights renormalised), the metrics row names who missed it and why, and the node is
 invited again next round. `min_participation` (a count, or a fraction with a decimal point) fails
 the run when too few reply. Rules that merge into the base (flora) need each node's base to hold
 every earlier round's merge: a node keeps its merged update in its Flower node state, and a node
-that missed a round (or restarted) gets the cumulative merged update instead of the round's delta.
+that missed a round (or restarted) gets the cumulative merged update (`protocol`: base ``full``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -42,7 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpipe.data import plan_data
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.loop import RunResult, run_federation
+from fedpipe.federation.spec import RunSpec
+from fedpipe.federation.transport import Delivery, Reply, Transport
+from fedpipe.metrics import read_metrics
+from fedpipe.models import plan_model_dir
 
 INSTALL_HINT = "pip install 'fedpipe[flower]'"
 try:
@@ -70,29 +76,6 @@ def record_bytes(record: ArrayRecord) -> bytes:
     return record["payload"].numpy().tobytes()
 
 
-def plan_digest(path: str | Path) -> str:
-    """sha256 of the plan file: every machine must hold the same plan."""
-    path = Path(path)
-    if not path.is_file():
-        raise FedpipeError(f"plan: no such file {path}")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def parse_min_participation(text: str | int | float, n_servers: int) -> int:
-    """Replies a round needs: "2" is a count, "0.5" (a decimal point) a fraction of the servers."""
-    raw = str(text).strip()
-    try:
-        value = float(raw) if "." in raw else int(raw)
-    except ValueError:
-        value = None
-    if isinstance(value, float) and 0 < value <= 1:
-        return max(1, math.ceil(value * n_servers - 1e-9))
-    if isinstance(value, int) and 1 <= value <= n_servers:
-        return value
-    raise FedpipeError(f"min_participation: {raw!r} is neither a count from 1 to {n_servers} (the "
-                       "servers that train) nor a fraction in (0, 1] written with a decimal point")
-
-
 @dataclass(frozen=True)
 class RunSettings:
     """What `fedpipe run --backend flower` hands the ServerApp (the app's run config)."""
@@ -107,10 +90,20 @@ class RunSettings:
     eval_samples: int = 0  # 0: the plan's
     round_timeout: float = 3600.0
     min_participation: str = "1"
+    norm_bound: float = -1.0  # -1: the plan's; 0: off
+    clip_norm: float = -1.0
 
     @classmethod
     def from_config(cls, config: dict) -> RunSettings:
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+    def to_spec(self) -> RunSpec:
+        return RunSpec.resolve(self.plan, rounds=self.rounds or None, out=self.out,
+                               aggregation=self.aggregation or None, resume=self.resume,
+                               local_steps=self.local_steps or None, eval_samples=self.eval_samples or None,
+                               min_participation=self.min_participation, round_timeout=self.round_timeout,
+                               norm_bound=None if self.norm_bound < 0 else self.norm_bound,
+                               clip_norm=None if self.clip_norm < 0 else self.clip_norm)
 
 
 def replies_by_sender(sent: dict, replies) -> dict:
@@ -177,124 +170,64 @@ class Roster:
                 seconds)
 
 
-def check_participation(round_index: int, got: int, total: int, required: int, settings: RunSettings,
-                        missed: dict[str, str], what: str) -> None:
-    if got < required:
-        raise FedpipeError(f"round {round_index}: {got} of {total} servers {what}; --min-participation "
-                           f"{settings.min_participation} needs {required}",
-                           [f"{m}: {why}" for m, why in missed.items()])
+class FlowerTransport(Transport):
+    """The round loop's messages as Flower Messages to the SuperNodes that serve the plan's members."""
 
+    def __init__(self, grid: Grid, spec: RunSpec) -> None:
+        self.grid, self.spec = grid, spec
+        self.roster = Roster(grid, [m for m, _ in spec.plan.training_members()], spec.plan_sha256,
+                             spec.round_timeout)
+        self.roster.wait_for_all(spec.round_timeout)
 
-def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
-    """The round loop of `runner.run_plan`, with each server's training on its own SuperNode."""
-    from fedpipe.client import broadcast_payload, split_broadcast
-    from fedpipe.metrics import plot_rounds, read_metrics, write_metrics
-    from fedpipe.models import load_base, load_tokenizer
-    from fedpipe.plan import load_plan
-    from fedpipe.runner import GlobalEvaluator, close_round, load_checkpoint, model_folder, plan_data
-    from fedpipe.server import Coordinator
+    def unreachable(self, members: list[str]) -> dict[str, str]:
+        self.roster.refresh()
+        return {m: self.roster.refused.get(m, "no SuperNode online") for m in members
+                if m not in self.roster.node_of}
 
-    # ---- setup
-    if plan_digest(settings.plan) != settings.plan_sha256:
-        raise FedpipeError(f"{settings.plan} changed since the run was submitted")
-    plan = load_plan(settings.plan)
-    task = plan.task
-    rule = settings.aggregation or plan.aggregation
-    total_rounds = settings.rounds or task.rounds
-    steps = settings.local_steps or task.local_steps
-    n_eval = settings.eval_samples or task.eval_samples
-    run_dir = Path(settings.out)
-    checkpoint = run_dir / "checkpoint"
-    if (checkpoint / "state.json").is_file() and not settings.resume:
-        raise FedpipeError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                           "or --out for a new folder")
-    members, idle, _, held_out = plan_data(plan, n_eval)
-    required = parse_min_participation(settings.min_participation, len(members))
-    model_dir = model_folder(plan)
-    tokenizer = load_tokenizer(model_dir)
-    evaluator = GlobalEvaluator(load_base(model_dir, 16), tokenizer, held_out, task.seq_len, model_dir)
-    coordinator = Coordinator(rule)
-    rows: list[dict] = []
-    if settings.resume and (checkpoint / "state.json").is_file():
-        state, adapters, _ = load_checkpoint(checkpoint)  # nodes rebuild their merged base: resync
-        if state["rule"] != rule:
-            raise FedpipeError(f"--resume: the run used aggregation {state['rule']!r}, not {rule!r}")
-        coordinator = Coordinator(rule, adapters.get("global"), adapters.get("previous"))
-        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] <= state["round"]]
-    merges = coordinator.aggregator.merges_into_base
-    roster = Roster(grid, [m for m, _ in members], settings.plan_sha256, settings.round_timeout)
-    roster.wait_for_all(settings.round_timeout)
-    synced: set[str] = set()  # members whose base holds every merge so far (they replied last round)
-
-    # ---- rounds
-    for round_index in range(coordinator.round + 1, total_rounds + 1):
-        round_start = time.perf_counter()
-        roster.refresh()
-        messages, downs, missed, cache = {}, {}, {}, {}
-        for member, entry in members:
-            node = roster.node_of.get(member)
-            if node is None:
-                missed[member] = roster.refused.get(member, "no SuperNode online")
-                continue
-            if entry.name not in cache:
-                cache[entry.name] = coordinator.broadcast(entry)
-            down, base = cache[entry.name], "none"
-            if merges:
-                base = "delta"
-                if coordinator.global_adapter is not None and member not in synced:
-                    _, init, _ = split_broadcast(down)  # the cumulative update, not this round's part
-                    down = broadcast_payload(coordinator.global_adapter.factors, init, round_index)
-                    base = "resync"
-            downs[member] = down
-            config = ConfigRecord({"server": member, "round": round_index, "local_steps": steps,
-                                   "eval_samples": n_eval, "plan_sha256": settings.plan_sha256,
-                                   "base": base})
-            messages[member] = Message(RecordDict({"broadcast": bytes_record(down), "config": config}),
-                                       dst_node_id=node, message_type="train", ttl=settings.round_timeout)
-        check_participation(round_index, len(messages), len(members), required, settings, missed,
-                            "have a SuperNode online")
-        replies = grid.send_and_receive(list(messages.values()), timeout=settings.round_timeout)
-        arrived: dict[str, RecordDict] = {}
-        for member, reply in replies_by_sender(messages, replies).items():
+    def exchange(self, round_index: int, deliveries: list[Delivery], local_steps: int,
+                 on_sent: Callable[[str], None]) -> tuple[dict[str, Reply], dict[str, str]]:
+        timeout = self.spec.round_timeout
+        messages = {}
+        for d in deliveries:
+            config = ConfigRecord({"server": d.member, "round": round_index, "local_steps": local_steps,
+                                   "eval_samples": self.spec.eval_samples,
+                                   "plan_sha256": self.spec.plan_sha256})
+            messages[d.member] = Message(RecordDict({"broadcast": bytes_record(d.payload), "config": config}),
+                                         dst_node_id=self.roster.node_of[d.member], message_type="train",
+                                         ttl=timeout)
+            on_sent(d.member)
+        replies, missed = {}, {}
+        for member, reply in replies_by_sender(messages, self.grid.send_and_receive(
+                list(messages.values()), timeout=timeout)).items():
             if reply.has_error():
                 missed[member] = f"failed: {reply.error.reason}"
-            else:
-                arrived[member] = reply.content
+                continue
+            stats = reply.content["stats"]
+            replies[member] = Reply(member, record_bytes(reply.content["update"]), float(stats["train_loss"]),
+                                    int(stats["steps"]), float(stats["train_s"]), int(stats["tokens"]),
+                                    float(stats["memory_gib"]))
         for member in messages:
-            if member not in arrived and member not in missed:
-                missed[member] = f"no reply within {settings.round_timeout:g} s"
+            if member not in replies and member not in missed:
+                missed[member] = f"no reply within {timeout:g} s"
         for member, why in missed.items():
             log(WARNING, "fedpipe: round %d: %s missed it (%s); it is invited again next round",
                 round_index, member, why)
-        synced = set(arrived)
-        check_participation(round_index, len(arrived), len(members), required, settings, missed, "replied")
+        return replies, missed
 
-        payloads, servers = [], []
-        for member, entry in members:  # plan order, as in process: the same float sums
-            if member not in arrived:
-                continue
-            content = arrived[member]
-            up, stats = record_bytes(content["update"]), content["stats"]
-            payloads.append(up)
-            servers.append({
-                "server": member, "entry": entry.name, "bits": entry.bits,
-                "batch_size": entry.batch_size, "train_loss": float(stats["train_loss"]),
-                "steps": int(stats["steps"]), "train_s": float(stats["train_s"]),
-                "tokens": int(stats["tokens"]), "memory_gib": float(stats["memory_gib"]),
-                "predicted_memory_gib": entry.predicted.memory_gib,
-                "upload_bytes": len(up), "download_bytes": len(downs[member]),
-                "predicted_upload_bytes": entry.predicted.upload_bytes,
-                "predicted_download_bytes": entry.predicted.download_bytes,
-            })
-        closed = close_round(coordinator, payloads, evaluator, run_dir, {})
-        rows.append({"round": round_index, "rule": rule, "servers": servers, "idle_servers": idle,
-                     "missed_servers": missed, **closed, "round_s": time.perf_counter() - round_start,
-                     "train_s": sum(s["train_s"] for s in servers)})
-        write_metrics(run_dir / "metrics.jsonl", rows)
-        plot_rounds(rows, run_dir / "curves.png")
-        log(INFO, "fedpipe: round %d/%d: %d of %d servers, eval loss %.4f, accuracy %.3f", round_index,
-            total_rounds, len(arrived), len(members), closed["eval"]["loss"], closed["eval"]["accuracy"])
-    return rows
+
+def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
+    """The ServerApp's run: the shared round loop over the Flower transport."""
+    if file_sha256(settings.plan) != settings.plan_sha256:
+        raise FedpipeError(f"{settings.plan} changed since the run was submitted")
+    spec = settings.to_spec()
+
+    def report(server: str, round_index: int, done: int, total: int) -> None:
+        if server == "evaluated":
+            row = read_metrics(spec.folder.metrics)[-1]
+            log(INFO, "fedpipe: round %d/%d: %d servers, eval loss %.4f, accuracy %.3f", round_index,
+                spec.rounds, len(row["servers"]), row["eval"]["loss"], row["eval"]["accuracy"])
+
+    return run_federation(spec, FlowerTransport(grid, spec), report).rows
 
 
 server_app = ServerApp()
@@ -328,7 +261,7 @@ def node_settings(context: Context) -> tuple[str, str, str]:
 @client_app.query()
 def identify(msg: Message, context: Context) -> Message:
     server, plan, _ = node_settings(context)
-    info = ConfigRecord({"server": server, "plan_sha256": plan_digest(plan)})
+    info = ConfigRecord({"server": server, "plan_sha256": file_sha256(plan)})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
@@ -340,43 +273,41 @@ def train(msg: Message, context: Context) -> Message:
 
 def train_node(server: str, plan_path: str, device: str, content: RecordDict,
                state: RecordDict) -> RecordDict:
-    """One round on this node: rebuild its shard as the in-process runner does, train, reply."""
+    """One round on this node: rebuild its shard as the in-process transport does, train, reply.
+    The merge into the base (rules that merge) lives in the node state between rounds."""
     from fedpipe import wire
     from fedpipe.client import AdaptedModel, EdgeTrainer
     from fedpipe.measure import resident_gib
     from fedpipe.models import apply_base_delta, load_tokenizer
     from fedpipe.plan import load_plan
-    from fedpipe.runner import model_folder, plan_data
+    from fedpipe.protocol import peek_metadata
 
     config = content["config"]
-    round_index, base = int(config["round"]), str(config["base"])
     if config["server"] != server:
         raise FedpipeError(f"this SuperNode serves {server!r}, but was sent {config['server']!r}'s round")
-    if plan_digest(plan_path) != config["plan_sha256"]:
+    if file_sha256(plan_path) != config["plan_sha256"]:
         raise FedpipeError(f"server {server}: {plan_path} differs from the coordinator's plan")
     plan = load_plan(plan_path)
     task, entry = plan.task, plan.server(server)
-    members, _, shards, _ = plan_data(plan, int(config["eval_samples"]))
-    if server not in dict(members):
+    if server not in dict(plan.training_members()):
         raise FedpipeError(f"server {server}: it trains nothing in this plan")
-    model_dir = model_folder(plan)
+    shards, _ = plan_data(plan, int(config["eval_samples"]))
+    model_dir = plan_model_dir(plan)
     trainer = EdgeTrainer(server, entry, shards[server], load_tokenizer(model_dir), model_dir,
                           task.seq_len, task.learning_rate, task.seed)
     adapted = AdaptedModel.load(model_dir, entry, device, task.seed)
+    broadcast = record_bytes(content["broadcast"])
+    base = peek_metadata(broadcast).get("base", "none")
     if base == "delta":  # this round's merge goes on top of the ones this node already holds
-        synced = int(state[STATE_SYNC]["round"]) if STATE_SYNC in state else 0
-        if synced != round_index - 1:
-            raise FedpipeError(f"server {server}: its base holds round {synced}'s merge, round "
-                               f"{round_index} needs round {round_index - 1}'s (resynced next round)")
+        adapted.merged_round = int(state[STATE_SYNC]["round"]) if STATE_SYNC in state else 0
         if STATE_BASE in state:
             adapted.merged = wire.decode(record_bytes(state[STATE_BASE]))[0]
-            adapted.merged_round = synced
             apply_base_delta(adapted.model, model_dir, adapted.merged)
-    up, stats = trainer.train_round(adapted, record_bytes(content["broadcast"]), int(config["local_steps"]))
+    up, stats = trainer.train_round(adapted, broadcast, int(config["local_steps"]))
     if base != "none":
         if adapted.merged:
             state[STATE_BASE] = bytes_record(wire.encode(adapted.merged))
-        state[STATE_SYNC] = ConfigRecord({"round": round_index})
+        state[STATE_SYNC] = ConfigRecord({"round": adapted.merged_round})
     measured = MetricRecord({"train_loss": stats.mean_loss, "steps": stats.steps, "train_s": stats.seconds,
                              "tokens": stats.tokens,
                              "memory_gib": resident_gib(adapted.model) + stats.peak_extra_gib})
@@ -407,7 +338,6 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
                       port: int = 9094, device: str | None = None) -> list[str]:
     """The flower-supernode command line for one edge server of the plan (checked here first)."""
     from fedpipe.plan import load_plan
-    from fedpipe.runner import model_folder, plan_data
 
     plan = load_plan(plan_path)
     entry = plan.server(server)
@@ -417,7 +347,7 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     if not entry.rank_pattern:
         raise FedpipeError(f"server {server}: the plan adapts no matrix on it, so it has nothing to run")
     plan_data(plan, plan.task.eval_samples)  # the data and model must be here: fail now, not at round 1
-    model_folder(plan)
+    plan_model_dir(plan)
     if auth_key is not None and (insecure or not auth_key.is_file()):
         raise FedpipeError(f"--auth-key {auth_key}: " + ("SuperNode authentication needs TLS (drop "
                            "--insecure)" if insecure else "no such file"))
@@ -478,30 +408,24 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            root_certificates: Path | None = None, rounds: int | None = None, out: Path | None = None,
            aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
            eval_samples: int | None = None, round_timeout: float = 3600.0,
-           min_participation: str = "1", echo: Callable[[str], None] | None = None):
+           min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
+           echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
     The ServerApp runs beside the SuperLink and writes the run folder there (an absolute path from
     here): run this on the SuperLink's machine to read the results back.
     """
-    from fedpipe.metrics import read_metrics
-    from fedpipe.plan import load_plan
-    from fedpipe.runner import RunResult, plan_data
-
-    plan = load_plan(plan_path)
-    run_dir = (Path(out) if out else Path("runs") / plan.profile.name).resolve()
-    if (run_dir / "checkpoint" / "state.json").is_file() and not resume:
-        raise FedpipeError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                           "or --out for a new folder")
-    members, _, _, _ = plan_data(plan, eval_samples or plan.task.eval_samples)
-    parse_min_participation(min_participation, len(members))
-    if round_timeout <= 0:
-        raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
-    settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir),
-                           plan_sha256=plan_digest(plan_path), rounds=rounds or 0,
-                           aggregation=aggregation or "", resume=resume, local_steps=local_steps or 0,
-                           eval_samples=eval_samples or 0, round_timeout=float(round_timeout),
-                           min_participation=str(min_participation))
+    spec = RunSpec.resolve(plan_path, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
+                           local_steps=local_steps, eval_samples=eval_samples,
+                           min_participation=min_participation, round_timeout=round_timeout,
+                           norm_bound=norm_bound, clip_norm=clip_norm)
+    run_dir = spec.folder.path.resolve()
+    settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
+                           rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
+                           local_steps=local_steps or 0, eval_samples=eval_samples or 0,
+                           round_timeout=float(round_timeout), min_participation=str(min_participation),
+                           norm_bound=-1.0 if norm_bound is None else norm_bound,
+                           clip_norm=-1.0 if clip_norm is None else clip_norm)
     connection = {"address": superlink}
     if insecure:
         connection["insecure"] = True
@@ -516,7 +440,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in connection.items()))
         app = write_app(Path(tmp) / "app", settings)
         stream_run(app, flower_env(home), echo or (lambda line: print(line, file=sys.stderr, flush=True)))
-    return RunResult(run_dir, plan, read_metrics(run_dir / "metrics.jsonl"))
+    return RunResult(run_dir, spec.plan, read_metrics(run_dir / "metrics.jsonl"))
 
 
 def stream_run(app: Path, env: dict[str, str], echo: Callable[[str], None]) -> None:

@@ -39,11 +39,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpipe.atomic import write_atomic
-from fedpipe.cache import BUNDLED, cache_dir
+from fedpipe.cache import cache_dir, weights_dir
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
-from fedpipe.profile import ClusterProfile, load_profile
+from fedpipe.profile import ClusterProfile, load_profile_and_shapes
 from fedpipe.scorers import DEFAULT_SCORER, SCORERS, Scorer, combine, depth_scores, get_scorer
-from fedpipe.shapes import ModelShapes, load_shapes
+from fedpipe.shapes import ModelShapes
 
 DEFAULT_BATCHES = 8
 DEFAULT_BATCH_SIZE = 4
@@ -150,8 +151,7 @@ class ScoringRequest:
             raise FedpipeError("importance: bad calibration settings", problems)
         spec = get_scorer(scorer)
         profile_path = Path(profile_path)
-        profile = load_profile(profile_path)
-        shapes = load_shapes(profile.model, profile_path.parent)
+        profile, shapes = load_profile_and_shapes(profile_path)
         return cls(profile_path, profile, shapes, spec, batches, batch_size, seq_len, seed)
 
     @property
@@ -189,10 +189,10 @@ class ScoringRequest:
         dataset = Path(_dataset_source(self))
         return {
             "model": {"name": self.profile.model,
-                      "config": _sha256(model_dir / "config.json"), "weights": weights},
+                      "config": file_sha256(model_dir / "config.json"), "weights": weights},
             "data": {"task": task.model_dump(include={"dataset", "partition", "dirichlet_alpha",
                                                       "eval_samples", "seed"}),
-                     "file": _sha256(dataset) if dataset.is_file() else None,
+                     "file": file_sha256(dataset) if dataset.is_file() else None,
                      "servers": [(s.name, s.samples, s.count) for s in self.profile.servers],
                      "targets": list(self.profile.candidates.targets)},
         }
@@ -228,37 +228,13 @@ def _cache_root() -> Path:
     return cache_dir() / "importance"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def weights_dir(profile_model: str, base_dir: Path, *, convert: bool = True) -> Path | None:
-    """The HF folder with the model's weights, or None when they are not on this machine.
-
-    The bundled name is converted on first use (unless `convert` is False: then only an
-    existing conversion counts). A folder is looked up next to the profile, then as given.
-    """
-    if profile_model == BUNDLED:
-        if convert:
-            from fedpipe.models import resolve_model_dir  # torch, and a first-use conversion
-
-            return resolve_model_dir(BUNDLED)
-        folder = cache_dir() / BUNDLED
-        return folder if folder.is_dir() else None
-    for folder in (base_dir / profile_model, Path(profile_model).expanduser()):
-        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return folder
-    return None
-
-
 # ----------------------------------------------------------------------------- the federation
 
 
 def server_shards(request: ScoringRequest) -> dict[str, list]:
     """Each server's (profile entry's) training data, dealt as a run deals it.
 
-    As `fedpipe.runner.plan_data` deals it when every server trains: the pool is the task's
+    As `fedpipe.federation.spec.plan_data` deals it when every server trains: the pool is the task's
     dataset (builtin: enough of every family that a skewed shard never repeats examples), the
     held-out examples are removed first, then `fedpipe.data.partition` deals the rest over the
     individual members. An entry's data is the union of its members' shards.

@@ -31,9 +31,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedpipe.cache import BUNDLED, cache_dir
+from fedpipe.cache import BUNDLED, cache_dir, weights_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import GlobalAdapter, LoraFactors
+from fedpipe.plan import Plan, alpha_pattern
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -68,6 +69,17 @@ def bundled_gguf() -> Path:
 
 def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
+
+
+def plan_model_dir(plan: Plan) -> Path:
+    """The plan's model with weights: the bundled one, or a folder (next to its profile, or as given)."""
+    base_dir = Path(plan.profile.path).parent
+    folder = weights_dir(plan.model, base_dir)
+    if folder is None:
+        tried = [(base_dir / plan.model).resolve(), Path(plan.model).expanduser().resolve()]
+        raise FedpipeError(f"model {plan.model!r}: no weights (config.json and *.safetensors) in "
+                           f"{tried[0]} or {tried[1]}")
+    return folder
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -401,7 +413,7 @@ def attach_lora(model: PreTrainedModel, rank_pattern: dict[str, int], *,
     config = LoraConfig(
         r=first, lora_alpha=alpha_ratio * first, lora_dropout=dropout, bias="none",
         target_modules=sorted(ranks), rank_pattern=dict(ranks),
-        alpha_pattern={name: alpha_ratio * rank for name, rank in ranks.items()},
+        alpha_pattern=alpha_pattern(ranks, alpha_ratio),
         task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft 0.21 calls a transformers 5 method that is deprecated; nothing for users to do.

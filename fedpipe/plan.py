@@ -24,11 +24,14 @@ from pydantic import (
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
 from fedpipe.precision import WirePrecision
-from fedpipe.profile import MERGING_RULES, AggregationRule, Bits, Task
+from fedpipe.profile import Bits, Task
+from fedpipe.rules import AggregationRule, rule_traits
 
 SCHEMA_VERSION = 1
 Constraint = Literal["memory", "round_time", "deadline"]
 SolverStatus = Literal["optimal", "feasible", "infeasible", "not_solved"]
+# ImportanceRef.source of a plan made with the planner's data-free depth prior (no report file)
+BUILTIN_PRIOR_SOURCE = "builtin prior"
 
 
 class _Strict(BaseModel):
@@ -88,7 +91,19 @@ class ServerPlan(_Strict):
         return value
 
     def alpha_pattern(self) -> dict[str, float]:
-        return {name: self.lora_alpha_ratio * r for name, r in self.rank_pattern.items()}
+        """peft's ``alpha_pattern`` for this server (see `alpha_pattern`)."""
+        return alpha_pattern(self.rank_pattern, self.lora_alpha_ratio)
+
+    def scales(self) -> dict[str, float]:
+        """peft's scaling alpha / r per adapted module: the ratio, whatever the rank (what the
+        aggregation rules fold into the factors)."""
+        return {name: self.lora_alpha_ratio for name, r in self.rank_pattern.items() if r > 0}
+
+
+def alpha_pattern(ranks: dict[str, int], alpha_ratio: float) -> dict[str, float]:
+    """LoRA alpha per adapted module: alpha = ratio x rank, so peft's scaling alpha / r is the
+    ratio on every module whatever its rank (the one place alpha is derived from a rank)."""
+    return {name: alpha_ratio * r for name, r in ranks.items() if r > 0}
 
 
 class SolverReport(_Strict):
@@ -132,7 +147,7 @@ class ProfileRef(_Strict):
 class ImportanceRef(_Strict):
     scorer: str
     digest: str
-    source: str = Field(description="'builtin prior' or the report's path.")
+    source: str = Field(description=f"{BUILTIN_PRIOR_SOURCE!r} or the report's path.")
 
 
 class Plan(_Strict):
@@ -165,12 +180,25 @@ class Plan(_Strict):
         raise FedpipeError(f"server {name!r} is not in the plan",
                            [f"servers: {', '.join(m for s in self.servers for m in s.members)}"])
 
+    def training_members(self) -> list[tuple[str, ServerPlan]]:
+        """(member, its entry) for every server that adapts something, in plan order."""
+        members = [(m, entry) for entry in self.servers for m in entry.members if entry.rank_pattern]
+        if not members:
+            raise FedpipeError("the plan adapts no matrix on any server: nothing to train")
+        return members
+
+    def idle_members(self) -> list[str]:
+        """Servers the plan gives nothing to adapt: they never train."""
+        return [m for entry in self.servers for m in entry.members if not entry.rank_pattern]
+
 
 def check_densities(servers: list[ServerPlan], rule: str,
                     error: type[Exception] = FedpipeError) -> None:
     """Lossy downloads (sparse, or a precision below fp32) need a rule whose broadcast a later round
-    can correct: rules that merge each round's update into the base for good (flora) get it exact."""
-    if rule not in MERGING_RULES:
+    can correct (``fedpipe.rules``: sparse_download); rules that merge each round's update into the
+    base for good (flora) get it exact. One check for plan validation, the runner and the
+    coordinator."""
+    if rule_traits(rule).sparse_download:
         return
     why = (f"with aggregation {rule!r}; valid is {{}} (it merges each round's update into the base for "
            "good: a lossy copy of it would leave that server's base off the global model)")

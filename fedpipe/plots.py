@@ -18,7 +18,7 @@ import numpy as np
 from fedpipe.atomic import write_atomic_with
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import Plan
-from fedpipe.profile import load_profile
+from fedpipe.profile import load_profile_and_shapes
 from fedpipe.shapes import load_shapes
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -40,8 +40,8 @@ def plan_layout(plan: Plan) -> tuple[int, list[str]]:
     else from the model's shape card and the types the plan adapts."""
     path = Path(plan.profile.path)
     try:
-        profile = load_profile(path)
-        return load_shapes(profile.model, path.parent).layers, list(profile.candidates.targets)
+        profile, shapes = load_profile_and_shapes(path)
+        return shapes.layers, list(profile.candidates.targets)
     except FedpipeError:
         pass
     names = [n for s in plan.servers for n in s.rank_pattern]

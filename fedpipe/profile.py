@@ -7,7 +7,6 @@ with ``count``; ``expand_servers`` turns them into individual named servers when
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -16,13 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpipe.errors import FedpipeError
-from fedpipe.shapes import MATRIX_TYPES
+from fedpipe.rules import AggregationRule, rules_help
+from fedpipe.shapes import MATRIX_TYPES, ModelShapes, load_shapes
 
 Bits = Literal[4, 8, 16]
-AggregationRule = Literal["fedit", "hetlora", "flora", "flexlora"]
-# rules whose broadcast every server merges into its base for good, so downloads stay dense (the
-# rule classes say the same with `merges_into_base`; a test holds the two equal)
-MERGING_RULES = frozenset({"flora"})
 
 
 class _Strict(BaseModel):
@@ -44,6 +40,10 @@ class Task(_Strict):
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = skewed.")
     eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
     seed: int = Field(0, description="Seed for data, initialisation and partitioning.")
+    norm_bound: float | None = Field(10.0, gt=0, description="Refuse an update whose norm is over this "
+                                     "multiple of the round's median update norm (null: no bound).")
+    clip_norm: float | None = Field(None, gt=0, description="Scale every update down to at most this "
+                                    "norm before aggregating (robust aggregation; null: off).")
 
 
 class Candidates(_Strict):
@@ -156,7 +156,7 @@ class ClusterProfile(_Strict):
     model: str = Field(description="A shape card (e.g. llama-2-7b), a local HF folder, or smollm2-135m.")
     task: Task = Task()
     candidates: Candidates = Candidates()
-    aggregation: AggregationRule = Field("flexlora", description="fedit | hetlora | flora | flexlora.")
+    aggregation: AggregationRule = Field("flexlora", description=f"{rules_help()}.")
     objective: Objective = Objective()
     calibration: Calibration = Calibration()
     servers: list[Server] = Field(min_length=1)
@@ -229,6 +229,8 @@ def load_profile(path: str | Path) -> ClusterProfile:
     return parse_profile(raw, str(path))
 
 
-def profile_hash(path: str | Path) -> str:
-    """sha256 of the profile file's bytes, recorded in the plan."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def load_profile_and_shapes(path: str | Path) -> tuple[ClusterProfile, ModelShapes]:
+    """The profile and its model's shapes; a model folder is looked up next to the profile."""
+    path = Path(path)
+    profile = load_profile(path)
+    return profile, load_shapes(profile.model, path.parent)

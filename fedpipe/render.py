@@ -8,8 +8,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from fedpipe.diff import PlanDiff
 from fedpipe.plan import Plan
+from fedpipe.planning.diff import PlanDiff
 
 
 def human_bytes(n: float) -> str:

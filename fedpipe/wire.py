@@ -146,6 +146,14 @@ def payload_bytes(payload: bytes) -> int:
     return len(payload)
 
 
+def read_metadata(payload: bytes) -> dict[str, str]:
+    """A payload's metadata without decoding its tensors (the receiver picks a reference from it)."""
+    try:
+        return _read_metadata(payload)
+    except (ValueError, AttributeError) as e:
+        raise FedpipeError(f"payload: not a valid fedpipe wire payload ({e})") from e
+
+
 def dense_bytes(
     ranks: dict[str, int], shapes: dict[str, tuple[int, int]], bytes_per_value: int = 4
 ) -> int:

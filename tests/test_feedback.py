@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpipe.aggregators import REGISTRY
 from fedpipe.feedback import ErrorFeedback
 from fedpipe.lora import LoraFactors
+from fedpipe.rules import RULES
 from fedpipe.wire import decode, encode
 
 
@@ -78,5 +78,5 @@ def test_downloads_converge_by_tracking_what_the_receiver_holds():
 
 
 def test_which_rules_keep_factor_coordinates():
-    keeps = {name: cls.keeps_factor_coordinates for name, cls in REGISTRY.items()}
+    keeps = {name: t.keeps_factor_coordinates for name, t in RULES.items()}
     assert keeps == {"fedit": True, "hetlora": True, "flexlora": False, "flora": False}

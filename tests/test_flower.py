@@ -22,9 +22,11 @@ from test_run import read_global, tiny_plan
 from typer.testing import CliRunner
 
 from fedpipe.cli import app
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.inprocess import run_plan
+from fedpipe.federation.spec import parse_min_participation
 from fedpipe.metrics import read_metrics
-from fedpipe.runner import run_plan
 
 flower_app = pytest.importorskip("fedpipe.flower_app", exc_type=FedpipeError)
 
@@ -140,9 +142,9 @@ def test_flower_run_matches_in_process(federation):
     assert [r["round"] for r in result.rows] == [1, 2]
     for got, want in zip(result.rows, reference.rows, strict=True):
         assert got["eval"]["loss"] == pytest.approx(want["eval"]["loss"], rel=1e-5)
-        assert got["missed_servers"] == {} and set(got) - set(want) == {"missed_servers"}
+        assert got["missed_servers"] == want["missed_servers"] == {} and set(got) == set(want)
         for s, t in zip(got["servers"], want["servers"], strict=True):
-            assert set(s) <= set(t) and s["server"] == t["server"]
+            assert set(s) == set(t) and s["server"] == t["server"]
             assert s["upload_bytes"] == t["upload_bytes"] and s["download_bytes"] == t["download_bytes"]
             assert s["train_loss"] == pytest.approx(t["train_loss"], rel=1e-5)
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "curves.png"):
@@ -200,6 +202,7 @@ class LoopbackGrid:
         self.contexts = {}
         self.silent: set[int] = set()
         self.failing: set[int] = set()
+        self.poisoned: set[int] = set()
         for node, server in servers.items():
             self.add(node, server)
 
@@ -227,14 +230,31 @@ class LoopbackGrid:
                 continue
             handler = {"query": flower_app.identify, "train": flower_app.train}[msg.metadata.message_type]
             try:
-                replies.append(handler(msg, self.contexts[node]))
+                reply = handler(msg, self.contexts[node])
+                if node in self.poisoned and msg.metadata.message_type == "train":
+                    poison(reply)
+                replies.append(reply)
             except FedpipeError as e:
                 replies.append(Message(Error(code=0, reason=str(e)), reply_to=msg))
         return replies
 
 
+def poison(reply) -> None:
+    """A node's update with one NaN among its values, its metadata intact (a broken or malicious
+    node): rewritten at the safetensors level, so sparse payloads are poisoned too."""
+    from safetensors.torch import load, save
+
+    from fedpipe import wire
+
+    payload = flower_app.record_bytes(reply.content["update"])
+    tensors, meta = load(payload), wire.read_metadata(payload)
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    reply.content["update"] = flower_app.bytes_record(save(tensors, metadata=meta))
+
+
 def settings_for(plan_path: Path, out: Path, **kw) -> object:
-    return flower_app.RunSettings(plan=str(plan_path), out=str(out), plan_sha256=flower_app.plan_digest(plan_path),
+    return flower_app.RunSettings(plan=str(plan_path), out=str(out), plan_sha256=file_sha256(plan_path),
                                   eval_samples=EVAL_SAMPLES, round_timeout=0.1, **kw)
 
 
@@ -263,9 +283,9 @@ def test_a_missed_round_is_renormalised_and_the_node_rejoins_in_sync(tmp_path, t
     assert edge["download_bytes"] > hub["download_bytes"]  # rounds 1 + 2 merged, not round 2 only
 
     from fedpipe import wire
-    from fedpipe.runner import load_checkpoint
+    from fedpipe.federation.rundir import RunFolder
 
-    _, adapters, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    _, adapters = RunFolder(tmp_path / "run").load_checkpoint()
     before_round_3 = adapters["previous"].factors  # the global model that round 3 trained on
     for node in (33, 22):
         state = grid.contexts[node].state
@@ -295,14 +315,14 @@ def test_resume_resyncs_the_nodes(tmp_path, tiny_model_dir):
 def test_too_few_servers_fail_the_round_with_who_is_missing(tmp_path, tiny_model_dir):
     plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="fedit", rounds=1)
     grid = LoopbackGrid(plan_path, {22: "hub"})
-    with pytest.raises(FedpipeError, match=r"round 1: 1 of 2 servers have a SuperNode online; "
-                                           r"--min-participation 2 needs 2") as failed:
+    with pytest.raises(FedpipeError, match=r"round 1: 1 of 2 servers are reachable; "
+                                           r"--min-participation needs 2") as failed:
         flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "a", min_participation="2"))
     assert "edge: no SuperNode online" in str(failed.value)
 
     grid.add(11, "edge")
     grid.failing.add(11)
-    with pytest.raises(FedpipeError, match=r"round 1: 1 of 2 servers replied; --min-participation 1.0 "
+    with pytest.raises(FedpipeError, match=r"round 1: 1 of 2 servers sent an update that passed the checks; --min-participation "
                                            r"needs 2") as failed:
         flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "b", min_participation="1.0"))
     assert "edge: failed: ClientApp crashed" in str(failed.value)
@@ -310,6 +330,19 @@ def test_too_few_servers_fail_the_round_with_who_is_missing(tmp_path, tiny_model
     rows = flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "c", min_participation="0.5"))
     assert [s["server"] for s in rows[0]["servers"]] == ["hub"]
     assert rows[0]["missed_servers"] == {"edge": "failed: ClientApp crashed"}
+
+
+def test_a_nan_update_is_refused_and_the_run_completes_without_it(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flexlora", rounds=2)
+    grid = LoopbackGrid(plan_path, {11: "edge", 22: "hub"})
+    grid.poisoned.add(11)
+    rows = flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "run"))
+    for row in rows:
+        assert [s["server"] for s in row["servers"]] == ["hub"]
+        assert row["missed_servers"]["edge"].startswith("refused: module") and "non-finite" in row[
+            "missed_servers"]["edge"]
+        assert row["eval"]["loss"] == row["eval"]["loss"]  # finite global model, evaluated
+    assert max_abs_diff(read_global(tmp_path / "run"), read_global(tmp_path / "run")) == 0
 
 
 def test_a_node_with_another_plan_is_refused(tmp_path, tiny_model_dir):
@@ -324,7 +357,7 @@ def test_a_node_with_another_plan_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_min_participation_is_a_count_or_a_fraction():
-    parse = flower_app.parse_min_participation
+    parse = parse_min_participation
     assert parse("1", 4) == 1 and parse("3", 4) == 3 and parse(2, 2) == 2
     assert parse("0.5", 4) == 2 and parse("0.5", 3) == 2 and parse("1.0", 3) == 3 and parse("0.01", 5) == 1
     for bad in ("0", "5", "1.5", "-1", "half", "0.0"):

@@ -32,7 +32,7 @@ from fedpipe.importance import (
 )
 from fedpipe.importance_view import save_heatmap
 from fedpipe.models import load_base
-from fedpipe.plan import load_plan
+from fedpipe.plan import BUILTIN_PRIOR_SOURCE, load_plan
 from fedpipe.scorers import SCORERS, combine, get_scorer
 from fedpipe.shapes import load_shapes
 from fedpipe.tasks import builtin_examples
@@ -247,7 +247,7 @@ def test_plan_records_scorer_digest_and_source(scored, tmp_path, monkeypatch):
         run = runner.invoke(app, ["plan", str(profile), "-o", str(out), "--importance", choice])
         assert run.exit_code == 0, run.output
         plans[choice] = load_plan(out).importance
-    assert plans["auto"].scorer == "prior" and plans["auto"].source == "builtin prior"
+    assert plans["auto"].scorer == "prior" and plans["auto"].source == BUILTIN_PRIOR_SOURCE
     assert plans["prior"].scorer == "prior"
     assert plans[str(report_file)].scorer == "sensitivity"
     assert plans[str(report_file)].digest == result.report.digest()

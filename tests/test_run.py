@@ -14,10 +14,10 @@ import yaml
 from peft import PeftModel
 
 from fedpipe import wire
+from fedpipe.federation.inprocess import run_plan
 from fedpipe.models import apply_base_delta, load_base
 from fedpipe.plan import load_plan, save_plan
-from fedpipe.planner import make_plan
-from fedpipe.runner import run_plan
+from fedpipe.planning.planner import make_plan
 
 WIRE_HEADER_SLACK = 64 * 1024  # safetensors header and layout JSON on top of the values
 

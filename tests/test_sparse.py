@@ -9,15 +9,28 @@ from typer.testing import CliRunner
 
 from fedpipe import wire
 from fedpipe.cli import app
-from fedpipe.client import AdaptedModel, EdgeTrainer, derived_seed
-from fedpipe.diff import diff_plans
+from fedpipe.client import AdaptedModel, EdgeTrainer
+from fedpipe.data import plan_data
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.coordinator import Coordinator, align_components
+from fedpipe.federation.inprocess import run_plan
+from fedpipe.federation.loop import matrix_shapes
+from fedpipe.federation.screen import Expected
+from fedpipe.federation.spec import with_densities
 from fedpipe.lora import LoraFactors
-from fedpipe.models import get_factors, load_tokenizer, make_tiny_llama, reset_lora, set_factors
+from fedpipe.models import (
+    get_factors,
+    load_base,
+    load_tokenizer,
+    make_tiny_llama,
+    plan_model_dir,
+    reset_lora,
+    set_factors,
+)
 from fedpipe.plan import load_plan, save_plan
+from fedpipe.planning.diff import diff_plans
+from fedpipe.protocol import derived_seed, peek_metadata, read_update
 from fedpipe.render import diff_table
-from fedpipe.runner import model_folder, plan_data, run_plan, with_densities
-from fedpipe.server import Coordinator, align_components, decode_update
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +51,20 @@ def wide_plan(tmp_path, model_dir, rule: str, rank: int = 32):
 def federation(plan, rule):
     """The runner's setup, kept open so a test can look inside every round."""
     task = plan.task
-    members, _, shards, _ = plan_data(plan, task.eval_samples)
-    model_dir = model_folder(plan)
+    members, (shards, _) = plan.training_members(), plan_data(plan, task.eval_samples)
+    model_dir = plan_model_dir(plan)
     tokenizer = load_tokenizer(model_dir)
     trainers = [EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
                             task.learning_rate, task.seed) for m, entry in members]
     pool = {e.name: AdaptedModel.load(model_dir, e, "cpu", task.seed) for e in plan.servers}
     return trainers, pool, Coordinator(rule)
+
+
+def expectation(trainer, round_index: int) -> Expected:
+    """What the plan says `trainer`'s update of this round must be."""
+    model = load_base(trainer.model_dir, 16)
+    return Expected(trainer.name, trainer.entry.name, round_index, trainer.n_samples,
+                    trainer.entry.rank_pattern, matrix_shapes(model, set(trainer.entry.rank_pattern)))
 
 
 def assert_same(a: dict[str, LoraFactors], b: dict[str, LoraFactors], atol: float = 0.0) -> None:
@@ -74,9 +94,9 @@ def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
             reset_lora(model, derived_seed(t.seed, round_index, t.name))
             set_factors(model, t.held[1])
             start = get_factors(model)
-            reference = coordinator.upload_reference(up)
+            reference = coordinator.upload_reference(peek_metadata(up), expectation(t, round_index))
             assert_same(reference, start)  # rebuilt on the coordinator from the payload alone
-            got = decode_update(up, reference).factors
+            got = read_update(up, reference).factors
             expected = {}
             for name, f in trained.items():
                 parts = {}
@@ -90,21 +110,22 @@ def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
             dense = wire.encode(trained, metadata={"server": t.name, "n_samples": "1"})
             assert len(up) <= 0.3 * len(dense), (t.name, len(up), len(dense))
         down_bytes.append({t.name: len(coordinator.broadcast(t.entry)) for t in trainers})
-        coordinator.aggregate(ups)
+        coordinator.aggregate([coordinator.receive(up, expectation(t, round_index))
+                               for up, t in zip(ups, trainers, strict=True)])
     # round 2 is the first global (dense: nothing held yet), round 3 a top-k against it
     for name, dense_down in down_bytes[1].items():
         assert down_bytes[2][name] <= 0.3 * dense_down, (name, down_bytes)
 
     # a trainer that did not hold round 3's broadcast (a Flower node starts fresh) refuses it
     t = trainers[0]
-    fresh = EdgeTrainer(t.name, t.entry, [], load_tokenizer(model_folder(plan)), model_folder(plan),
+    fresh = EdgeTrainer(t.name, t.entry, [], load_tokenizer(plan_model_dir(plan)), plan_model_dir(plan),
                         plan.task.seq_len, plan.task.learning_rate, plan.task.seed)
     next_down = coordinator.broadcast(t.entry)
     with pytest.raises(FedpipeError, match="holds none"):
         fresh.receive(next_down)
     # and a coordinator that did not broadcast cannot rebuild a sparse upload's start
     with pytest.raises(FedpipeError, match=f"server {t.name}"):
-        Coordinator("fedit").upload_reference(ups[0])
+        Coordinator("fedit").upload_reference(peek_metadata(ups[0]), expectation(t, 3))
 
 
 def test_align_components_keeps_products_and_undoes_relabelling():
@@ -187,7 +208,7 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
 def test_planned_density_predicts_counted_bytes():
     """The plan's predicted upload bytes against a real payload at the planned density: the
     prediction covers values and mask; only the header (under 1 KiB per matrix) comes on top."""
-    from fedpipe.planner import make_plan
+    from fedpipe.planning.planner import make_plan
     from fedpipe.shapes import load_shapes
 
     plan = make_plan("tests/data/small.yaml")

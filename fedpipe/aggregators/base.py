@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
+from fedpipe.rules import rule_traits
 
 from .linalg import module_seed, start_factors
 from .truncate import Cut, Truncation
@@ -30,17 +31,16 @@ class Aggregator(ABC):
     """One aggregation rule: combine the servers' updates, then tell each server how to restart."""
 
     name: ClassVar[str]
-    merges_into_base: ClassVar[bool] = False
-    # A server's next start is in the same factor coordinates as its last one (averaged factors,
-    # restarted by truncation), so an upload residual kept in those coordinates stays meaningful
-    # (`fedpipe.feedback`). False where the global is re-based (SVD) or A is drawn afresh.
-    keeps_factor_coordinates: ClassVar[bool] = True
-    # Accepts a `Truncation` of the global rank, which grows with the servers' ranks (flexlora's
-    # SVD, flora's stack); fedit and hetlora never exceed the largest server rank.
-    truncates: ClassVar[bool] = False
+    merges_into_base: ClassVar[bool]  # from fedpipe.rules, the one table of the rules' traits
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.merges_into_base = rule_traits(cls.name).merges_into_base
 
     def __init__(self, truncation: Truncation | None = None) -> None:
-        if truncation is not None and not self.truncates:
+        """`truncation`: keep only the leading components of the global update, for rules whose
+        global rank grows with the servers' (``fedpipe.rules``: grows_global_rank)."""
+        if truncation is not None and not rule_traits(self.name).grows_global_rank:
             raise FedpipeError(f"truncation: {self.name} keeps the global rank at the largest server "
                                "rank already; valid with flexlora and flora")
         self.truncation = truncation

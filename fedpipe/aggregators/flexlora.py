@@ -20,8 +20,6 @@ from .truncate import Cut, truncate_svd
 
 class FlexLoRA(Aggregator):
     name = "flexlora"
-    keeps_factor_coordinates = False
-    truncates = True
     workers: int | None = None  # threads for the per-module SVDs (None: this process's cores)
 
     def aggregate(self, updates: Sequence[ClientUpdate],

@@ -47,9 +47,6 @@ def cap(f: LoraFactors) -> LoraFactors:
 
 class FLoRA(Aggregator):
     name = "flora"
-    merges_into_base = True
-    keeps_factor_coordinates = False
-    truncates = True
 
     def aggregate(self, updates: Sequence[ClientUpdate],
                   previous: GlobalAdapter | None) -> GlobalAdapter:

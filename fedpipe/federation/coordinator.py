@@ -1,8 +1,9 @@
-"""The aggregation server: what each edge server receives, and combining what comes back.
+"""The coordinator: what each edge server receives, and combining what comes back.
 
 It holds the only state of a federation: the global adapter (full precision, scales folded) and
-the one before it (flora broadcasts the difference). Both backends drive it the same way:
-`broadcast` per server, then `aggregate` over the payloads that arrived.
+the one before it (flora broadcasts the difference). The round loop (`fedpipe.federation.loop`)
+drives it the same way for every transport: `broadcast` per server, then `aggregate` over the
+updates that arrived.
 
 For sparse communication (see `fedpipe.client`) it also remembers, per plan entry, the last
 broadcast as that entry decoded it: the reference of the next sparse broadcast and the start a
@@ -12,29 +13,18 @@ re-establishes it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedpipe import wire
 from fedpipe.aggregators import get_aggregator
-from fedpipe.client import broadcast_payload, peek_metadata, split_broadcast, start_reference
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.screen import Expected, Refused, check_content, check_global, check_sender
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
-
-# Rules whose aggregate depends on each server's product B_k A_k alone, so a server may start from
-# any factorization of its start: their broadcasts are aligned to what the server holds. Rules that
-# average factors (fedit, hetlora) need every server in the same coordinates, and are not.
-ALIGNED_RULES = frozenset({"flexlora"})
-
-
-def decode_update(payload: bytes, reference: dict[str, LoraFactors] | None = None) -> ClientUpdate:
-    factors, meta = wire.decode(payload, reference=reference)
-    return ClientUpdate(server=meta["server"], n_samples=int(meta["n_samples"]), factors=factors,
-                        metrics={"train_loss": float(meta.get("train_loss", "nan"))})
+from fedpipe.protocol import broadcast_payload, peek_metadata, read_broadcast, read_update, start_reference
+from fedpipe.rules import rule_traits
 
 
 def align_components(new: dict[str, LoraFactors],
@@ -81,9 +71,18 @@ class Coordinator:
         """Rounds aggregated so far."""
         return self.global_adapter.round if self.global_adapter is not None else 0
 
-    def broadcast(self, entry: ServerPlan) -> bytes:
+    def broadcast(self, entry: ServerPlan, *, synced: bool = True) -> bytes:
         """The payload a server of this plan entry starts the next round from (the same bytes for
-        every call in a round); below download_density 1 a top-k delta against the last one."""
+        every call in a round); below download_density 1 a top-k delta against the last one.
+        Under a rule that merges into the base, a server that is not `synced` (it did not take
+        part last round, or the run was resumed) gets the cumulative update instead of the round's."""
+        payload = self._broadcast(entry)
+        if synced or not self.aggregator.merges_into_base or self.global_adapter is None:
+            return payload
+        init = read_broadcast(payload).init
+        return broadcast_payload(self.global_adapter.factors, init, self.round + 1, base="full")
+
+    def _broadcast(self, entry: ServerPlan) -> bytes:
         next_round = self.round + 1
         last = self.sent.get(entry.name)
         if last is not None and last.round == next_round:
@@ -92,45 +91,64 @@ class Coordinator:
         if self.global_adapter is None:
             base_delta, init = {}, {}
         else:
-            scales = {name: entry.lora_alpha_ratio for name in entry.rank_pattern}
-            b = self.aggregator.broadcast(self.global_adapter, self.previous, entry.rank_pattern, scales)
+            b = self.aggregator.broadcast(self.global_adapter, self.previous, entry.rank_pattern,
+                                          entry.scales())
             base_delta, init = b.base_delta, b.adapter_init
         reference = None
         if (entry.download_density < 1.0 and init and not base_delta and last is not None
                 and last.round == next_round - 1 and _same_shapes(init, last.init)):
             reference = last.init
-            if self.aggregator.name in ALIGNED_RULES:
+            if rule_traits(self.aggregator.name).aligned_broadcasts:
                 init = align_components(init, reference)
         payload = broadcast_payload(base_delta, init, next_round,
+                                    base="delta" if self.aggregator.merges_into_base else "none",
                                     density=1.0 if reference is None else entry.download_density,
                                     reference=reference,
                                     reference_round=None if reference is None else last.round)
-        held = split_broadcast(payload, reference=reference)[1]  # exactly what the server decodes
+        held = read_broadcast(payload, reference=reference).init  # exactly what the server decodes
         self.sent[entry.name] = _Sent(next_round, payload, held)
         return payload
 
-    def aggregate(self, payloads: Sequence[bytes]) -> GlobalAdapter:
-        """Combine the updates that arrived (weights renormalised over them)."""
-        updates = [decode_update(p, self.upload_reference(p)) for p in payloads]
-        new = self.aggregator.aggregate(updates, self.global_adapter)
+    def receive(self, payload: bytes, expected: Expected) -> ClientUpdate:
+        """One member's update, decoded and checked against what the plan says it must be
+        (`federation.screen`); `Refused` names the member and the reason otherwise."""
+        try:
+            meta = peek_metadata(payload)
+            check_sender(meta, expected)
+            update = read_update(payload, self.upload_reference(meta, expected))
+        except Refused:
+            raise
+        except FedpipeError as e:
+            raise Refused(expected.member, str(e)) from None
+        check_content(update, expected)
+        return update
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalAdapter:
+        """Combine the checked updates (weights renormalised over them). The coordinator moves on
+        only when the new global adapter is finite: otherwise the round fails and nothing changes."""
+        try:
+            new = self.aggregator.aggregate(updates, self.global_adapter)
+        except torch.linalg.LinAlgError as e:
+            raise FedpipeError(f"round {self.round + 1}: {self.aggregator.name} could not aggregate the "
+                               f"updates ({e}); the previous checkpoint stands") from None
+        check_global(new.factors, new.round)
         self.previous, self.global_adapter = self.global_adapter, new
         return new
 
-    def upload_reference(self, payload: bytes) -> dict[str, LoraFactors] | None:
+    def upload_reference(self, meta: dict[str, str], expected: Expected) -> dict[str, LoraFactors] | None:
         """The start a sparse update is relative to: this round's broadcast to the sender's entry
-        as it decoded it, and fresh modules rebuilt from the seed the sender names (None: dense)."""
-        meta = peek_metadata(payload)
+        as it decoded it, and fresh modules rebuilt from the sender's seed in the plan's shapes
+        (None: dense)."""
         if float(meta.get("fedpipe.density", "1")) >= 1.0:
             return None
-        server, entry, round_index = meta.get("server"), meta.get("entry"), meta.get("round")
-        last = self.sent.get(str(entry))
-        if last is None or str(last.round) != round_index or "fresh_seed" not in meta:
+        last = self.sent.get(expected.entry)
+        if last is None or last.round != expected.round or "fresh_seed" not in meta:
             raise FedpipeError(
-                f"server {server}: its round {round_index} update is sparse, against a start this "
-                f"coordinator cannot rebuild (entry {entry!r}: last broadcast "
+                f"server {expected.member}: its round {expected.round} update is sparse, against a start "
+                f"this coordinator cannot rebuild (entry {expected.entry!r}: last broadcast "
                 f"{'none' if last is None else f'round {last.round}'})")
-        layout = json.loads(meta["fedpipe.layout"])
-        shapes = {name: (tuple(e["A"]["shape"]), tuple(e["B"]["shape"])) for name, e in layout.items()}
+        shapes = {name: ((r, expected.shapes[name][1]), (expected.shapes[name][0], r))
+                  for name, r in expected.ranks.items()}
         return start_reference(last.init, int(meta["fresh_seed"]), shapes)
 
 

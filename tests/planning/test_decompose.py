@@ -3,34 +3,24 @@ kept, identical servers treated alike, and a thousand servers planned as a handf
 
 import itertools
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from instances import SHAPES, brute_force_objective, enumerated_optimum, random_instance
 from typer.testing import CliRunner
 
-import fedpipe.decompose as decompose
+import fedpipe.planning.decompose as decompose
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport
 from fedpipe.plan import load_plan
-from fedpipe.planner import (
-    AUTO_MILP_ROWS,
-    build_problem,
-    choose_method,
-    evaluate,
-    milp_size,
-    plan_problem,
-    solve_baseline,
-    solve_milp,
-)
+from fedpipe.planning.milp import milp_size, solve_baseline, solve_milp
+from fedpipe.planning.planner import AUTO_MILP_ROWS, choose_method, plan_problem
+from fedpipe.planning.problem import build_problem, evaluate, hardware_key
 from fedpipe.profile import parse_profile
 from fedpipe.shapes import load_shapes
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_planner import SHAPES, brute_force_objective, enumerated_optimum, random_instance  # noqa: E402
-
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def _objective_with_same_scale(problem, method):
@@ -194,6 +184,6 @@ def test_thousand_servers_plan_as_hardware_classes():
     by_hw = {}
     for cls, ch, c in zip(problem.classes, choices, ev.costs, strict=True):
         assert c.memory_gib <= cls.rep.memory_gib
-        by_hw.setdefault(decompose.hardware_key(cls.rep), set()).add(id(ch))
+        by_hw.setdefault(hardware_key(cls.rep), set()).add(id(ch))
     assert len(by_hw) == n_kinds and all(len(v) == 1 for v in by_hw.values())
     assert baseline is not None and ev.objective > 0

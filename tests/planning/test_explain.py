@@ -9,13 +9,14 @@ import yaml
 from typer.testing import CliRunner
 
 from fedpipe.cli import app
-from fedpipe.explain import explain_plan, layer_ranges, plan_problem_context
 from fedpipe.plan import load_plan, save_plan
-from fedpipe.planner import Choice, evaluate, make_plan
+from fedpipe.planning.explain import explain_plan, layer_ranges, plan_problem_context
+from fedpipe.planning.planner import make_plan
+from fedpipe.planning.problem import Choice, evaluate
+from fedpipe.planning.sweep import run_sweep
 from fedpipe.plots import plan_layout, rank_map
-from fedpipe.sweep import run_sweep
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 runner = CliRunner()
 
 

@@ -9,7 +9,7 @@ Axes (each a comma-separated list; the grid is their product, in the order given
              ``NAME-1``, ``NAME-2``, ... as for any entry with a count)
 
 What does not change between points is built once: the model shapes, the importance report (so
-the normalised weights), and a memo of the tables every point shares (``build_problem(memo=)``:
+the normalised weights), and a cache of the tables every point shares (``TableCache``:
 the decomposed planner's gain tables per cost group, and each configuration's fixed memory and
 base compute per hardware). Each point's profile is the base profile with scaled fields
 (validated again), and only its search is run per point, except:
@@ -39,12 +39,23 @@ import yaml
 from pydantic import BaseModel, Field
 
 from fedpipe.atomic import write_atomic
-from fedpipe.cost import server_cost
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import ImportanceReport, depth_prior
-from fedpipe.plan import Baseline, Plan, ProfileRef, SolverReport, load_plan, save_plan, to_yaml
-from fedpipe.planner import Choice, Problem, assemble_plan, build_problem, plan_problem
-from fedpipe.profile import ClusterProfile, load_profile, parse_profile, profile_hash
+from fedpipe.plan import (
+    BUILTIN_PRIOR_SOURCE,
+    Baseline,
+    Plan,
+    ProfileRef,
+    SolverReport,
+    load_plan,
+    save_plan,
+    to_yaml,
+)
+from fedpipe.planning.cost import server_cost
+from fedpipe.planning.planner import assemble_plan, plan_problem
+from fedpipe.planning.problem import Choice, Problem, TableCache, build_problem
+from fedpipe.profile import ClusterProfile, load_profile, parse_profile
 from fedpipe.shapes import CARDS_DIR, ModelShapes, load_shapes
 
 AXES = ("memory", "bandwidth", "servers", "deadline")
@@ -206,11 +217,11 @@ class _Planner:
         self.shapes, self.importance = shapes, importance
         self.solver, self.time_limit, self.method = solver, time_limit, method
         self.done: dict[str, _Solved | FedpipeError] = {}
-        self.memo: dict = {}  # cost and gain tables every point shares (build_problem)
+        self.tables = TableCache()  # cost and gain tables every point shares
 
     def solve(self, profile: ClusterProfile, source: str, looser: list[_Solved] | None = None) -> _Solved:
         """The solution for `profile`, solved or reused; raises the planner's FedpipeError."""
-        problem = build_problem(profile, self.shapes, self.importance, self.memo)
+        problem = build_problem(profile, self.shapes, self.importance, self.tables)
         keys = [profile.model_dump_json()] + _memory_free_key(profile, problem)
         known = next((self.done[k] for k in keys if k in self.done), None)
         if isinstance(known, FedpipeError):
@@ -323,7 +334,7 @@ def run_sweep(profile_path: str | Path, axes: dict[str, list[str]], *, out_dir: 
     base = _portable_model(base, profile_path.parent)
     shapes = load_shapes(base.model, profile_path.parent)
     importance = importance or depth_prior(shapes)
-    source = importance_source or "builtin prior"
+    source = importance_source or BUILTIN_PRIOR_SOURCE
     planner = _Planner(shapes, importance, solver, time_limit, method)
     out = Path(out_dir) if out_dir is not None else Path("plans") / "sweeps" / name
     setup_s = time.perf_counter() - start
@@ -354,12 +365,12 @@ def _write_point(point: SweepPoint, profile: ClusterProfile, solved: _Solved, pl
                  out: Path, origin: Path, plan_name: str, source: str) -> Plan:
     """The point's profile and plan files, and its row's numbers."""
     profile = profile.model_copy(update={"name": plan_name})  # `fedpipe plan` on it names it alike
-    problem = build_problem(profile, planner.shapes, planner.importance, planner.memo)
+    problem = build_problem(profile, planner.shapes, planner.importance, planner.tables)
     problem.t_ref = solved.t_ref
     prof_file = _dump_profile(profile, out / f"{point.name}.profile.yaml",
                               f"sweep point {point.name} of {origin}: {point.budget}")
     plan = assemble_plan(problem, solved.choices, solved.report, solved.baseline,
-                         ProfileRef(path=str(prof_file), sha256=profile_hash(prof_file), name=plan_name),
+                         ProfileRef(path=str(prof_file), sha256=file_sha256(prof_file), name=plan_name),
                          source)
     point.plan = str(save_plan(plan, out / f"{point.name}.plan.yaml"))
     point.profile, point.status = str(prof_file), "ok"

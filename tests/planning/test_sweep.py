@@ -9,12 +9,13 @@ from typer.testing import CliRunner
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import load_plan
-from fedpipe.planner import build_problem, make_plan, plan_problem
+from fedpipe.planning.planner import make_plan, plan_problem
+from fedpipe.planning.problem import build_problem
+from fedpipe.planning.sweep import load_sweep, parse_axis, run_sweep, scale_profile
 from fedpipe.profile import load_profile
 from fedpipe.shapes import load_shapes
-from fedpipe.sweep import load_sweep, parse_axis, run_sweep, scale_profile
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 SMALL = DATA / "small.yaml"
 runner = CliRunner()
 

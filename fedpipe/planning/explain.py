@@ -24,12 +24,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.importance import depth_prior, load_report
-from fedpipe.plan import Plan
-from fedpipe.planner import Choice, Evaluation, Problem, build_problem, evaluate
-from fedpipe.profile import load_profile, profile_hash
-from fedpipe.shapes import load_shapes
+from fedpipe.plan import BUILTIN_PRIOR_SOURCE, Plan
+from fedpipe.planning.problem import Choice, Evaluation, Problem, build_problem, evaluate
+from fedpipe.profile import load_profile_and_shapes
 
 RELATIVE_TOLERANCE = 1e-6
 
@@ -115,12 +115,11 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     if not path.is_file():
         raise FedpipeError(f"explain: the plan's profile {path} is not there",
                            ["pass the profile it was planned from with --profile"])
-    if profile_path is None and profile_hash(path) != plan.profile.sha256:
+    if profile_path is None and file_sha256(path) != plan.profile.sha256:
         warnings.append(f"{path} changed since the plan was made: numbers are recomputed from it")
-    profile = load_profile(path)
-    shapes = load_shapes(profile.model, path.parent)
+    profile, shapes = load_profile_and_shapes(path)
     source = importance_path
-    if source is None and plan.importance.source != "builtin prior":
+    if source is None and plan.importance.source != BUILTIN_PRIOR_SOURCE:
         source = plan.importance.source
     importance = depth_prior(shapes) if source is None else load_report(source)
     if importance.digest() != plan.importance.digest:

@@ -1,6 +1,6 @@
 r"""The decomposed planner: a search over the round time T with independent per-class subproblems.
 
-Same model as the MILP of ``fedpipe.planner`` (its (1)-(7)), solved by exploiting its structure.
+Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its structure.
 
 (D1) Hardware groups. Servers couple only through T (and flora's stack download). For a fixed T
      each class k maximises omega_k f_j gain_k subject to its own memory and round time; omega_k
@@ -74,8 +74,11 @@ from functools import reduce
 
 import numpy as np
 
-from fedpipe.cost import WIRE_BYTES_PER_VALUE
 from fedpipe.plan import SolverReport
+from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE
+from fedpipe.planning.problem import Choice, Problem, evaluate, hardware_key, is_feasible
+from fedpipe.profile import Server
+from fedpipe.shapes import Matrix
 
 OPTIMAL_GAP = 1e-4  # the MILP's gapRel: below it both methods say "optimal"
 TARGET_GAP = 1e-6  # the search stops refining below this proven gap
@@ -98,7 +101,7 @@ SOLVER_NAME = "builtin"
 class CostGroup:
     """Matrices with equal d_out + d_in: their exact gain table and its concave envelope."""
 
-    rep: object  # a Matrix of the group (its costs stand for all)
+    rep: Matrix  # a member of the group (its costs stand for all)
     names: list[str]
     kinds: list[str]
     weights: np.ndarray
@@ -155,14 +158,14 @@ def _dp(weights: np.ndarray, units: np.ndarray, gains: np.ndarray) -> tuple[np.n
 class Tables:
     """Everything that depends on the model and the rank ladder, not on the servers."""
 
-    def __init__(self, problem) -> None:
+    def __init__(self, problem: Problem) -> None:
         ranks = sorted(problem.ranks)
         positive = [r for r in ranks if r > 0]
         self.unit = reduce(math.gcd, positive)
         self.ranks = ranks
         self.units = np.array([r // self.unit for r in ranks], dtype=np.int64)
         self.gains = np.array([problem.gain(r) for r in ranks])
-        by_size: dict[int, list] = {}
+        by_size: dict[int, list[Matrix]] = {}
         for m in problem.matrices:
             by_size.setdefault(m.lora_params(1), []).append(m)
         groups = []
@@ -175,7 +178,7 @@ class Tables:
         self.exact_tables = all(g.exact for g in groups)
         self._curves: dict[bytes, tuple] = {}
 
-    def _group(self, members: list, weights: dict[str, float]) -> CostGroup:
+    def _group(self, members: list[Matrix], weights: dict[str, float]) -> CostGroup:
         w = np.array([weights[m.name] for m in members])
         du = np.diff(self.units)
         dg = np.diff(self.gains)
@@ -240,12 +243,9 @@ class Tables:
         return out
 
 
-def tables_for(problem) -> Tables:
+def tables_for(problem: Problem) -> Tables:
     """The problem's tables, built once (the baseline and the search share them)."""
-    key = ("decompose.tables", tuple(problem.ranks))
-    if key not in problem._memo:
-        problem._memo[key] = Tables(problem)
-    return problem._memo[key]
+    return problem.cache.get(("gain tables", tuple(problem.ranks)), lambda: Tables(problem))
 
 
 # ---------------------------------------------------------------- (D3)/(D4) vectorised subproblem
@@ -430,11 +430,6 @@ def integer_solve(tables: Tables, rows: Rows, centre: np.ndarray | None,
 
 
 # ---------------------------------------------------------------- (D1) hardware groups
-def hardware_key(server) -> tuple:
-    return (server.memory_gib, server.tflops, server.uplink_mbps, server.downlink_mbps,
-            server.device, tuple(server.bits or ()))
-
-
 @dataclass
 class Pairs:
     """Every feasible (hardware group, configuration) with its (D3) constants."""
@@ -453,8 +448,8 @@ class Pairs:
     time_shape: np.ndarray
 
 
-def build_pairs(problem, tables: Tables, reps: list) -> Pairs:
-    cost, flora = problem.cost, problem.flora
+def build_pairs(problem: Problem, tables: Tables, reps: list[Server]) -> Pairs:
+    cost, stack = problem.cost, problem.rule.broadcasts_stack
     grp_rep = [g.rep for g in tables.groups]
     unit = tables.unit
     time_shape = np.array([m.lora_params(unit) for m in grp_rep], dtype=float)
@@ -476,7 +471,7 @@ def build_pairs(problem, tables: Tables, reps: list) -> Pairs:
                                             for m in grp_rep]))
             per_param = (cost.lora_compute_s(m0, unit, b, rep)
                          + cost.transfer_s(cost.wire_bytes(m0, unit, d), rep.uplink_mbps)
-                         + (0.0 if flora else cost.transfer_s(cost.wire_bytes(m0, unit, d),
+                         + (0.0 if stack else cost.transfer_s(cost.wire_bytes(m0, unit, d),
                                                               rep.downlink_mbps))) / p0
             rows["h"].append(h)
             rows["bits"].append(q)
@@ -515,7 +510,7 @@ class Point:
 class TimeSearch:
     """Branch and bound over T for fixed flora stack download (seconds per Mbit/s of downlink)."""
 
-    def __init__(self, problem, tables: Tables, pairs: Pairs, n_groups: int, Omega: np.ndarray,
+    def __init__(self, problem: Problem, tables: Tables, pairs: Pairs, n_groups: int, Omega: np.ndarray,
                  stack_mbit: float = 0.0, cap_params: np.ndarray | None = None) -> None:
         self.problem, self.tables, self.pairs = problem, tables, pairs
         self.H, self.Omega = n_groups, Omega
@@ -681,7 +676,7 @@ def _subset(rows: Rows, mask: np.ndarray) -> Rows:
 
 
 # ---------------------------------------------------------------- driver
-def _hardware(problem) -> tuple[list, np.ndarray, np.ndarray]:
+def _hardware(problem: Problem) -> tuple[list[Server], np.ndarray, np.ndarray]:
     """(D1): hardware group per class, representative servers and Omega_h."""
     index: dict[tuple, int] = {}
     of_class, reps, omega = [], [], []
@@ -696,19 +691,17 @@ def _hardware(problem) -> tuple[list, np.ndarray, np.ndarray]:
     return reps, np.array(of_class, dtype=np.int64), np.array(omega)
 
 
-def _choices(problem, tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -> list:
-    from fedpipe.planner import Choice
-
+def _choices(tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -> list[Choice]:
+    """One Choice object per hardware group, shared by its classes (evaluate costs it once)."""
     per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]), tables.ranks_for(point.units[h]),
                         float(pairs.density[j]))
                  for h, j in enumerate(point.pair)]
     return [per_group[h] for h in of_class]
 
 
-def solve_decomposed(problem, time_limit: float | None = None) -> tuple[list | None, SolverReport]:
+def solve_decomposed(problem: Problem,
+                     time_limit: float | None = None) -> tuple[list[Choice] | None, SolverReport]:
     """(D1)-(D6): choices per class and an honest report (status, proven gap, time)."""
-    from fedpipe.planner import evaluate, is_feasible
-
     start = time.perf_counter()
     deadline_at = None if time_limit is None else start + time_limit
     tables = tables_for(problem)
@@ -723,11 +716,12 @@ def solve_decomposed(problem, time_limit: float | None = None) -> tuple[list | N
     if len(pairs.h) == 0 or len(set(pairs.h.tolist())) < len(reps):
         return None, report("infeasible", None, None)
     search = TimeSearch(problem, tables, pairs, len(reps), Omega)
-    point, bound, _ = search.run(deadline_at, FLORA_REFINE if problem.flora else REFINE_POINTS)
+    stack = problem.rule.broadcasts_stack
+    point, bound, _ = search.run(deadline_at, FLORA_REFINE if stack else REFINE_POINTS)
     if point is None or not np.isfinite(point.objective):
         return None, report("infeasible", None, None)
-    choices = _choices(problem, tables, pairs, point, of_class)
-    if problem.flora:  # (D6); the D = 0 search above is a relaxation: its bound stands
+    choices = _choices(tables, pairs, point, of_class)
+    if stack:  # (D6); the D = 0 search above is a relaxation: its bound stands
         choices = _flora(problem, tables, pairs, reps, Omega, of_class, choices, deadline_at)
         if choices is None:
             return None, report("infeasible" if deadline_at is None or time.perf_counter() < deadline_at
@@ -739,18 +733,17 @@ def solve_decomposed(problem, time_limit: float | None = None) -> tuple[list | N
     return choices, report("optimal" if gap <= OPTIMAL_GAP else "feasible", gap, ev.objective)
 
 
-def _flora(problem, tables, pairs, reps, Omega, of_class, first, deadline_at):
+def _flora(problem: Problem, tables: Tables, pairs: Pairs, reps: list[Server], Omega: np.ndarray,
+           of_class: np.ndarray, first: list[Choice], deadline_at: float | None) -> list[Choice] | None:
     """(D6): prices on the stack and a fixed point on its size; the best truly-evaluated plan.
 
     A byte of stack costs every server download time; at price mu (objective per byte) group h
     stops adding adapter parameters whose gain per parameter is below 4 mu c_h / (Omega_h f_j)
     (the time-ordered LP curve gives where). mu = 0 and multiples of the price seen by the
     slowest downlink are tried, each with a few fixed-point steps on the assumed stack D."""
-    from fedpipe.planner import evaluate, is_feasible
-
     by_name = {m.name: m for m in problem.matrices}
 
-    def stack_mbit(choices) -> float:
+    def stack_mbit(choices: list[Choice]) -> float:
         own = {id(ch): sum(problem.cost.wire_bytes(by_name[n], r) for n, r in ch.ranks.items())
                for ch in choices}
         pairs_ = zip(problem.classes, choices, strict=True)
@@ -781,20 +774,17 @@ def _flora(problem, tables, pairs, reps, Omega, of_class, first, deadline_at):
             point, _, _ = search.run(deadline_at, FLORA_REFINE, prove=False)
             if point is None or not np.isfinite(point.objective):
                 break
-            current = _choices(problem, tables, pairs, point, of_class)
+            current = _choices(tables, pairs, point, of_class)
         if best is not None:
             current = best
     return best
 
 
-def solve_baseline_decomposed(problem) -> list | None:
+def solve_baseline_decomposed(problem: Problem) -> list[Choice] | None:
     """(D7): one configuration and one rank pattern for every server, quality only."""
-    from fedpipe.planner import Choice
-
     p, cost = problem.profile, problem.cost
     tables = tables_for(problem)
-    reps = list({(c.rep.memory_gib, c.rep.device, tuple(c.rep.bits or ())): c.rep
-                 for c in problem.classes}.values())
+    reps = list({hardware_key(c.rep): c.rep for c in problem.classes}.values())
     common_bits = [q for q in p.candidates.bits if all(q in p.allowed_bits(r) for r in reps)]
     unit, grp_rep = tables.unit, [g.rep for g in tables.groups]
     best, best_value = None, -np.inf

@@ -1,0 +1,53 @@
+"""The in-process transport: every edge server trains in this process, one after another.
+
+Servers of one plan entry (same bits and adapter shape) share one loaded model; each keeps its own
+shard and trainer across rounds, which is what lets sparse downloads refer to the last broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedpipe.client import AdaptedModel, EdgeTrainer
+from fedpipe.data import plan_data
+from fedpipe.federation.loop import Progress, RunResult, run_federation
+from fedpipe.federation.spec import RunSpec
+from fedpipe.federation.transport import Delivery, Reply, Transport
+from fedpipe.measure import resident_gib
+from fedpipe.models import load_tokenizer, plan_model_dir
+
+
+class InProcessTransport(Transport):
+    def __init__(self, spec: RunSpec) -> None:
+        plan, task = spec.plan, spec.plan.task
+        model_dir = plan_model_dir(plan)
+        tokenizer = load_tokenizer(model_dir)
+        shards, _ = plan_data(plan, spec.eval_samples)
+        members = plan.training_members()
+        self.trainers = {m: EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
+                                        task.learning_rate, task.seed) for m, entry in members}
+        self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)
+                     for _, entry in members}
+
+    def exchange(self, round_index: int, deliveries: list[Delivery], local_steps: int,
+                 on_sent: Callable[[str], None]) -> tuple[dict[str, Reply], dict[str, str]]:
+        replies = {}
+        for d in deliveries:
+            on_sent(d.member)
+            adapted = self.pool[d.entry.name]
+            up, stats = self.trainers[d.member].train_round(adapted, d.payload, local_steps)
+            replies[d.member] = Reply(d.member, up, stats.mean_loss, stats.steps, stats.seconds, stats.tokens,
+                                      resident_gib(adapted.model) + stats.peak_extra_gib)
+        return replies, {}
+
+    def close(self) -> None:
+        self.pool.clear()
+        self.trainers.clear()
+
+
+def run_plan(plan_path: str | Path, *, on_progress: Progress | None = None, **overrides) -> RunResult:
+    """`fedpipe run PLAN`: resolve the settings (`RunSpec.resolve` takes the overrides), then run
+    every server in this process."""
+    spec = RunSpec.resolve(plan_path, **overrides)
+    return run_federation(spec, InProcessTransport(spec), on_progress)

@@ -1,0 +1,181 @@
+"""The round loop of every run, whatever carries the messages — setup, rounds, cleanup.
+
+    for each round:
+        broadcast per member ──► transport.exchange ──► participation check
+        ──► aggregate (plan order) ──► evaluate the global model ──► save adapter, checkpoint, row
+
+The global model (base + global update, exact, in full precision) is evaluated on the held-out
+split after every round. Under a rule that merges into the base, a member that did not reply last
+round (or every member after a resume) is sent the cumulative merged update (`base: full`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedpipe.data import evaluate, plan_data
+from fedpipe.errors import FedpipeError
+from fedpipe.federation.coordinator import Coordinator
+from fedpipe.federation.records import RoundRow, ServerRow
+from fedpipe.federation.screen import Expected, Refused, clipped, norm_outliers, product_norm
+from fedpipe.federation.spec import RunSpec
+from fedpipe.federation.transport import Delivery, Reply, Transport
+from fedpipe.lora import ClientUpdate, GlobalAdapter
+from fedpipe.models import apply_base_delta, load_base, load_tokenizer, plan_model_dir, save_adapter
+from fedpipe.plan import Plan
+from fedpipe.tasks import Example
+
+log = logging.getLogger("fedpipe")
+Progress = Callable[[str, int, int, int], None]  # (server or "evaluated", round, done, total)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    plan: Plan
+    rows: list[dict]
+
+
+@dataclass
+class GlobalEvaluator:
+    """The global model (base + global update, full precision) scored on the held-out split."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    held_out: list[Example]
+    seq_len: int
+    model_dir: Path
+
+    def __call__(self, global_adapter: GlobalAdapter) -> dict:
+        apply_base_delta(self.model, self.model_dir, global_adapter)
+        return evaluate(self.model, self.tokenizer, self.held_out, self.seq_len)
+
+
+def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | None = None) -> RunResult:
+    """Run (or resume) the spec's rounds over `transport`; the run folder holds the results."""
+    # ---- setup
+    plan, folder = spec.plan, spec.folder
+    members = plan.training_members()
+    model_dir = plan_model_dir(plan)
+    shards, held_out = plan_data(plan, spec.eval_samples)
+    evaluator = GlobalEvaluator(load_base(model_dir, 16, device=spec.device), load_tokenizer(model_dir),
+                                held_out, plan.task.seq_len, model_dir)
+    shapes = matrix_shapes(evaluator.model, {name for _, entry in members for name in entry.rank_pattern})
+    coordinator, rows = Coordinator(spec.rule), []
+    if spec.completed_rounds:
+        _, adapters = folder.load_checkpoint()
+        coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"))
+        rows = folder.read_rows(up_to=coordinator.round)
+    synced: set[str] = set()  # members whose base holds every merge so far (they replied last round)
+    total = spec.rounds * len(members)
+
+    # ---- rounds
+    try:
+        for round_index in range(coordinator.round + 1, spec.rounds + 1):
+            start = time.perf_counter()
+            missed = transport.unreachable([m for m, _ in members])
+            _check_participation(round_index, len(members) - len(missed), len(members), spec, missed,
+                                 "are reachable")
+            deliveries = [Delivery(m, entry, coordinator.broadcast(entry, synced=m in synced))
+                          for m, entry in members if m not in missed]
+            position = {m: (round_index - 1) * len(members) + i for i, (m, _) in enumerate(members)}
+
+            def on_sent(member: str, round_index: int = round_index, position: dict = position) -> None:
+                if on_progress:
+                    on_progress(member, round_index, position[member], total)
+
+            replies, late = transport.exchange(round_index, deliveries, spec.local_steps, on_sent)
+            missed |= late
+            synced = set(replies)
+            expected = {m: Expected(m, entry.name, round_index, len(shards[m]), entry.rank_pattern,
+                                    {n: shapes[n] for n in entry.rank_pattern}) for m, entry in members}
+            arrived = [(replies[d.member], d) for d in deliveries if d.member in replies]  # plan order
+            accepted, refused = screen_replies(coordinator, spec, arrived, expected)
+            missed |= refused
+            _check_participation(round_index, len(accepted), len(members), spec, missed,
+                                 "sent an update that passed the checks")
+            rows.append(close_round(spec, coordinator, evaluator, accepted, missed, start).model_dump())
+            folder.write_rows(rows)
+            if on_progress:
+                on_progress("evaluated", round_index, round_index * len(members), total)
+    finally:
+        # ---- cleanup
+        transport.close()
+    return RunResult(folder.path, plan, rows)
+
+
+def matrix_shapes(model: torch.nn.Module, names: set[str]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each named linear layer of the (unquantized) base model."""
+    shapes = {name: tuple(module.weight.shape) for name, module in model.named_modules() if name in names}
+    missing = sorted(names - set(shapes))
+    if missing:
+        raise FedpipeError(f"the plan adapts {len(missing)} module(s) the model does not have, "
+                           f"e.g. {missing[0]}")
+    return shapes
+
+
+Accepted = tuple[ClientUpdate, Reply, Delivery]
+
+
+def screen_replies(coordinator: Coordinator, spec: RunSpec, arrived: list[tuple[Reply, Delivery]],
+                   expected: dict[str, Expected]) -> tuple[list[Accepted], dict[str, str]]:
+    """The trust boundary (`screen`): decode and check each reply against the plan, refuse norm
+    outliers, clip when asked. Returns the accepted updates in plan order and who was refused why."""
+    checked, refused = [], {}
+    for reply, delivery in arrived:
+        try:
+            checked.append((coordinator.receive(reply.payload, expected[reply.member]), reply, delivery))
+        except Refused as e:
+            refused[reply.member] = f"refused: {e.reason}"
+    outliers = norm_outliers({reply.member: product_norm(update.factors) for update, reply, _ in checked},
+                             spec.norm_bound)
+    refused |= {m: f"refused: {why}" for m, why in outliers.items()}
+    for member, why in refused.items():
+        log.warning("round %d: %s %s; the round goes on without it", expected[member].round, member, why)
+    accepted = [(clipped(u, spec.clip_norm) if spec.clip_norm else u, r, d) for u, r, d in checked
+                if r.member not in outliers]
+    return accepted, refused
+
+
+def close_round(spec: RunSpec, coordinator: Coordinator, evaluator: GlobalEvaluator,
+                accepted: list[Accepted], missed: dict[str, str], start: float) -> RoundRow:
+    """Once the updates are in and checked: aggregate them, evaluate the global model, save it in
+    peft format and checkpoint; returns the round's row."""
+    t0 = time.perf_counter()
+    global_adapter = coordinator.aggregate([update for update, _, _ in accepted])
+    aggregate_s = time.perf_counter() - t0
+    result = evaluator(global_adapter)
+    eval_s = time.perf_counter() - t0 - aggregate_s
+    save_adapter(global_adapter, evaluator.model_dir, spec.folder.adapter)
+    spec.folder.save_checkpoint(spec.fingerprint(), global_adapter, coordinator.previous)
+    servers = [server_row(reply, delivery) for _, reply, delivery in accepted]
+    return RoundRow(round=global_adapter.round, rule=spec.rule, servers=servers,
+                    idle_servers=spec.plan.idle_members(), missed_servers=missed, eval=result,
+                    aggregate_s=aggregate_s, eval_s=eval_s,
+                    global_rank=max((f.rank for f in global_adapter.factors.values()), default=0),
+                    round_s=time.perf_counter() - start, train_s=sum(s.train_s for s in servers))
+
+
+def server_row(reply: Reply, delivery: Delivery) -> ServerRow:
+    entry = delivery.entry
+    return ServerRow(server=reply.member, entry=entry.name, bits=entry.bits, batch_size=entry.batch_size,
+                     train_loss=reply.train_loss, steps=reply.steps, train_s=reply.train_s,
+                     tokens=reply.tokens, memory_gib=reply.memory_gib,
+                     predicted_memory_gib=entry.predicted.memory_gib, upload_bytes=len(reply.payload),
+                     download_bytes=len(delivery.payload),
+                     predicted_upload_bytes=entry.predicted.upload_bytes,
+                     predicted_download_bytes=entry.predicted.download_bytes,
+                     upload_density=entry.upload_density, download_density=entry.download_density)
+
+
+def _check_participation(round_index: int, got: int, total: int, spec: RunSpec, missed: dict[str, str],
+                         what: str) -> None:
+    if got < spec.min_participation:
+        raise FedpipeError(f"round {round_index}: {got} of {total} servers {what}; --min-participation "
+                           f"needs {spec.min_participation}", [f"{m}: {why}" for m, why in missed.items()])

@@ -1,0 +1,78 @@
+"""What a run writes down: one row per round in metrics.jsonl, and the checkpoint's state.json.
+
+Both are pydantic models (unknown keys rejected), so every transport writes the same rows and a
+row that drifted from the schema fails where it is made, not in a reader later.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerRow(_Strict):
+    """One server's round: its configuration, what it measured, and what the plan predicted."""
+
+    server: str
+    entry: str = Field(description="The plan entry (hardware class) the server belongs to.")
+    bits: int
+    batch_size: int
+    train_loss: float
+    steps: int
+    train_s: float
+    tokens: int
+    memory_gib: float = Field(description="Resident model plus the peak working memory of training.")
+    predicted_memory_gib: float
+    upload_bytes: int = Field(description="Counted on the payload sent, header included.")
+    download_bytes: int
+    predicted_upload_bytes: float
+    predicted_download_bytes: float
+    upload_density: float
+    download_density: float
+
+
+class RoundRow(_Strict):
+    """One round of the federation: who trained, who missed it and why, the global model's eval."""
+
+    round: int
+    rule: str
+    servers: list[ServerRow]
+    idle_servers: list[str] = Field(description="Plan members that adapt nothing, so never train.")
+    missed_servers: dict[str, str] = Field(description="Member -> why its update is not in this round.")
+    eval: dict = Field(description="`data.evaluate` of the global model: loss, accuracy, n, per_family.")
+    aggregate_s: float
+    eval_s: float
+    global_rank: int
+    round_s: float
+    train_s: float
+
+
+class RunFingerprint(_Strict):
+    """What makes a run that run: a resume with anything else would splice two runs together."""
+
+    plan: str = Field(description="sha256 of the plan's content as run (densities overridden).")
+    rule: str
+    local_steps: int
+    eval_samples: int
+    seed: int
+    data: str = Field(description="The dataset file's sha256, or its source string.")
+    norm_bound: float | None
+    clip_norm: float | None
+
+    def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
+        """(field, this value, the other's) for every field that differs."""
+        return [(name, getattr(self, name), getattr(other, name)) for name in type(self).model_fields
+                if getattr(self, name) != getattr(other, name)]
+
+
+class CheckpointState(_Strict):
+    """state.json: the round the checkpoint holds, the tensor files that make it up, and the
+    settings it was made with."""
+
+    round: int
+    rule: str
+    files: dict[str, str] = Field(description="'global' / 'previous' -> safetensors file name.")
+    fingerprint: RunFingerprint

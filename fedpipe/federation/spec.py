@@ -1,0 +1,137 @@
+"""A run's settings, resolved once before anything heavy.
+
+`RunSpec.resolve` takes the plan file and the command line's overrides, checks every one of them
+(rule names, densities, counts, the run folder, a resume against what the checkpoint recorded) and
+returns the settings every transport runs by, so a mistake is reported in well under a second,
+before any model loads. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fedpipe.digest import file_sha256
+from fedpipe.errors import FedpipeError
+from fedpipe.federation.records import RunFingerprint
+from fedpipe.federation.rundir import RunFolder
+from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
+from fedpipe.rules import rule_traits
+
+
+class RunSpec(BaseModel):
+    """Everything that makes a run that run, resolved from the plan and the overrides."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    plan_path: Path
+    plan: Plan
+    plan_sha256: str
+    folder: RunFolder
+    rule: str
+    rounds: int
+    local_steps: int
+    eval_samples: int
+    min_participation: int
+    round_timeout: float
+    resume: bool
+    norm_bound: float | None
+    clip_norm: float | None
+    device: str = "cpu"
+    completed_rounds: int = 0  # rounds the run folder already holds (a resume)
+
+    @classmethod
+    def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
+                aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
+                eval_samples: int | None = None, upload_density: float | None = None,
+                download_density: float | None = None, min_participation: str | int | float = "1",
+                round_timeout: float = 3600.0, norm_bound: float | None = None,
+                clip_norm: float | None = None, device: str = "cpu") -> RunSpec:
+        """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
+        plan_path = Path(plan_path)
+        plan = with_densities(load_plan(plan_path), upload_density, download_density)
+        rule = rule_traits(aggregation or plan.aggregation).name
+        check_densities(plan.servers, rule)
+        if round_timeout <= 0:
+            raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
+        norm_bound = _setting("--norm-bound", norm_bound, plan.task.norm_bound)
+        clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
+        folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
+        folder.claim(resume)
+        spec = cls(plan_path=plan_path, plan=plan, plan_sha256=file_sha256(plan_path), folder=folder,
+                   rule=rule, rounds=rounds or plan.task.rounds,
+                   local_steps=local_steps or plan.task.local_steps,
+                   eval_samples=eval_samples or plan.task.eval_samples,
+                   min_participation=parse_min_participation(min_participation, len(plan.training_members())),
+                   round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
+                   clip_norm=clip_norm, device=device)
+        if resume and folder.holds_run():
+            state = folder.read_state()
+            differences = state.fingerprint.differences(spec.fingerprint())
+            if differences:
+                raise FedpipeError(f"--resume: {folder.path} was run with other settings; resume it "
+                                   "with the same ones, or start a new run with --out",
+                                   [f"{what}: the run has {had}, now {now}" for what, had, now in
+                                    differences])
+            spec = spec.model_copy(update={"completed_rounds": state.round})
+        return spec
+
+    def fingerprint(self) -> RunFingerprint:
+        """What a resume must keep equal (only the number of rounds may grow)."""
+        task = self.plan.task
+        return RunFingerprint(plan=plan_content_hash(self.plan), rule=self.rule, local_steps=self.local_steps,
+                              eval_samples=self.eval_samples, seed=task.seed,
+                              data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
+                              clip_norm=self.clip_norm)
+
+
+def _setting(flag: str, given: float | None, planned: float | None) -> float | None:
+    if given is None:
+        return planned
+    if not (math.isfinite(given) and given >= 0):
+        raise FedpipeError(f"{flag}: must be a positive number, or 0 for off; got {given}")
+    return given or None
+
+
+def plan_content_hash(plan: Plan) -> str:
+    """sha256 of what the plan asks servers to do (as overridden), not of how long it took to solve."""
+    content = plan.model_dump(mode="json", exclude={"solver": {"solve_time_s"}})
+    return hashlib.sha256(repr(sorted(content.items())).encode()).hexdigest()
+
+
+def data_fingerprint(plan: Plan) -> str:
+    """The dataset a run trains on: a file's sha256, else its source string (builtin is seeded)."""
+    source = plan.task.dataset
+    path = Path(plan.profile.path).parent / source
+    return f"sha256:{file_sha256(path)}" if path.is_file() else source
+
+
+def with_densities(plan: Plan, upload: float | None = None, download: float | None = None) -> Plan:
+    """The plan with every server's upload / download density overridden (None: the plan's)."""
+    update = {k: v for k, v in (("upload_density", upload), ("download_density", download))
+              if v is not None}
+    if not update:
+        return plan
+    try:
+        servers = [ServerPlan.model_validate(s.model_dump() | update) for s in plan.servers]
+    except ValidationError as e:
+        raise FedpipeError("density override: " + "; ".join(err["msg"] for err in e.errors())) from None
+    return plan.model_copy(update={"servers": servers})
+
+
+def parse_min_participation(text: str | int | float, n_servers: int) -> int:
+    """Replies a round needs: "2" is a count, "0.5" (a decimal point) a fraction of the servers."""
+    raw = str(text).strip()
+    try:
+        value = float(raw) if "." in raw else int(raw)
+    except ValueError:
+        value = None
+    if isinstance(value, float) and 0 < value <= 1:
+        return max(1, math.ceil(value * n_servers - 1e-9))
+    if isinstance(value, int) and 1 <= value <= n_servers:
+        return value
+    raise FedpipeError(f"min_participation: {raw!r} is neither a count from 1 to {n_servers} (the "
+                       "servers that train) nor a fraction in (0, 1] written with a decimal point")

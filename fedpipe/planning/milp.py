@@ -1,0 +1,299 @@
+r"""The MILP: which matrices each server adapts, at what rank, on how many bits, with what batch.
+
+Identical servers (a profile entry with ``count``, or entries with the same hardware and data)
+form a class k with c_k members and n_k samples each; they share one configuration, which is
+optimal because servers couple only through the round time T. Per class k, configurations
+j = (bits q_j, batch b_j, communication density d_j) from its allowed set J_k; candidate
+matrices m with normalised importance w_m (sum 1); rank ladder R (0 = not adapted); gain
+g(r) = log2(1+r)/log2(1+r_max).
+
+Matrices of one type t (q_proj, ...) have one shape, so they cost the same at a given rank: an
+optimal plan gives more important matrices of a type at least the rank of less important ones
+(swapping two ranks never lowers the gain when gains are sorted). So per type only *how many*
+matrices reach each rank level matters: n_kjtl = number of type-t matrices at rank >= r_l, and
+those are the n_kjtl most important ones. With w_t(1) >= w_t(2) >= ... the sorted importances and
+S_t(a) their prefix sums, the gain of level l is dg_l * S_t(n_kjtl), a concave piecewise-linear
+function of the integer n_kjtl, bounded by its chords. This is exact, and it leaves
+|configs| x |types| x |levels| integers per class instead of one binary per matrix and rank.
+
+This is the reference model (``fedpipe plan --method milp``); ``fedpipe.planning.decompose`` solves
+the same model by its structure.
+
+Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T >= 0.
+
+    maximise   sum_k omega_k sum_j f_j sum_tl dg_l G_kjtl  -  lambda T / T_ref
+    subject to
+    (1) sum_j z_kj = 1                                           one configuration per class
+    (2) n_kjt1 <= N_t z_kj,  n_kjtl <= n_kjt(l-1)                ranks nest; nothing unless chosen
+    (3) G_kjtl <= S_t(a) + w_t(a+1) (n_kjtl - a), a = 0..N_t-1   chords of the concave gain
+    (4) sum_j [F_kj z_kj + sum_tl dL_tl(b_j) n_kjtl] <= M_k                     memory (GiB)
+    (5) sum_j [C_kj z_kj + sum_tl (dtau_ktl(b_j) + dU_ktl + dD_ktl) n_kjtl] [+ D / down_k] <= T
+    (6) T <= deadline                                            when the profile sets one
+    (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl                flora only: everyone downloads the stack
+
+omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^(1/4)
+density_quality[d_j] (quality per round grows sublinearly with the samples seen; top-k
+communication keeps most, not all, of a dense round's progress); dg_l = g(r_l) - g(r_(l-1)) with
+g(r) = log2(1+r) / log2(1+r_max); d* are the increments of each cost from r_(l-1) to r_l.
+F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time; U, D: transfer times,
+at v(d_j) bytes per value (cost.bytes_per_value: 4 dense, about 16 d + 1/8 sparse; flora's stack
+is broadcast dense). So a sparse density is chosen exactly when a server's link makes the time
+it saves worth more than the quality it costs. T_ref is the homogeneous baseline's makespan, so lambda is
+"quality given up per baseline-round of time".
+
+Everything is in GiB and seconds: byte-sized coefficients made CBC return wrong optima.
+The status is reported as proven by the solver (pulp's ``sol_status``, not ``LpStatus``, which
+says "Optimal" when a time limit stopped the search), with the relative gap when known.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pulp
+
+from fedpipe.errors import FedpipeError
+from fedpipe.plan import SolverReport
+from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE, bytes_per_value
+from fedpipe.planning.problem import Choice, Problem, memory_limited
+from fedpipe.shapes import Matrix
+
+OBJECTIVE_SCALE = 1000.0
+SOLVERS = ("highs", "cbc")
+
+
+def check_solver(name: str) -> None:
+    """An unknown --solver is an error whichever method runs (the decomposed one uses none)."""
+    if name not in SOLVERS:
+        raise FedpipeError(f"--solver: unknown solver {name!r}", [f"valid: {', '.join(SOLVERS)}"])
+
+
+def _solver(name: str, time_limit: float | None) -> pulp.LpSolver:
+    check_solver(name)
+    if name == "highs":
+        if not pulp.HiGHS().available():
+            raise FedpipeError("solver 'highs' is not available: pip install highspy (or --solver cbc)")
+        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=1e-4)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=1e-4)
+
+
+def default_solver() -> str:
+    return "highs" if pulp.HiGHS().available() else "cbc"
+
+
+def _status(prob: pulp.LpProblem) -> str:
+    """What was proven. pulp's HiGHS interface reports a time-limited incumbent as optimal, so
+    HiGHS's own model status decides there."""
+    status = {1: "optimal", 2: "feasible", -1: "infeasible", -2: "infeasible"}.get(prob.sol_status,
+                                                                                   "not_solved")
+    model = getattr(prob, "solverModel", None)  # set by pulp's HiGHS interface
+    if status == "optimal" and model is not None:
+        import highspy
+
+        if model.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            status = "feasible"
+    return status
+
+
+def _mip_gap(prob: pulp.LpProblem, status: str) -> float | None:
+    """The relative gap HiGHS reports; None where the solver does not say (CBC through pulp)."""
+    model = getattr(prob, "solverModel", None)
+    if model is None:
+        return 0.0 if status == "optimal" else None
+    try:
+        return float(model.getInfo().mip_gap)
+    except Exception:  # the solver did not expose a gap: say we do not know
+        return None
+
+
+@dataclass
+class _TypeGroup:
+    """The candidate matrices of one type, most important first."""
+
+    shape: Matrix
+    names: list[str]
+    weights: list[float]
+
+    @property
+    def prefix(self) -> list[float]:
+        out = [0.0]
+        for w in self.weights:
+            out.append(out[-1] + w)
+        return out
+
+
+def _type_groups(problem: Problem) -> list[_TypeGroup]:
+    groups: dict[str, _TypeGroup] = {}
+    for m in problem.matrices:
+        groups.setdefault(m.kind, _TypeGroup(m, [], []))
+    for g in groups.values():
+        members = sorted((m for m in problem.matrices if m.kind == g.shape.kind),
+                         key=lambda m: -problem.weights[m.name])
+        g.names = [m.name for m in members]
+        g.weights = [problem.weights[m.name] for m in members]
+    return list(groups.values())
+
+
+@dataclass
+class _Block:
+    """One configuration's count variables n[t, l] and its (unscaled) gain expression."""
+
+    z: pulp.LpVariable | None
+    n: dict[tuple[int, int], pulp.LpVariable]
+    gain: pulp.LpAffineExpression
+
+
+def _block(prob: pulp.LpProblem, tag: str, problem: Problem, groups: list[_TypeGroup],
+           z: pulp.LpVariable | None) -> _Block:
+    """Constraints (2) and (3) for one configuration."""
+    levels = [r for r in problem.ranks if r > 0]
+    gains = [problem.gain(r) for r in [0] + levels]
+    n, gain_terms = {}, []
+    for t, g in enumerate(groups):
+        size, prefix = len(g.names), g.prefix
+        for lv in range(len(levels)):
+            n[t, lv] = v = pulp.LpVariable(f"n_{tag}_{t}_{lv}", 0, size, cat="Integer")
+            upper = size * z if z is not None else size
+            prob += v <= (n[t, lv - 1] if lv else upper), f"c2_{tag}_{t}_{lv}"
+            G = pulp.LpVariable(f"G_{tag}_{t}_{lv}", 0)
+            for a in range(size):
+                prob += G - g.weights[a] * v <= prefix[a] - g.weights[a] * a, f"c3_{tag}_{t}_{lv}_{a}"
+            gain_terms.append((G, gains[lv + 1] - gains[lv]))
+    return _Block(z, n, pulp.LpAffineExpression(gain_terms))
+
+
+def _increments(groups: list[_TypeGroup], ranks: list[int], cost_of) -> dict[tuple[int, int], float]:
+    """Cost of moving one matrix of type t from the previous rank level to level l."""
+    levels = [0] + [r for r in ranks if r > 0]
+    return {(t, lv - 1): cost_of(g.shape, levels[lv]) - cost_of(g.shape, levels[lv - 1])
+            for t, g in enumerate(groups) for lv in range(1, len(levels))}
+
+
+def _ranks_from_counts(block: _Block, groups: list[_TypeGroup], ranks: list[int]) -> dict[str, int]:
+    levels = [r for r in ranks if r > 0]
+    out = {}
+    for t, g in enumerate(groups):
+        counts = [round(block.n[t, lv].value() or 0) for lv in range(len(levels))]
+        for a, name in enumerate(g.names):
+            reached = [levels[lv] for lv in range(len(levels)) if a < counts[lv]]
+            if reached:
+                out[name] = reached[-1]
+    return out
+
+
+def _affine(terms: list[tuple[pulp.LpVariable, float]]) -> pulp.LpAffineExpression:
+    """Sum of coef * var, adding repeated variables (LpAffineExpression keeps only the last)."""
+    acc: dict[pulp.LpVariable, float] = {}
+    for v, c in terms:
+        acc[v] = acc.get(v, 0.0) + c
+    return pulp.LpAffineExpression(list(acc.items()))
+
+
+def _solve(prob: pulp.LpProblem, solver: str, time_limit: float | None) -> SolverReport:
+    start = time.perf_counter()
+    slv = _solver(solver, time_limit)
+    prob.solve(slv)
+    elapsed = time.perf_counter() - start
+    status = _status(prob)
+    objective = pulp.value(prob.objective) if status in ("optimal", "feasible") else None
+    return SolverReport(solver=solver, status=status, gap=_mip_gap(prob, status),
+                        solve_time_s=round(elapsed, 3), time_limit_s=time_limit,
+                        objective=None if objective is None else objective / OBJECTIVE_SCALE)
+
+
+def solve_milp(problem: Problem, solver: str,
+               time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
+    """Build and solve (1)-(7) of the module docstring."""
+    p, cost = problem.profile, problem.cost
+    groups = _type_groups(problem)
+    prob = pulp.LpProblem("fedpipe_plan", pulp.LpMaximize)
+    T = pulp.LpVariable("T", lowBound=0, upBound=p.objective.deadline_s)  # (6)
+    blocks: dict[tuple[int, int], _Block] = {}
+    quality, timing = [], {}
+    wire = _increments(groups, problem.ranks, lambda m, r: cost.wire_bytes(m, r))
+    for k, cls in enumerate(problem.classes):
+        rep = cls.rep
+        memory, timing[k] = [], []
+        for j, (q, b, d) in enumerate(problem.configs(k)):
+            fixed = problem.fixed_memory_gib(q, b, rep.device)
+            if fixed > rep.memory_gib:
+                continue  # this configuration cannot fit whatever the ranks
+            z = pulp.LpVariable(f"z_{k}_{j}", cat="Binary")
+            blocks[k, j] = blk = _block(prob, f"{k}_{j}", problem, groups, z)
+            quality.append(problem.omega[k] * problem.config_factor(q, b, d) * blk.gain)
+            mem = _increments(groups, problem.ranks,
+                              lambda m, r, b=b, d=rep.device: cost.lora_memory_gib(m, r, b, d))
+            tau = _increments(groups, problem.ranks, lambda m, r, b=b, s=rep: cost.lora_compute_s(m, r, b, s))
+            up = bytes_per_value(d) / WIRE_BYTES_PER_VALUE
+            down = 0.0 if problem.rule.broadcasts_stack else up  # the stack's download is (7)
+            memory += [(z, fixed)] + [(blk.n[key], c) for key, c in mem.items()]
+            timing[k] += [(z, problem.base_compute_s(q, b, rep))] + [
+                (blk.n[key], tau[key] + cost.transfer_s(up * wire[key], rep.uplink_mbps)
+                 + cost.transfer_s(down * wire[key], rep.downlink_mbps)) for key in tau]
+        prob += pulp.lpSum(blk.z for (kk, _), blk in blocks.items() if kk == k) == 1, f"c1_{k}"
+        prob += _affine(memory) <= rep.memory_gib, f"c4_{k}"
+    if problem.rule.broadcasts_stack:  # (7) every server downloads all servers' adapters
+        stack = [(blk.n[key], problem.classes[k].count * wire[key])
+                 for (k, _), blk in blocks.items() for key in blk.n]
+        for k, cls in enumerate(problem.classes):
+            timing[k] += [(v, cost.transfer_s(n, cls.rep.downlink_mbps)) for v, n in stack]
+    for k in range(len(problem.classes)):
+        prob += _affine(timing[k]) - T <= 0, f"c5_{k}"  # flora repeats own n: summed
+    # scaled: per-matrix gains near 1e-5 made HiGHS stall on "excessively small costs"
+    prob += OBJECTIVE_SCALE * (pulp.lpSum(quality) - p.objective.time_weight / problem.t_ref * T)
+
+    report = _solve(prob, solver, time_limit)
+    if report.status not in ("optimal", "feasible"):
+        return None, report
+    choices = []
+    for k in range(len(problem.classes)):
+        (_, j), blk = max(((key, b) for key, b in blocks.items() if key[0] == k),
+                          key=lambda kb: kb[1].z.value() or 0)
+        q, b, d = problem.configs(k)[j]
+        choices.append(Choice(q, b, _ranks_from_counts(blk, groups, problem.ranks), d))
+    return choices, report
+
+
+# ---------------------------------------------------------------- homogeneous baseline
+def solve_baseline(problem: Problem, solver: str,
+                   time_limit: float | None) -> tuple[list[Choice], list[str]] | None:
+    """Every server on one common configuration: the best one the weakest can run (quality only,
+    so dense communication)."""
+    p, cost = problem.profile, problem.cost
+    common_bits = [q for q in p.candidates.bits
+                   if all(q in p.allowed_bits(c.rep) for c in problem.classes)]
+    configs = [(q, b) for q in common_bits for b in p.candidates.batch_sizes]
+    configs = [(q, b) for q, b in configs
+               if all(problem.fixed_memory_gib(q, b, c.rep.device) <= c.rep.memory_gib
+                      for c in problem.classes)]
+    if not configs:
+        return None
+    groups = _type_groups(problem)
+    prob = pulp.LpProblem("fedpipe_baseline", pulp.LpMaximize)
+    blocks = [_block(prob, f"b{j}", problem, groups, pulp.LpVariable(f"z_{j}", cat="Binary"))
+              for j in range(len(configs))]
+    prob += pulp.lpSum(blk.z for blk in blocks) == 1
+    for k, cls in enumerate(problem.classes):
+        memory = []
+        for (q, b), blk in zip(configs, blocks, strict=True):
+            mem = _increments(groups, problem.ranks,
+                              lambda m, r, b=b, d=cls.rep.device: cost.lora_memory_gib(m, r, b, d))
+            memory += [(blk.z, problem.fixed_memory_gib(q, b, cls.rep.device))]
+            memory += [(blk.n[key], c) for key, c in mem.items()]
+        prob += _affine(memory) <= cls.rep.memory_gib, f"mem_{k}"
+    prob += OBJECTIVE_SCALE * pulp.lpSum(problem.config_factor(q, b, problem.densest) * blk.gain
+                                         for (q, b), blk in zip(configs, blocks, strict=True))
+    if _solve(prob, solver, time_limit).status not in ("optimal", "feasible"):
+        return None
+    j = max(range(len(configs)), key=lambda j: blocks[j].z.value() or 0)
+    choice = Choice(*configs[j], _ranks_from_counts(blocks[j], groups, problem.ranks), problem.densest)
+    choices = [choice] * len(problem.classes)
+    return choices, memory_limited(problem, choices)
+
+
+def milp_size(problem: Problem) -> int:
+    """Chord rows (3) of the MILP: what its build and solve time grow with."""
+    sizes = [len(g.names) for g in _type_groups(problem)]
+    levels = len([r for r in problem.ranks if r > 0])
+    return sum(len(problem.configs(k)) for k in range(len(problem.classes))) * levels * sum(sizes)

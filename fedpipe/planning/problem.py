@@ -1,0 +1,258 @@
+"""The planning instance: what may be chosen, what it costs, and how good concrete choices are.
+
+Identical servers (a profile entry with ``count``, or entries with the same hardware and data)
+form a class with its members and sample share omega_k; every solver (``fedpipe.planning.milp``,
+``fedpipe.planning.decompose``) returns one ``Choice`` per class, and ``evaluate`` is the ground
+truth both are checked against: costs from ``fedpipe.planning.cost``, quality = sample-weighted
+importance covered (gain g(r) = log2(1+r)/log2(1+r_max) per matrix) times what the precision,
+batch and communication density keep (``Problem.config_factor``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fedpipe.importance import ImportanceReport, depth_prior
+from fedpipe.planning.cost import (
+    WIRE_BYTES_PER_VALUE,
+    CostModel,
+    ServerCost,
+    bytes_per_value,
+    server_cost,
+)
+from fedpipe.profile import ClusterProfile, Server
+from fedpipe.rules import RuleTraits, rule_traits
+from fedpipe.shapes import Matrix, ModelShapes
+
+BATCH_EXPONENT = 0.25
+BINDING_TOLERANCE = 0.01  # a constraint within 1% of its limit counts as binding
+
+T = TypeVar("T")
+
+
+def hardware_key(server: Server) -> tuple:
+    """What makes two servers the same hardware for planning: every cost and every allowed
+    configuration depends on these fields alone (not on the name, count or samples)."""
+    return (server.memory_gib, server.tflops, server.uplink_mbps, server.downlink_mbps,
+            server.device, tuple(server.bits or ()))
+
+
+class TableCache:
+    """Tables built once and shared: per configuration (fixed memory, base compute per hardware)
+    and per rank ladder (the decomposed planner's gain tables). Problems that differ only in
+    their servers and deadline (a sweep's points) may share one: its entries depend on the model,
+    task, calibration, candidates and importance, and on a server only through their keys."""
+
+    def __init__(self) -> None:
+        self._tables: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The table under `key`, built by `build` on first use."""
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One class's configuration."""
+
+    bits: int
+    batch: int
+    ranks: dict[str, int] = field(hash=False)  # only adapted matrices (rank > 0)
+    density: float = 1.0  # communication density of the upload (and download, where sparse)
+
+
+@dataclass
+class ServerClass:
+    """Profile entries with identical hardware and data, planned as one."""
+
+    servers: list[Server]
+
+    @property
+    def rep(self) -> Server:
+        return self.servers[0]
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.servers)
+
+
+@dataclass
+class Problem:
+    """The planning instance with its cost tables precomputed."""
+
+    profile: ClusterProfile
+    shapes: ModelShapes
+    cost: CostModel
+    importance: ImportanceReport
+    weights: dict[str, float]  # normalised importance per candidate matrix
+    matrices: list[Matrix]
+    classes: list[ServerClass]
+    omega: list[float]
+    t_ref: float = 1.0
+    cache: TableCache = field(default_factory=TableCache, repr=False, compare=False)
+
+    def fixed_memory_gib(self, bits: int, batch: int, device: str) -> float:
+        """cost.fixed_memory_gib, cached: thousands of servers share a few configurations."""
+        return self.cache.get(("fixed memory", bits, batch, device),
+                              lambda: self.cost.fixed_memory_gib(bits, batch, device))
+
+    def base_compute_s(self, bits: int, batch: int, server: Server) -> float:
+        """cost.base_compute_s, cached per hardware."""
+        return self.cache.get(("base compute", bits, batch, hardware_key(server)),
+                              lambda: self.cost.base_compute_s(bits, batch, server))
+
+    @property
+    def ranks(self) -> list[int]:
+        return self.profile.candidates.ranks
+
+    def configs(self, k: int) -> list[tuple[int, int, float]]:
+        """Class k's (bits, batch, density) choices."""
+        return self.configs_for(self.classes[k].rep)
+
+    def configs_for(self, server: Server) -> list[tuple[int, int, float]]:
+        c = self.profile.candidates
+        return [(q, b, d) for q in self.profile.allowed_bits(server) for b in c.batch_sizes
+                for d in c.densities]
+
+    def gain(self, r: int) -> float:
+        return math.log2(1 + r) / math.log2(1 + max(self.ranks))
+
+    def config_factor(self, bits: int, batch: int, density: float = 1.0) -> float:
+        o = self.profile.objective
+        b_max = max(self.profile.candidates.batch_sizes)
+        return (o.bits_quality.get(bits, 1.0) * (batch / b_max) ** BATCH_EXPONENT
+                * o.density_quality.get(density, 1.0))
+
+    def down_density(self, density: float) -> float:
+        """The download's density for an upload density: dense where the rule allows no sparse
+        download (flora merges its stack into the base)."""
+        return density if self.rule.sparse_download else 1.0
+
+    @property
+    def densest(self) -> float:
+        """The homogeneous baseline's density: it maximises quality, so the densest allowed."""
+        return self.profile.candidates.densities[0]
+
+    @property
+    def rule(self) -> RuleTraits:
+        """The aggregation rule's traits: its broadcast decides what every server downloads."""
+        return rule_traits(self.profile.aggregation)
+
+
+def group_servers(servers: list[Server]) -> list[ServerClass]:
+    """Group entries whose hardware (allowed bits included) and data are identical."""
+    groups: dict[tuple, ServerClass] = {}
+    for s in servers:
+        groups.setdefault((hardware_key(s), s.samples), ServerClass([])).servers.append(s)
+    return list(groups.values())
+
+
+def build_problem(profile: ClusterProfile, shapes: ModelShapes,
+                  importance: ImportanceReport | None = None, cache: TableCache | None = None) -> Problem:
+    """The instance; `cache` may be shared by problems that differ only in their servers and
+    deadline (see TableCache)."""
+    importance = importance or depth_prior(shapes)
+    matrices = list(shapes.candidates(profile.candidates.targets))
+    classes = group_servers(profile.servers)
+    total = sum(c.count * c.rep.samples for c in classes)
+    return Problem(
+        profile=profile, shapes=shapes, cost=CostModel.for_profile(profile, shapes),
+        importance=importance, weights=importance.normalised([m.name for m in matrices]),
+        matrices=matrices, classes=classes,
+        omega=[c.count * c.rep.samples / total for c in classes],
+        cache=TableCache() if cache is None else cache,
+    )
+
+
+
+# ---------------------------------------------------------------- evaluation (the ground truth)
+@dataclass
+class Evaluation:
+    """Costs and quality of concrete choices, computed from the formulas, not from the solver."""
+
+    costs: list[ServerCost]
+    covered: list[float]
+    quality: float
+    makespan: float
+    objective: float
+
+
+def _adapter_values(choice: Choice, by_name: dict[str, Matrix]) -> int:
+    """P(r): the adapter's parameter count, what travels (times bytes per value)."""
+    return sum(by_name[n].lora_params(r) for n, r in choice.ranks.items())
+
+
+def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
+    """Costs, quality and objective of concrete choices. Classes sharing hardware and a Choice
+    object (as the decomposed planner returns them) are costed once."""
+    by_name = {m.name: m for m in problem.matrices}
+    own: dict[int, int] = {}
+    for ch in choices:
+        if id(ch) not in own:
+            own[id(ch)] = _adapter_values(ch, by_name)
+    stack = (WIRE_BYTES_PER_VALUE * sum(c.count * own[id(ch)]
+                                        for c, ch in zip(problem.classes, choices, strict=True))
+             if problem.rule.broadcasts_stack else None)
+    gain = {r: problem.gain(r) for r in problem.ranks}
+    costs, covered, memo = [], [], {}
+    for cls, ch in zip(problem.classes, choices, strict=True):
+        rep = cls.rep
+        key = (id(ch), hardware_key(rep))
+        if key not in memo:
+            down = bytes_per_value(ch.density) * own[id(ch)] if stack is None else stack
+            memo[key] = (server_cost(problem.cost, rep, ch.bits, ch.batch, ch.ranks, by_name, down,
+                                     ch.density),
+                         sum(problem.weights[n] * gain[r] for n, r in ch.ranks.items()))
+        costs.append(memo[key][0])
+        covered.append(memo[key][1])
+    quality = sum(o * problem.config_factor(ch.bits, ch.batch, ch.density) * cov
+                  for o, ch, cov in zip(problem.omega, choices, covered, strict=True))
+    makespan = max(c.round_s for c in costs)
+    objective = quality - problem.profile.objective.time_weight * makespan / problem.t_ref
+    return Evaluation(costs, covered, quality, makespan, objective)
+
+
+def is_feasible(problem: Problem, choices: list[Choice], evaluation: Evaluation) -> bool:
+    deadline = problem.profile.objective.deadline_s
+    mem_ok = all(c.memory_gib <= cls.rep.memory_gib * (1 + 1e-9)
+                 for c, cls in zip(evaluation.costs, problem.classes, strict=True))
+    return mem_ok and (deadline is None or evaluation.makespan <= deadline * (1 + 1e-9))
+
+
+# ---------------------------------------------------------------- diagnosis
+def diagnose_infeasible(problem: Problem) -> list[str]:
+    """Servers that cannot fit even the smallest configuration, and by how much."""
+    problems = []
+    deadline = problem.profile.objective.deadline_s
+    for k, cls in enumerate(problem.classes):
+        rep = cls.rep
+        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b, _ in problem.configs(k)}
+        (q, b), need = min(fixed.items(), key=lambda kv: kv[1])
+        names = ", ".join(s.name for s in cls.servers)
+        if need > rep.memory_gib:
+            problems.append(f"server {names}: needs at least {need:.2f} GiB ({q}-bit, batch {b}, "
+                            f"no adapters) but has {rep.memory_gib:g} GiB: short by "
+                            f"{need - rep.memory_gib:.2f} GiB")
+        elif deadline is not None:
+            fastest = min(problem.base_compute_s(q, b, rep) for q, b in fixed
+                          if fixed[(q, b)] <= rep.memory_gib)
+            if fastest > deadline:
+                problems.append(f"server {names}: the fastest configuration takes {fastest:.1f} s "
+                                f"per round, over the deadline of {deadline:g} s by "
+                                f"{fastest - deadline:.1f} s")
+    return problems
+
+
+
+def memory_limited(problem: Problem, choices: list[Choice]) -> list[str]:
+    """Servers whose memory decides the common configuration."""
+    ev = evaluate(problem, choices)
+    return [s.name for c, cls in zip(ev.costs, problem.classes, strict=True)
+            if c.memory_gib >= cls.rep.memory_gib * (1 - BINDING_TOLERANCE) for s in cls.servers]
+
+

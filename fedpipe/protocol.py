@@ -1,0 +1,130 @@
+"""What travels between the coordinator and an edge server, and nothing else.
+
+Two messages, both `fedpipe.wire` payloads (safetensors bytes, so what is counted is what was sent):
+
+* **Broadcast** (coordinator -> server, one per plan entry and round): two groups of factors told
+  apart by a key prefix, ``base/NAME`` (an update to merge into the base weights: rules that merge,
+  see `fedpipe.rules`) and ``init/NAME`` (the adapter's starting factors; a module without one starts
+  fresh: A drawn from the round's seed, B = 0). Metadata: ``round``; ``base`` = ``none`` | ``delta``
+  (add to the merge held from the previous round) | ``full`` (replace what is held: a server that
+  missed rounds, restarted, or a resumed run); below download density 1, ``reference_round`` (the
+  ``init/`` values are a top-k delta against that round's broadcast as the server holds it).
+* **Update** (server -> coordinator): the trained factors, below upload density 1 a top-k delta
+  against the round's start that both sides can rebuild (`start_reference`). Metadata: ``server``,
+  ``entry``, ``round``, ``n_samples``, ``fresh_seed``, ``train_loss``.
+
+Client and coordinator both import this module; neither imports the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fedpipe import wire
+from fedpipe.errors import FedpipeError
+from fedpipe.lora import ClientUpdate, LoraFactors
+from fedpipe.models import fresh_lora_A
+
+BASE, INIT = "base/", "init/"
+BaseMode = Literal["none", "delta", "full"]
+BASE_MODES: tuple[BaseMode, ...] = ("none", "delta", "full")
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed that depends only on its parts (run seed, round, server...), never on call order."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+@dataclass
+class Broadcast:
+    """A broadcast as the server decoded it."""
+
+    base_delta: dict[str, LoraFactors]
+    init: dict[str, LoraFactors]
+    round: int
+    base: BaseMode
+
+
+def broadcast_payload(base_delta: dict[str, LoraFactors], adapter_init: dict[str, LoraFactors],
+                      round_index: int, *, base: BaseMode = "none", density: float = 1.0,
+                      reference: dict[str, LoraFactors] | None = None,
+                      reference_round: int | None = None) -> bytes:
+    """One server's broadcast; below density 1, ``init/`` is a top-k delta against `reference`
+    (the previous broadcast as the server holds it, from round `reference_round`)."""
+    if base not in BASE_MODES:
+        raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
+    factors = {BASE + n: f for n, f in base_delta.items()} | {INIT + n: f for n, f in adapter_init.items()}
+    meta = {"round": str(round_index), "base": base}
+    if density < 1.0:
+        if base_delta or reference is None or reference_round is None:
+            raise FedpipeError("broadcast: a sparse broadcast carries only init/ factors and needs "
+                               "the reference the server holds and its round")
+        meta["reference_round"] = str(reference_round)
+        reference = {INIT + n: f for n, f in reference.items()}
+    return wire.encode(factors, density=density, reference=reference, metadata=meta)
+
+
+def read_broadcast(payload: bytes, *, reference: dict[str, LoraFactors] | None = None) -> Broadcast:
+    """Decode a broadcast; a sparse one needs the init it is relative to."""
+    prefixed = {INIT + n: f for n, f in reference.items()} if reference else None
+    factors, meta = wire.decode(payload, reference=prefixed)
+    base = meta.get("base", "none")
+    if base not in BASE_MODES:
+        raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
+    return Broadcast(base_delta={n[len(BASE):]: f for n, f in factors.items() if n.startswith(BASE)},
+                     init={n[len(INIT):]: f for n, f in factors.items() if n.startswith(INIT)},
+                     round=int(meta.get("round", "0")), base=base)
+
+
+def peek_metadata(payload: bytes) -> dict[str, str]:
+    """A payload's metadata without decoding its tensors: the receiver picks the reference from it."""
+    return wire.read_metadata(payload)
+
+
+def update_payload(factors: dict[str, LoraFactors], *, server: str, entry: str, n_samples: int,
+                   round_index: int, fresh_seed: int, train_loss: float, density: float = 1.0,
+                   reference: dict[str, LoraFactors] | None = None) -> bytes:
+    """One server's update after local training (a top-k delta against `reference` below density 1)."""
+    return wire.encode(factors, density=density, reference=reference,
+                       metadata={"server": server, "entry": entry, "n_samples": str(n_samples),
+                                 "round": str(round_index), "fresh_seed": str(fresh_seed),
+                                 "train_loss": f"{train_loss:.6f}"})
+
+
+def read_update(payload: bytes, reference: dict[str, LoraFactors] | None = None) -> ClientUpdate:
+    """Decode an update; a sparse one needs the start it is relative to (`start_reference`)."""
+    factors, meta = wire.decode(payload, reference=reference)
+    try:
+        n_samples = int(meta["n_samples"])
+    except (KeyError, ValueError) as e:
+        raise FedpipeError(f"payload: update metadata has no valid n_samples ({e})") from None
+    return ClientUpdate(server=meta.get("server", "?"), n_samples=n_samples, factors=factors,
+                        metrics={"train_loss": float(meta.get("train_loss", "nan"))})
+
+
+def start_reference(init: dict[str, LoraFactors], fresh_seed: int,
+                    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]]) -> dict[str, LoraFactors]:
+    """The factors a server started its round from, as the coordinator can rebuild them: `init`
+    where the broadcast had it, else the fresh init (A drawn from `fresh_seed`, B = 0).
+    `shapes` maps each module to its (A shape, B shape)."""
+    start = {}
+    for name, (a_shape, b_shape) in shapes.items():
+        if name in init:
+            start[name] = init[name]
+        else:
+            start[name] = LoraFactors(fresh_lora_A(fresh_seed, name, tuple(a_shape)),
+                                      torch.zeros(tuple(b_shape)))
+    return start
+
+
+def concat(a: LoraFactors | None, b: LoraFactors) -> LoraFactors:
+    """The sum of two folded updates, as one factor pair of the combined rank."""
+    if a is None:
+        return b.folded()
+    b = b.folded()
+    return LoraFactors(torch.cat([a.A, b.A]), torch.cat([a.B, b.B], dim=1), 1.0)
