@@ -35,7 +35,7 @@ def test_lookup_is_case_insensitive_and_names_the_valid_rules():
 
 def test_check_densities_reads_the_table():
     class Entry:  # the fields check_densities reads
-        name, download_density = "edge", 0.25
+        name, download_density, download_precision = "edge", 0.25, "fp32"
 
     for name, traits in RULES.items():
         if traits.sparse_download:
