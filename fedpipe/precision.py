@@ -95,7 +95,7 @@ def bytes_per_value(density: float = 1.0, precision: str = "fp32") -> float:
     Dense: the precision's bytes per value (scales included). Below density 1: d times that for the
     kept values, plus min(1/8, 4 d) for the mask (a bitmask, or int32 indices where fewer: uint16
     indices on small tensors are ignored, so this is an upper bound up to ceil(d n) and the block
-    rounding). Generalises `cost.bytes_per_value(d)`, which is this at fp32.
+    rounding). Generalises `fedpipe.planning.cost.bytes_per_value(d)`, which is this at fp32.
     """
     p = get_precision(precision)
     per_value = p.bits / 8 + (ABSMAX_BYTES / BLOCK if p.blockwise else 0.0)

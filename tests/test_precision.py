@@ -124,7 +124,14 @@ def test_value_bytes_by_hand():
     assert tensor_bytes(4096, 0.25, "int8") == 1024 + 4 * 16 + 512  # + bitmask (512 B < 2048 B)
     assert tensor_bytes(4096, 1 / 128, "nf4") == 16 + 4 + 2 * 32  # + 32 uint16 indices
     assert bytes_per_value(1.0, "int8") == 1.0625 and bytes_per_value(1.0, "nf4") == 0.5625
-    assert bytes_per_value(0.25, "fp32") == 1.125  # cost.bytes_per_value(0.25)
+    assert bytes_per_value(0.25, "fp32") == 1.125
+
+
+@pytest.mark.parametrize("density", [1.0, 0.25, 1 / 16, 1 / 64, 0.01])
+def test_bytes_per_value_at_fp32_is_the_planners(density):
+    from fedpipe.planning.cost import bytes_per_value as planner_bytes_per_value
+
+    assert bytes_per_value(density, "fp32") == planner_bytes_per_value(density)
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
