@@ -152,6 +152,8 @@ class Plan(_Strict):
     model: str
     task: Task
     aggregation: AggregationRule
+    strategy: str = Field("fedpipe", description="The allocation rule that made the plan: fedpipe "
+                          "(the optimiser) or a peer strategy (`fedpipe plan --strategy`).")
     importance: ImportanceRef
     objective_time_weight: float
     reference_time_s: float = Field(description="Time scale of the objective (baseline makespan).")

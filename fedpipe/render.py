@@ -32,7 +32,8 @@ def fraction(d: float) -> str:
 
 def plan_table(plan: Plan) -> Group:
     """Per server: configuration, predictions against budgets; then totals and the baseline."""
-    t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation}", title_justify="left")
+    t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation} · strategy "
+              f"{plan.strategy}", title_justify="left")
     for col in ("server", "n", "bits", "batch", "density", "matrices", "LoRA params",
                 "memory / budget", "compute", "upload", "download", "round", "binding"):
         t.add_column(col, justify="left" if col in ("server", "binding") else "right")
@@ -77,7 +78,7 @@ def _pair(pair, fmt: str | Callable[[object], str] = "{}") -> str:
 
 
 def diff_table(d: PlanDiff) -> Group:
-    t = Table(title=f"diff {d.a} → {d.b}", title_justify="left")
+    t = Table(title=f"diff {d.a} → {d.b} · strategy {_pair(d.strategy)}", title_justify="left")
     for col in ("server", "status", "bits", "batch", "+matrices", "-matrices", "rank changes",
                 "memory GiB", "round s", "LoRA params", "density up", "density down"):
         t.add_column(col, justify="left" if col in ("server", "status") else "right")
