@@ -147,6 +147,8 @@ def run(
                                                     "(default: the plan's).")] = None,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples "
                                                      "(default: the plan's).")] = None,
+    eval_every: Annotated[int | None, typer.Option(min=1, help="Evaluate every N rounds, and always the "
+                                                   "last (default: the plan's, 1).")] = None,
     upload_density: Annotated[float | None, typer.Option(help="Every server's upload density, top-k "
                                                          "share in (0, 1] (default: the plan's).")] = None,
     download_density: Annotated[float | None, typer.Option(help="Every server's download density "
@@ -178,7 +180,7 @@ def run(
     from fedpipe.render import console, run_table
 
     settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
-                    eval_samples=eval_samples, min_participation=min_participation,
+                    eval_samples=eval_samples, eval_every=eval_every, min_participation=min_participation,
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm)
     spec = RunSpec.resolve(plan_file, upload_density=upload_density, download_density=download_density,
                            **settings)  # every argument checked here, before anything heavy

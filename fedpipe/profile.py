@@ -39,6 +39,8 @@ class Task(_Strict):
         "over task families, or one family per server.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = skewed.")
     eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (the last "
+                            "round always): evaluation is most of a round's overhead on a CPU.")
     seed: int = Field(0, description="Seed for data, initialisation and partitioning.")
     norm_bound: float | None = Field(10.0, gt=0, description="Refuse an update whose norm is over this "
                                      "multiple of the round's median update norm (null: no bound).")

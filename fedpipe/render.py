@@ -121,10 +121,13 @@ def run_table(result) -> Group:
                   f"{human_bytes(s['download_bytes'])} / {human_bytes(s['predicted_download_bytes'])}",
                   f"{s['train_s']:.1f}")
     curve = Table(title="global model on the held-out split", title_justify="left")
-    for col in ("round", "eval loss", "exact match", "round s", "of which training"):
+    for col in ("round", "eval loss", "exact match (95% interval)", "round s", "of which training"):
         curve.add_column(col, justify="right")
     for r in rows:
-        curve.add_row(str(r["round"]), f"{r['eval']['loss']:.3f}", f"{r['eval']['accuracy']:.3f}",
+        e = r["eval"]
+        lo, hi = e.get("accuracy_ci95", (e["accuracy"], e["accuracy"])) if e else (0, 0)
+        curve.add_row(str(r["round"]), f"{e['loss']:.3f}" if e else "-",
+                      f"{e['accuracy']:.3f} ({lo:.2f}-{hi:.2f})" if e else "-",
                       f"{r['round_s']:.1f}", f"{r['train_s'] / max(r['round_s'], 1e-9):.0%}")
 
     d = result.run_dir

@@ -42,7 +42,8 @@ class RoundRow(_Strict):
     servers: list[ServerRow]
     idle_servers: list[str] = Field(description="Plan members that adapt nothing, so never train.")
     missed_servers: dict[str, str] = Field(description="Member -> why its update is not in this round.")
-    eval: dict = Field(description="`data.evaluate` of the global model: loss, accuracy, n, per_family.")
+    eval: dict | None = Field(description="`data.evaluate` of the global model (loss, accuracy, its 95% "
+                              "interval, n, per_family); None on rounds the eval cadence skips.")
     aggregate_s: float
     eval_s: float
     global_rank: int

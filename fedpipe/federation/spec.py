@@ -35,6 +35,7 @@ class RunSpec(BaseModel):
     rounds: int
     local_steps: int
     eval_samples: int
+    eval_every: int
     min_participation: int
     round_timeout: float
     resume: bool
@@ -46,7 +47,8 @@ class RunSpec(BaseModel):
     @classmethod
     def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
                 aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
-                eval_samples: int | None = None, upload_density: float | None = None,
+                eval_samples: int | None = None, eval_every: int | None = None,
+                upload_density: float | None = None,
                 download_density: float | None = None, min_participation: str | int | float = "1",
                 round_timeout: float = 3600.0, norm_bound: float | None = None,
                 clip_norm: float | None = None, device: str = "cpu") -> RunSpec:
@@ -65,6 +67,7 @@ class RunSpec(BaseModel):
                    rule=rule, rounds=rounds or plan.task.rounds,
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
+                   eval_every=eval_every or plan.task.eval_every,
                    min_participation=parse_min_participation(min_participation, len(plan.training_members())),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
                    clip_norm=clip_norm, device=device)
