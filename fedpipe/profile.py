@@ -19,6 +19,7 @@ from fedpipe.rules import AggregationRule, rules_help
 from fedpipe.shapes import MATRIX_TYPES, ModelShapes, load_shapes
 
 Bits = Literal[4, 8, 16]
+ObjectiveKind = Literal["weighted", "rate"]
 
 
 class _Strict(BaseModel):
@@ -104,6 +105,12 @@ class Candidates(_Strict):
 class Objective(_Strict):
     """How the planner trades quality (importance covered) against round time."""
 
+    kind: ObjectiveKind = Field(
+        "weighted", description="weighted: maximise quality - time_weight x round time / the "
+        "baseline's round time; rate: maximise quality per second of round time (quality / round "
+        "time, the progress towards a target per second; time_weight is then unused, and every "
+        "server trains at least one matrix at the smallest rank, so no server's data is dropped "
+        "to shorten the round).")
     time_weight: float = Field(0.2, ge=0, description="Quality given up to shorten the round by "
                                "the homogeneous baseline's round time (0 = quality only).")
     deadline_s: float | None = Field(None, gt=0, description="Hard upper bound on the round time.")
