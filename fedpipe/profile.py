@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -234,6 +234,21 @@ def load_profile(path: str | Path) -> ClusterProfile:
     except yaml.YAMLError as e:
         raise FedpipeError(f"{path}: not valid YAML ({e})") from None
     return parse_profile(raw, str(path))
+
+
+def check_objective_kind(kind: str) -> None:
+    """An unknown ``--objective`` is an error naming the valid ones."""
+    valid = get_args(ObjectiveKind)
+    if kind not in valid:
+        raise FedpipeError(f"--objective: unknown objective {kind!r}", [f"valid: {', '.join(valid)}"])
+
+
+def with_objective(profile: ClusterProfile, kind: str | None) -> ClusterProfile:
+    """The profile with `objective.kind` replaced (``fedpipe plan --objective``); None keeps it."""
+    if kind is None or kind == profile.objective.kind:
+        return profile
+    check_objective_kind(kind)
+    return profile.model_copy(update={"objective": profile.objective.model_copy(update={"kind": kind})})
 
 
 def load_profile_and_shapes(path: str | Path) -> tuple[ClusterProfile, ModelShapes]:
