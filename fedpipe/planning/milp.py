@@ -51,9 +51,9 @@ for lambda / T_ref); lambda_(i+1) = q / T of its plan (evaluated by the formulas
 F(lambda_i) <= DINKELBACH_TOLERANCE q. F(lambda) >= 0 (the previous plan attains 0) and
 F(lambda) > 0 exactly when a better rate exists, so the rates rise strictly and end at the
 optimum. Every plan has q - lambda T <= F(lambda), so q / T <= lambda + F(lambda) / T_low with
-T_low the slowest class's fastest no-adapter round: that bound, with the solver's tolerance on
-F added, gives the reported gap; it is only claimed when every solve was proven optimal. The
-report carries the number of solves (``dinkelbach_iterations``).
+T_low the slowest class's fastest no-adapter round: the least such bound over the solves proven
+optimal, with the solver's tolerance on F added, gives the reported gap (none when no solve was
+proven: a time limit). The report carries the number of solves (``dinkelbach_iterations``).
 
 Everything is in GiB and seconds: byte-sized coefficients made CBC return wrong optima.
 The status is reported as proven by the solver (pulp's ``sol_status``, not ``LpStatus``, which
@@ -305,36 +305,31 @@ def _dinkelbach(problem: Problem, model: _Model, solver: str,
                 time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
     """(R) of the module docstring: max q / T by a sequence of max q - lambda T."""
     start = time.perf_counter()
-    lam, best, best_rate, proven, report = 0.0, None, 0.0, True, None
-    excess, iterations = float("inf"), 0
+    floor = _makespan_floor(problem)
+    lam, best, best_rate, bound, iterations = 0.0, None, 0.0, float("inf"), 0
     while iterations < DINKELBACH_ITERATIONS:
         left = None if time_limit is None else time_limit - (time.perf_counter() - start)
         if left is not None and left <= 0:
-            proven = False
             break
         report = model.solve(lam, solver, left)
         iterations += 1
         if report.status not in ("optimal", "feasible"):
             if best is None:
                 return None, report.model_copy(update={"dinkelbach_iterations": iterations})
-            proven = False
             break
-        proven &= report.status == "optimal"
         choices = model.choices(problem)
         ev = evaluate(problem, choices)
-        excess = max(0.0, ev.quality - lam * ev.makespan)  # F(lambda), at the solver's tolerance
+        excess = max(0.0, ev.quality - lam * ev.makespan)  # F(lambda) as found
+        if report.status == "optimal":  # every plan has q - lambda T <= F(lambda) + the solver's
+            # tolerance (gapRel, an absolute 1e-6 on the scaled objective): q / T <= that / T_low
+            slack = MIP_GAP * excess + 1e-6 / OBJECTIVE_SCALE
+            bound = min(bound, lam + (excess + slack) / floor)
         if ev.objective > best_rate:
             best, best_rate = choices, ev.objective
         if excess <= DINKELBACH_TOLERANCE * max(ev.quality, 1e-12):
             break  # F(lambda) ~ 0: no plan beats the rate lambda
         lam = ev.objective
-    else:
-        proven = False  # out of iterations with F(lambda) > 0
-    # every plan has q - lambda T <= F(lambda) (proven solves, up to the solver's own tolerance:
-    # gapRel 1e-4, an absolute 1e-6 on the scaled objective), so q / T <= lambda + F / T_low
-    slack = MIP_GAP * excess + 1e-6 / OBJECTIVE_SCALE
-    bound = lam + (excess + slack) / _makespan_floor(problem) if proven else None
-    gap = None if bound is None else max(0.0, bound - best_rate) / max(bound, 1e-300)
+    gap = max(0.0, bound - best_rate) / bound if bound < float("inf") else None
     status = "optimal" if gap is not None and gap <= DINKELBACH_GAP else "feasible"
     return best, SolverReport(solver=solver, status=status, gap=gap,
                               solve_time_s=round(time.perf_counter() - start, 3),
