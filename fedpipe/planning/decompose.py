@@ -67,10 +67,12 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
 
 (D8) Rate objective: constraint (8) of the MILP (every class trains) holds at every T from
      max_h min_j [C_hj + the time of one matrix at the smallest rank that fits in memory]: from
-     there every group can adapt something, and the best quality at T does (importances are
-     positive). So the search starts there, and a point where a group's best quality is 0
-     counts as infeasible. (D6) prices flora's stack at the first plan's rate per second (the
-     price at which F(lambda) = max q - lambda T is solved by the rate optimum).
+     there every group can adapt something, and the best quality at T does. So the search
+     starts there, and a point where a group's best quality is 0 counts as infeasible. (A
+     group whose only affordable matrices score importance 0 is thus infeasible here, where the
+     MILP would adapt one of them for nothing: the gain tables never pick a zero gain.)
+     (D6) prices flora's stack at the first plan's rate per second (the price at which
+     F(lambda) = max q - lambda T is solved by the rate optimum).
 
 (D7) The homogeneous baseline is (D3) without the time row: one configuration for all, memory
      rows of the tightest cuda and the tightest cpu server.
