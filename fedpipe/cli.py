@@ -58,17 +58,25 @@ def plan(
     strategy: Annotated[str, typer.Option(help="fedpipe (the optimiser), homogeneous, uniform, "
                                           "hetlora, legend or importance-topk: the plan that rule "
                                           "makes, fitted by the same cost model.")] = "fedpipe",
+    objective: Annotated[str | None, typer.Option(help="weighted (quality - time_weight x round "
+                                                  "time / baseline round time) or rate (quality "
+                                                  "per second of round time; every server "
+                                                  "trains). Default: the profile's objective.kind.")
+                         ] = None,
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
     from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
     from fedpipe.planning.strategies import DEFAULT, get_strategy, make_plan
+    from fedpipe.profile import check_objective_kind
     from fedpipe.render import console, plan_table
 
     chosen = get_strategy(strategy)  # a bad name fails before any work
+    if objective is not None:
+        check_objective_kind(objective)
     report, source = importance_for_plan(profile, importance)
     result = make_plan(profile, chosen.name, solver=solver, time_limit=time_limit, method=method,
-                       importance=report, importance_source=source)
+                       importance=report, importance_source=source, objective=objective)
     name = result.profile.name if chosen.name == DEFAULT else f"{result.profile.name}.{chosen.name}"
     path = save_plan(result, output or default_plan_path(name))
     out = console()

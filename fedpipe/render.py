@@ -30,6 +30,22 @@ def fraction(d: float) -> str:
     return "1" if d == 1 else f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{d:g}"
 
 
+def objective_text(kind: str, time_weight: float, reference_time_s: float, value: float) -> str:
+    """What the planner maximised and its value for this plan."""
+    if kind == "rate":
+        return f"objective rate: quality / makespan = {value:.4g} per s (every server trains)"
+    return (f"objective weighted: quality − {time_weight:g} × makespan / {reference_time_s:.2f} s "
+            f"(baseline makespan) = {value:.4f}")
+
+
+def plan_objective(plan: Plan) -> float:
+    """The plan's objective from its summary, by its objective kind."""
+    q, t = plan.summary.quality, plan.summary.makespan_s
+    if plan.objective_kind == "rate":
+        return q / t
+    return q - plan.objective_time_weight * t / plan.reference_time_s
+
+
 def plan_table(plan: Plan) -> Group:
     """Per server: configuration, predictions against budgets; then totals and the baseline."""
     t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation} · strategy "
@@ -49,11 +65,14 @@ def plan_table(plan: Plan) -> Group:
                   ", ".join(s.binding) or "-")
     sv = plan.solver
     gap = "unknown" if sv.gap is None else f"{sv.gap:.2g}"
+    solves = "" if sv.dinkelbach_iterations is None else f" · {sv.dinkelbach_iterations} Dinkelbach solves"
     lines = [
         Text(f"makespan {seconds(plan.summary.makespan_s)} · quality (importance covered) "
              f"{plan.summary.quality:.3f} · bytes/round up {human_bytes(plan.summary.upload_bytes)} "
              f"down {human_bytes(plan.summary.download_bytes)}"),
-        Text(f"solver {sv.solver} ({sv.method}) · status {sv.status} · gap {gap} · "
+        Text(objective_text(plan.objective_kind, plan.objective_time_weight, plan.reference_time_s,
+                            plan_objective(plan))),
+        Text(f"solver {sv.solver} ({sv.method}) · status {sv.status} · gap {gap}{solves} · "
              f"solve time {sv.solve_time_s:.2f} s · importance: {plan.importance.scorer} "
              f"({plan.importance.source})"),
     ]
@@ -247,9 +266,8 @@ def sweep_table(result) -> Group:
 def explain_view(e) -> Group:
     """An `explain.Explanation`: per server, what binds, the options one step up, what is forgone."""
     deadline = f", deadline {e.deadline_s:g} s" if e.deadline_s else ", no deadline"
-    parts: list = [Text(f"{e.plan}: makespan {seconds(e.makespan_s)}{deadline} · objective = quality − "
-                        f"{e.time_weight:g} × makespan / {e.reference_time_s:.2f} s (baseline makespan) = "
-                        f"{e.objective:.4f}",
+    parts: list = [Text(f"{e.plan}: makespan {seconds(e.makespan_s)}{deadline} · "
+                        + objective_text(e.objective_kind, e.time_weight, e.reference_time_s, e.objective),
                         style="bold")]
     parts += [Text(f"warning: {w}", style="yellow") for w in e.warnings]
     for s in e.servers:

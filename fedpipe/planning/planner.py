@@ -8,6 +8,10 @@ proves its own gap; "auto" takes the MILP while it is tiny (at most AUTO_MILP_RO
 (3), where it proves optimality in well under a second) and the decomposed search above
 (measured: at 2160 rows 0.9 s vs 0.6 s, at 6480 rows 37 s vs 1.2 s, Llama-2-7B's five hospitals
 60 s with a 1.3% gap vs 0.3 s proven optimal).
+
+Both methods solve either objective of the profile (``Problem.score``): weighted in one solve or
+search; rate (quality per second) by Dinkelbach's sequence of MILPs, or by the same search over T
+with q / T in its bounds.
 """
 
 from __future__ import annotations
@@ -156,7 +160,7 @@ def assemble_plan(problem: Problem, choices: list[Choice], report: SolverReport,
         profile=profile_ref, model=p.model, task=p.task, aggregation=p.aggregation,
         importance=ImportanceRef(scorer=problem.importance.scorer, digest=problem.importance.digest(),
                                  source=importance_source),
-        objective_time_weight=p.objective.time_weight, reference_time_s=problem.t_ref,
-        deadline_s=p.objective.deadline_s, solver=report, summary=summarise(problem, ev),
-        baseline=baseline, servers=_server_plans(problem, choices, ev),
+        objective_kind=p.objective.kind, objective_time_weight=p.objective.time_weight,
+        reference_time_s=problem.t_ref, deadline_s=p.objective.deadline_s, solver=report,
+        summary=summarise(problem, ev), baseline=baseline, servers=_server_plans(problem, choices, ev),
     )

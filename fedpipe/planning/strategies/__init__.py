@@ -14,7 +14,7 @@ from fedpipe.importance import ImportanceReport
 from fedpipe.plan import BUILTIN_PRIOR_SOURCE, Plan, ProfileRef
 from fedpipe.planning.planner import assemble_plan
 from fedpipe.planning.problem import build_problem
-from fedpipe.profile import load_profile_and_shapes
+from fedpipe.profile import load_profile_and_shapes, with_objective
 
 from . import hetlora, homogeneous, importance_topk, legend, optimiser, uniform
 from .base import SolveOptions, Strategy
@@ -40,12 +40,15 @@ def get_strategy(name: str) -> Strategy:
 
 def make_plan(profile_path: str | Path, strategy: str = DEFAULT, *, solver: str | None = None,
               time_limit: float | None = 60.0, method: str = "auto",
-              importance: ImportanceReport | None = None, importance_source: str | None = None) -> Plan:
+              importance: ImportanceReport | None = None, importance_source: str | None = None,
+              objective: str | None = None) -> Plan:
     """Load a profile and return the plan `strategy` makes for it (the call behind ``fedpipe plan``);
-    the solver options tune the optimiser and the homogeneous baseline every plan reports."""
+    the solver options tune the optimiser and the homogeneous baseline every plan reports;
+    `objective` (weighted or rate) replaces the profile's objective.kind, and the plan records it."""
     chosen = get_strategy(strategy)
     profile_path = Path(profile_path)
     profile, shapes = load_profile_and_shapes(profile_path)
+    profile = with_objective(profile, objective)
     problem = build_problem(profile, shapes, importance)
     choices, ev, report, baseline = chosen.solve(problem, SolveOptions(solver, time_limit, method))
     ref = ProfileRef(path=str(profile_path), sha256=file_sha256(profile_path),
