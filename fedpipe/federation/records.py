@@ -54,7 +54,9 @@ class RoundRow(_Strict):
 class RunFingerprint(_Strict):
     """What makes a run that run: a resume with anything else would splice two runs together."""
 
-    plan: str = Field(description="sha256 of the plan's content as run (densities overridden).")
+    plan: str = Field(description="sha256 of the plan file.")
+    densities: tuple[float | None, float | None] = Field(description="--upload/--download-density "
+                                                         "overrides (None: the plan's).")
     rule: str
     local_steps: int
     eval_samples: int
