@@ -28,19 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def homogeneous_plan(plan: Plan) -> Plan:
-    """Every server on the baseline's configuration (what the weakest can run)."""
-    from fedpipe.planning.milp import solve_baseline
-    from fedpipe.planning.problem import build_problem
-    from fedpipe.profile import load_profile
-    from fedpipe.shapes import load_shapes
+    """The planner's own homogeneous plan for the same profile (`fedpipe plan --strategy
+    homogeneous`): every server on what the weakest can run, dense, with its own predictions."""
+    from fedpipe.planning.strategies import make_plan
 
-    profile = load_profile(plan.profile.path)
-    problem = build_problem(profile, load_shapes(profile.model, Path(plan.profile.path).parent))
-    choices, _ = solve_baseline(problem, solver="highs", time_limit=60)
-    choice = choices[0]
-    servers = [s.model_copy(update={"bits": choice.bits, "batch_size": choice.batch,
-                                    "rank_pattern": dict(choice.ranks)}) for s in plan.servers]
-    return plan.model_copy(update={"servers": servers})
+    return make_plan(plan.profile.path, "homogeneous")
 
 
 def centralised_plan(plan: Plan, local_steps: int) -> tuple[Plan, int]:

@@ -64,7 +64,7 @@ def lower_rank(plan: Plan, divisor: int) -> Plan:
 
 def planner_choice(plan: Plan) -> Plan:
     """What `fedpipe plan` picks for PROFILE with the default density ladder (1, 1/4, 1/16)."""
-    from fedpipe.planning.planner import make_plan
+    from fedpipe.planning.strategies import make_plan
     from fedpipe.profile import Candidates
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +129,7 @@ def main() -> None:
     out = Path(args.out)
     frozen = out / "dense.plan.yaml"  # planned once; a re-run (or a resumed one) reuses it
     if not frozen.is_file():
-        from fedpipe.planning.planner import make_plan
+        from fedpipe.planning.strategies import make_plan
 
         profile = Path(args.profile) if args.profile else out / "profile.yaml"
         if not args.profile:

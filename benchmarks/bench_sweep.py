@@ -28,7 +28,7 @@ import yaml
 
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import save_plan
-from fedpipe.planning.planner import make_plan
+from fedpipe.planning.strategies import make_plan
 from fedpipe.planning.sweep import run_sweep, scale_profile
 from fedpipe.profile import load_profile
 

@@ -18,17 +18,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fedpipe"
 
 
-def weights_dir(profile_model: str, base_dir: Path, *, convert: bool = True) -> Path | None:
-    """The HF folder with the model's weights, or None when they are not on this machine.
+def weights_dir(profile_model: str, base_dir: Path) -> Path | None:
+    """The HF folder with the model's weights already on this machine, or None.
 
-    The bundled name is converted on first use (unless `convert` is False: then only an
-    existing conversion counts). A folder is looked up next to the profile, then as given.
+    The bundled name counts once it has been converted (`models.find_weights` converts it); a
+    folder is looked up next to the profile, then as given.
     """
     if profile_model == BUNDLED:
-        if convert:
-            from fedpipe.models import resolve_model_dir  # torch, and a first-use conversion
-
-            return resolve_model_dir(BUNDLED)
         folder = cache_dir() / BUNDLED
         return folder if folder.is_dir() else None
     for folder in (base_dir / profile_model, Path(profile_model).expanduser()):

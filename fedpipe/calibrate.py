@@ -63,7 +63,7 @@ from pathlib import Path
 import yaml
 
 from fedpipe.atomic import write_atomic
-from fedpipe.cache import BUNDLED, weights_dir
+from fedpipe.cache import BUNDLED
 from fedpipe.errors import FedpipeError
 from fedpipe.planning.cost import GIB, LOGIT_BYTES, CostModel, server_cost
 from fedpipe.profile import Calibration, ClusterProfile, Server, load_profile_and_shapes
@@ -317,8 +317,10 @@ def choose_server(profile: ClusterProfile, name: str | None, device: str) -> Ser
 
 def model_weights(profile: ClusterProfile, profile_dir: Path, workdir: Path) -> tuple[Path, str]:
     """(HF folder with weights, 'real weights' | 'random weights from ...') for the profile's model."""
+    from fedpipe.models import find_weights  # torch, and a first-use conversion
+
     try:
-        folder = weights_dir(profile.model, profile_dir)
+        folder = find_weights(profile.model, profile_dir)
     except FedpipeError:  # the bundled package is missing: its shape card gives a same-sized model
         folder = None
     if folder is not None:

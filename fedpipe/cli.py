@@ -43,7 +43,9 @@ def default_plan_path(name: str) -> Path:
 def plan(
     profile: Annotated[Path, typer.Argument(help="Cluster profile YAML.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Plan file to write "
-                                                "(default: plans/NAME.plan.yaml).")] = None,
+                                                "(default: plans/NAME.plan.yaml, "
+                                                "plans/NAME.STRATEGY.plan.yaml for another strategy).")
+                      ] = None,
     solver: Annotated[str | None, typer.Option(help="highs or cbc (default: highs if installed).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 60.0,
     method: Annotated[str, typer.Option(help="auto (MILP while tiny, else decomposed), milp (one "
@@ -53,17 +55,30 @@ def plan(
                                             "made for this model and data, else the data-free prior; "
                                             "a scorer (sensitivity, fisher, prior: cached or computed "
                                             "now); or a report file (YAML/JSON).")] = "auto",
+    strategy: Annotated[str, typer.Option(help="fedpipe (the optimiser), homogeneous, uniform, "
+                                          "hetlora, legend or importance-topk: the plan that rule "
+                                          "makes, fitted by the same cost model.")] = "fedpipe",
+    objective: Annotated[str | None, typer.Option(help="weighted (quality - time_weight x round "
+                                                  "time / baseline round time) or rate (quality "
+                                                  "per second of round time; every server "
+                                                  "trains). Default: the profile's objective.kind.")
+                         ] = None,
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
     from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
-    from fedpipe.planning.planner import make_plan
+    from fedpipe.planning.strategies import DEFAULT, get_strategy, make_plan
+    from fedpipe.profile import check_objective_kind
     from fedpipe.render import console, plan_table
 
+    chosen = get_strategy(strategy)  # a bad name fails before any work
+    if objective is not None:
+        check_objective_kind(objective)
     report, source = importance_for_plan(profile, importance)
-    result = make_plan(profile, solver=solver, time_limit=time_limit, importance=report,
-                       importance_source=source, method=method)
-    path = save_plan(result, output or default_plan_path(result.profile.name))
+    result = make_plan(profile, chosen.name, solver=solver, time_limit=time_limit, method=method,
+                       importance=report, importance_source=source, objective=objective)
+    name = result.profile.name if chosen.name == DEFAULT else f"{result.profile.name}.{chosen.name}"
+    path = save_plan(result, output or default_plan_path(name))
     out = console()
     out.print(plan_table(result))
     out.print(f"wrote {path}")
@@ -140,6 +155,8 @@ def run(
                                                     "(default: the plan's).")] = None,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples "
                                                      "(default: the plan's).")] = None,
+    eval_every: Annotated[int | None, typer.Option(min=1, help="Evaluate every N rounds, and always the "
+                                                   "last (default: the plan's, 1).")] = None,
     upload_density: Annotated[float | None, typer.Option(help="Every server's upload density, top-k "
                                                          "share in (0, 1] (default: the plan's).")] = None,
     download_density: Annotated[float | None, typer.Option(help="Every server's download density "
@@ -171,7 +188,7 @@ def run(
     from fedpipe.render import console, run_table
 
     settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
-                    eval_samples=eval_samples, min_participation=min_participation,
+                    eval_samples=eval_samples, eval_every=eval_every, min_participation=min_participation,
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm)
     spec = RunSpec.resolve(plan_file, upload_density=upload_density, download_density=download_density,
                            **settings)  # every argument checked here, before anything heavy

@@ -524,9 +524,11 @@ def evaluate(
 
     def summary(members: list[int]) -> dict:
         tokens = sum(n_tok[i] for i in members)
+        right = sum(correct[i] for i in members)
         return {
             "loss": sum(nll[i] for i in members) / max(tokens, 1),
-            "accuracy": sum(correct[i] for i in members) / len(members),
+            "accuracy": right / len(members),
+            "accuracy_ci95": wilson_interval(right, len(members)),
             "n": len(members),
         }
 
@@ -536,6 +538,17 @@ def evaluate(
     result = summary(list(range(len(enc))))
     result["per_family"] = {f: summary(m) for f, m in sorted(families.items())}
     return result
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: how far exact match on n held-out examples can be
+    trusted (50 examples at 0.4 give about 0.28-0.54), so a smaller eval set is an informed choice."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def plan_data(plan: Plan, n_eval: int) -> tuple[dict[str, list[Example]], list[Example]]:

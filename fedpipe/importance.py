@@ -353,7 +353,9 @@ def compute_report(request: ScoringRequest, *, use_cache: bool = True, set_lates
                                   scores={n: scores[n] for n in names})
         return ScoringResult(report, None, False, time.perf_counter() - start)
 
-    model_dir = weights_dir(profile.model, request.profile_path.parent)
+    from fedpipe.models import find_weights  # torch, and the bundled model's first-use conversion
+
+    model_dir = find_weights(profile.model, request.profile_path.parent)
     if model_dir is None:
         raise FedpipeError(
             f"scorer {scorer.name!r} needs the weights of model {profile.model!r}, and they are "
@@ -417,7 +419,7 @@ def importance_for_plan(profile_path: str | Path,
         report, source = load_report(choice), choice
     elif choice.strip().lower() == AUTO:
         request = ScoringRequest.make(profile_path)
-        model_dir = weights_dir(request.profile.model, profile_path.parent, convert=False)
+        model_dir = weights_dir(request.profile.model, profile_path.parent)
         found = None if model_dir is None else _follow_latest(request.latest_path(model_dir))
         if found is None:
             return None, None

@@ -21,6 +21,7 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 def plot_rounds(rows: list[dict], path: Path) -> Path | None:
     """Eval loss and exact-match accuracy of the global model per round, overall and per family."""
+    rows = [r for r in rows if r["eval"] is not None]  # rounds the eval cadence skipped
     if not rows:
         return None
     import matplotlib

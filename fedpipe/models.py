@@ -71,10 +71,16 @@ def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
+def find_weights(model: str, base_dir: Path) -> Path | None:
+    """The model's weights folder: the bundled one (converted on first use) or a local folder
+    (`cache.weights_dir`); None when they are not on this machine."""
+    return resolve_model_dir(BUNDLED) if model == BUNDLED else weights_dir(model, base_dir)
+
+
 def plan_model_dir(plan: Plan) -> Path:
     """The plan's model with weights: the bundled one, or a folder (next to its profile, or as given)."""
     base_dir = Path(plan.profile.path).parent
-    folder = weights_dir(plan.model, base_dir)
+    folder = find_weights(plan.model, base_dir)
     if folder is None:
         tried = [(base_dir / plan.model).resolve(), Path(plan.model).expanduser().resolve()]
         raise FedpipeError(f"model {plan.model!r}: no weights (config.json and *.safetensors) in "

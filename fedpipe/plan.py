@@ -24,7 +24,7 @@ from pydantic import (
 from fedpipe.atomic import write_atomic
 from fedpipe.errors import FedpipeError
 from fedpipe.precision import WirePrecision
-from fedpipe.profile import Bits, Task
+from fedpipe.profile import Bits, ObjectiveKind, Task
 from fedpipe.rules import AggregationRule, rule_traits
 
 SCHEMA_VERSION = 1
@@ -116,6 +116,8 @@ class SolverReport(_Strict):
     objective: float | None = None
     time_limit_s: float | None = None
     method: str = Field("milp", description="milp (one model) or decomposed (search over T).")
+    dinkelbach_iterations: int | None = Field(
+        None, description="MILP solves Dinkelbach's method took (the rate objective by MILP).")
 
 
 class Summary(_Strict):
@@ -158,7 +160,12 @@ class Plan(_Strict):
     model: str
     task: Task
     aggregation: AggregationRule
+    strategy: str = Field("fedpipe", description="The allocation rule that made the plan: fedpipe "
+                          "(the optimiser) or a peer strategy (`fedpipe plan --strategy`).")
     importance: ImportanceRef
+    objective_kind: ObjectiveKind = Field(
+        "weighted", description="weighted: quality - time_weight x makespan / reference time; "
+        "rate: quality / makespan (per second).")
     objective_time_weight: float
     reference_time_s: float = Field(description="Time scale of the objective (baseline makespan).")
     deadline_s: float | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ from fedpipe.rules import AggregationRule, rules_help
 from fedpipe.shapes import MATRIX_TYPES, ModelShapes, load_shapes
 
 Bits = Literal[4, 8, 16]
+ObjectiveKind = Literal["weighted", "rate"]
 
 
 class _Strict(BaseModel):
@@ -39,6 +40,8 @@ class Task(_Strict):
         "over task families, or one family per server.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = skewed.")
     eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (the last "
+                            "round always): evaluation is most of a round's overhead on a CPU.")
     seed: int = Field(0, description="Seed for data, initialisation and partitioning.")
     norm_bound: float | None = Field(10.0, gt=0, description="Refuse an update whose norm is over this "
                                      "multiple of the round's median update norm (null: no bound).")
@@ -104,6 +107,12 @@ class Candidates(_Strict):
 class Objective(_Strict):
     """How the planner trades quality (importance covered) against round time."""
 
+    kind: ObjectiveKind = Field(
+        "weighted", description="weighted: maximise quality - time_weight x round time / the "
+        "baseline's round time; rate: maximise quality per second of round time (quality / round "
+        "time, the progress towards a target per second; time_weight is then unused, and every "
+        "server trains at least one matrix at the smallest rank, so no server's data is dropped "
+        "to shorten the round).")
     time_weight: float = Field(0.2, ge=0, description="Quality given up to shorten the round by "
                                "the homogeneous baseline's round time (0 = quality only).")
     deadline_s: float | None = Field(None, gt=0, description="Hard upper bound on the round time.")
@@ -227,6 +236,21 @@ def load_profile(path: str | Path) -> ClusterProfile:
     except yaml.YAMLError as e:
         raise FedpipeError(f"{path}: not valid YAML ({e})") from None
     return parse_profile(raw, str(path))
+
+
+def check_objective_kind(kind: str) -> None:
+    """An unknown ``--objective`` is an error naming the valid ones."""
+    valid = get_args(ObjectiveKind)
+    if kind not in valid:
+        raise FedpipeError(f"--objective: unknown objective {kind!r}", [f"valid: {', '.join(valid)}"])
+
+
+def with_objective(profile: ClusterProfile, kind: str | None) -> ClusterProfile:
+    """The profile with `objective.kind` replaced (``fedpipe plan --objective``); None keeps it."""
+    if kind is None or kind == profile.objective.kind:
+        return profile
+    check_objective_kind(kind)
+    return profile.model_copy(update={"objective": profile.objective.model_copy(update={"kind": kind})})
 
 
 def load_profile_and_shapes(path: str | Path) -> tuple[ClusterProfile, ModelShapes]:

@@ -30,9 +30,26 @@ def fraction(d: float) -> str:
     return "1" if d == 1 else f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{d:g}"
 
 
+def objective_text(kind: str, time_weight: float, reference_time_s: float, value: float) -> str:
+    """What the planner maximised and its value for this plan."""
+    if kind == "rate":
+        return f"objective rate: quality / makespan = {value:.4g} per s (every server trains)"
+    return (f"objective weighted: quality − {time_weight:g} × makespan / {reference_time_s:.2f} s "
+            f"(baseline makespan) = {value:.4f}")
+
+
+def plan_objective(plan: Plan) -> float:
+    """The plan's objective from its summary, by its objective kind."""
+    q, t = plan.summary.quality, plan.summary.makespan_s
+    if plan.objective_kind == "rate":
+        return q / t
+    return q - plan.objective_time_weight * t / plan.reference_time_s
+
+
 def plan_table(plan: Plan) -> Group:
     """Per server: configuration, predictions against budgets; then totals and the baseline."""
-    t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation}", title_justify="left")
+    t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation} · strategy "
+              f"{plan.strategy}", title_justify="left")
     for col in ("server", "n", "bits", "batch", "density", "matrices", "LoRA params",
                 "memory / budget", "compute", "upload", "download", "round", "binding"):
         t.add_column(col, justify="left" if col in ("server", "binding") else "right")
@@ -48,11 +65,14 @@ def plan_table(plan: Plan) -> Group:
                   ", ".join(s.binding) or "-")
     sv = plan.solver
     gap = "unknown" if sv.gap is None else f"{sv.gap:.2g}"
+    solves = "" if sv.dinkelbach_iterations is None else f" · {sv.dinkelbach_iterations} Dinkelbach solves"
     lines = [
         Text(f"makespan {seconds(plan.summary.makespan_s)} · quality (importance covered) "
              f"{plan.summary.quality:.3f} · bytes/round up {human_bytes(plan.summary.upload_bytes)} "
              f"down {human_bytes(plan.summary.download_bytes)}"),
-        Text(f"solver {sv.solver} ({sv.method}) · status {sv.status} · gap {gap} · "
+        Text(objective_text(plan.objective_kind, plan.objective_time_weight, plan.reference_time_s,
+                            plan_objective(plan))),
+        Text(f"solver {sv.solver} ({sv.method}) · status {sv.status} · gap {gap}{solves} · "
              f"solve time {sv.solve_time_s:.2f} s · importance: {plan.importance.scorer} "
              f"({plan.importance.source})"),
     ]
@@ -77,7 +97,7 @@ def _pair(pair, fmt: str | Callable[[object], str] = "{}") -> str:
 
 
 def diff_table(d: PlanDiff) -> Group:
-    t = Table(title=f"diff {d.a} → {d.b}", title_justify="left")
+    t = Table(title=f"diff {d.a} → {d.b} · strategy {_pair(d.strategy)}", title_justify="left")
     for col in ("server", "status", "bits", "batch", "+matrices", "-matrices", "rank changes",
                 "memory GiB", "round s", "LoRA params", "density up", "density down"):
         t.add_column(col, justify="left" if col in ("server", "status") else "right")
@@ -120,10 +140,13 @@ def run_table(result) -> Group:
                   f"{human_bytes(s['download_bytes'])} / {human_bytes(s['predicted_download_bytes'])}",
                   f"{s['train_s']:.1f}")
     curve = Table(title="global model on the held-out split", title_justify="left")
-    for col in ("round", "eval loss", "exact match", "round s", "of which training"):
+    for col in ("round", "eval loss", "exact match (95% interval)", "round s", "of which training"):
         curve.add_column(col, justify="right")
     for r in rows:
-        curve.add_row(str(r["round"]), f"{r['eval']['loss']:.3f}", f"{r['eval']['accuracy']:.3f}",
+        e = r["eval"]
+        lo, hi = e.get("accuracy_ci95", (e["accuracy"], e["accuracy"])) if e else (0, 0)
+        curve.add_row(str(r["round"]), f"{e['loss']:.3f}" if e else "-",
+                      f"{e['accuracy']:.3f} ({lo:.2f}-{hi:.2f})" if e else "-",
                       f"{r['round_s']:.1f}", f"{r['train_s'] / max(r['round_s'], 1e-9):.0%}")
 
     d = result.run_dir
@@ -243,9 +266,8 @@ def sweep_table(result) -> Group:
 def explain_view(e) -> Group:
     """An `explain.Explanation`: per server, what binds, the options one step up, what is forgone."""
     deadline = f", deadline {e.deadline_s:g} s" if e.deadline_s else ", no deadline"
-    parts: list = [Text(f"{e.plan}: makespan {seconds(e.makespan_s)}{deadline} · objective = quality − "
-                        f"{e.time_weight:g} × makespan / {e.reference_time_s:.2f} s (baseline makespan) = "
-                        f"{e.objective:.4f}",
+    parts: list = [Text(f"{e.plan}: makespan {seconds(e.makespan_s)}{deadline} · "
+                        + objective_text(e.objective_kind, e.time_weight, e.reference_time_s, e.objective),
                         style="bold")]
     parts += [Text(f"warning: {w}", style="yellow") for w in e.warnings]
     for s in e.servers:

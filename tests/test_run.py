@@ -17,7 +17,7 @@ from fedpipe import wire
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.models import apply_base_delta, load_base
 from fedpipe.plan import load_plan, save_plan
-from fedpipe.planning.planner import make_plan
+from fedpipe.planning.strategies import make_plan
 
 WIRE_HEADER_SLACK = 64 * 1024  # safetensors header and layout JSON on top of the values
 

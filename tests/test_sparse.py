@@ -208,7 +208,7 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
 def test_planned_density_predicts_counted_bytes():
     """The plan's predicted upload bytes against a real payload at the planned density: the
     prediction covers values and mask; only the header (under 1 KiB per matrix) comes on top."""
-    from fedpipe.planning.planner import make_plan
+    from fedpipe.planning.strategies import make_plan
     from fedpipe.shapes import load_shapes
 
     plan = make_plan("tests/data/small.yaml")

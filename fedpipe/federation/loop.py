@@ -150,7 +150,8 @@ def close_round(spec: RunSpec, coordinator: Coordinator, evaluator: GlobalEvalua
     t0 = time.perf_counter()
     global_adapter = coordinator.aggregate([update for update, _, _ in accepted])
     aggregate_s = time.perf_counter() - t0
-    result = evaluator(global_adapter)
+    due = global_adapter.round % spec.eval_every == 0 or global_adapter.round == spec.rounds
+    result = evaluator(global_adapter) if due else None
     eval_s = time.perf_counter() - t0 - aggregate_s
     save_adapter(global_adapter, evaluator.model_dir, spec.folder.adapter)
     spec.folder.save_checkpoint(spec.fingerprint(), global_adapter, coordinator.previous)

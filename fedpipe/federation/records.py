@@ -42,7 +42,8 @@ class RoundRow(_Strict):
     servers: list[ServerRow]
     idle_servers: list[str] = Field(description="Plan members that adapt nothing, so never train.")
     missed_servers: dict[str, str] = Field(description="Member -> why its update is not in this round.")
-    eval: dict = Field(description="`data.evaluate` of the global model: loss, accuracy, n, per_family.")
+    eval: dict | None = Field(description="`data.evaluate` of the global model (loss, accuracy, its 95% "
+                              "interval, n, per_family); None on rounds the eval cadence skips.")
     aggregate_s: float
     eval_s: float
     global_rank: int
@@ -53,7 +54,9 @@ class RoundRow(_Strict):
 class RunFingerprint(_Strict):
     """What makes a run that run: a resume with anything else would splice two runs together."""
 
-    plan: str = Field(description="sha256 of the plan's content as run (densities overridden).")
+    plan: str = Field(description="sha256 of the plan file.")
+    densities: tuple[float | None, float | None] = Field(description="--upload/--download-density "
+                                                         "overrides (None: the plan's).")
     rule: str
     local_steps: int
     eval_samples: int

@@ -8,7 +8,6 @@ before any model loads. Nothing here imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -35,18 +34,21 @@ class RunSpec(BaseModel):
     rounds: int
     local_steps: int
     eval_samples: int
+    eval_every: int
     min_participation: int
     round_timeout: float
     resume: bool
     norm_bound: float | None
     clip_norm: float | None
+    density_overrides: tuple[float | None, float | None] = (None, None)  # --upload/--download-density
     device: str = "cpu"
     completed_rounds: int = 0  # rounds the run folder already holds (a resume)
 
     @classmethod
     def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
                 aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
-                eval_samples: int | None = None, upload_density: float | None = None,
+                eval_samples: int | None = None, eval_every: int | None = None,
+                upload_density: float | None = None,
                 download_density: float | None = None, min_participation: str | int | float = "1",
                 round_timeout: float = 3600.0, norm_bound: float | None = None,
                 clip_norm: float | None = None, device: str = "cpu") -> RunSpec:
@@ -65,9 +67,11 @@ class RunSpec(BaseModel):
                    rule=rule, rounds=rounds or plan.task.rounds,
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
+                   eval_every=eval_every or plan.task.eval_every,
                    min_participation=parse_min_participation(min_participation, len(plan.training_members())),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
-                   clip_norm=clip_norm, device=device)
+                   clip_norm=clip_norm, density_overrides=(upload_density, download_density),
+                   device=device)
         if resume and folder.holds_run():
             state = folder.read_state()
             differences = state.fingerprint.differences(spec.fingerprint())
@@ -82,7 +86,8 @@ class RunSpec(BaseModel):
     def fingerprint(self) -> RunFingerprint:
         """What a resume must keep equal (only the number of rounds may grow)."""
         task = self.plan.task
-        return RunFingerprint(plan=plan_content_hash(self.plan), rule=self.rule, local_steps=self.local_steps,
+        return RunFingerprint(plan=self.plan_sha256, densities=self.density_overrides, rule=self.rule,
+                              local_steps=self.local_steps,
                               eval_samples=self.eval_samples, seed=task.seed,
                               data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
                               clip_norm=self.clip_norm)
@@ -94,12 +99,6 @@ def _setting(flag: str, given: float | None, planned: float | None) -> float | N
     if not (math.isfinite(given) and given >= 0):
         raise FedpipeError(f"{flag}: must be a positive number, or 0 for off; got {given}")
     return given or None
-
-
-def plan_content_hash(plan: Plan) -> str:
-    """sha256 of what the plan asks servers to do (as overridden), not of how long it took to solve."""
-    content = plan.model_dump(mode="json", exclude={"solver": {"solve_time_s"}})
-    return hashlib.sha256(repr(sorted(content.items())).encode()).hexdigest()
 
 
 def data_fingerprint(plan: Plan) -> str:

@@ -33,12 +33,15 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      which is exact: the bound is then P_hj itself. LP_hj is concave in T, so a backward
      difference bounds its slope. Once T - C_hj covers the memory-only answer, it is reused.
 
-(D5) Search over T. The objective is Phi(T) = sum_h Omega_h Q_h(T) - lambda T / T_ref, a step
-     function minus a line. For T in [a, b], since Q_h is nondecreasing and LP_hj concave,
-         Phi(T) <= min( U(b) - lambda a / T_ref,  max( U(a) - lambda a / T_ref,  V(a, b) ) ),
-         V(a, b) = sum_h Omega_h max_j f_j [LP_hj(a) + s_hj (b - a)] - lambda b / T_ref
-     with U = sum_h Omega_h max_j f_j LP_hj (P_hj where exact) and s_hj the slope bound (the
-     tangent sum minus a line is convex in T: its maximum sits at an end). Branch and bound on
+(D5) Search over T. The objective is Phi(T) = phi(sum_h Omega_h Q_h(T), T) with phi(q, T) =
+     q - lambda T / T_ref (weighted) or q / T (rate; ``Problem.score``), increasing in q and
+     decreasing in T. For T in [a, b], since Q_h is nondecreasing and LP_hj concave,
+         Phi(T) <= min( phi(U(b), a),  max( phi(U(a), a),  phi(V(a, b), b) ) ),
+         V(a, b) = sum_h Omega_h max_j f_j [LP_hj(a) + s_hj (b - a)]
+     with U = sum_h Omega_h max_j f_j LP_hj (P_hj where exact) and s_hj the slope bound. The
+     tangent sum V(a, T) is convex piecewise linear in T, a max of lines c + s T: minus a line it
+     is convex, and over T each (c + s T) / T = c / T + s is monotone, so under either phi its
+     maximum on [a, b] sits at an end. Branch and bound on
      T: evaluate a grid, keep the best plan (its makespan T' <= T counts, not T), split every
      interval whose bound exceeds the best by more than the tolerance (or, where single points
      already carry a larger LP gap, by more than half that gap); then sample up to REFINE_POINTS
@@ -46,6 +49,10 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      (bound - best) / |bound| over all intervals and points: a proof, not an estimate. T ranges
      from the slowest group's fastest no-adapter round to where no group can use more time (or
      the deadline); below it some group cannot run, above it Phi only falls.
+     Exactness for the rate: the plan found at T has quality >= Q*(T), the best quality of any
+     plan with makespan <= T, and makespan T' <= T, so its rate is >= Q*(T) / T; at T = the
+     optimal plan's makespan that is the optimal rate. Hence max_T over the points is exact,
+     and the bounds above (with phi = q / T) prove it.
 
 (D6) flora: every server downloads the stack D = sum_k c_k P_k (4 bytes a parameter). With D
      fixed the problem is (D3)-(D5) with the constant D/down_h in each round time and no own
@@ -57,6 +64,15 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      slowest downlink) up to FLORA_ITERATIONS fixed-point steps set the assumed D to the plan's
      own. Every candidate is evaluated with its true stack; the best feasible one is returned
      (memory does not depend on D; a deadline is checked on true times). No optimality claim.
+
+(D8) Rate objective: constraint (8) of the MILP (every class trains) holds at every T from
+     max_h min_j [C_hj + the time of one matrix at the smallest rank that fits in memory]: from
+     there every group can adapt something, and the best quality at T does. So the search
+     starts there, and a point where a group's best quality is 0 counts as infeasible. (A
+     group whose only affordable matrices score importance 0 is thus infeasible here, where the
+     MILP would adapt one of them for nothing: the gain tables never pick a zero gain.)
+     (D6) prices flora's stack at the first plan's rate per second (the price at which
+     F(lambda) = max q - lambda T is solved by the rate optimum).
 
 (D7) The homogeneous baseline is (D3) without the time row: one configuration for all, memory
      rows of the tightest cuda and the tightest cpu server.
@@ -514,14 +530,15 @@ class TimeSearch:
                  stack_mbit: float = 0.0, cap_params: np.ndarray | None = None) -> None:
         self.problem, self.tables, self.pairs = problem, tables, pairs
         self.H, self.Omega = n_groups, Omega
-        self.lam = problem.profile.objective.time_weight / problem.t_ref
+        self.score = problem.score  # phi(q, T) of (D5)
         self.const = pairs.base_s + stack_mbit / pairs.down_mbps  # C_hj [+ D / down_h]
         self.cap_s = np.inf if cap_params is None else pairs.time_scale * cap_params  # (D6) caps
         self.exhaustive = exhaustive_possible(tables)
         rmax_time = float(np.dot(pairs.time_shape, tables.rmax))
         full = self.const + pairs.time_scale * rmax_time
         cheapest = np.full(n_groups, np.inf)
-        np.minimum.at(cheapest, pairs.h, self.const)
+        np.minimum.at(cheapest, pairs.h, self._first_round(tables) if problem.every_server_trains
+                      else self.const)
         self.t_min = float(cheapest.max())
         self.t_max = float(full.max())
         deadline = problem.profile.objective.deadline_s
@@ -538,6 +555,14 @@ class TimeSearch:
         self.mem_value, self.mem_bound, self.mem_units, _, lp_units = self._solve(rows, None)
         needs = np.maximum(self.mem_units @ pairs.time_shape, lp_units @ pairs.time_shape)
         self.free_from = pairs.time_scale * needs * (1 + 1e-9) + 1e-12
+
+    def _first_round(self, tables: Tables) -> np.ndarray:
+        """(D8) per pair the shortest round that adapts one matrix at the smallest rank within
+        memory (inf where none fits)."""
+        p, first = self.pairs, int(tables.units[1])
+        fits = p.mem_shapes[p.mem_idx] * first <= p.mem_budget[:, None]  # (pairs, G)
+        secs = self.const[:, None] + p.time_scale[:, None] * p.time_shape[None, :] * first
+        return np.where(fits, secs, np.inf).min(axis=1)
 
     def _rows(self, pi: np.ndarray, budget1: np.ndarray) -> Rows:
         p = self.pairs
@@ -594,6 +619,8 @@ class TimeSearch:
         slot = np.argmin(np.where(ties & present, secs, np.inf), axis=2)  # (nT, H)
         pick = np.take_along_axis(np.broadcast_to(dense, fq.shape), slot[:, :, None], axis=2)[:, :, 0]
         feasible = np.all(np.isfinite(best_q), axis=1)
+        if self.problem.every_server_trains:  # (8), as (D8)
+            feasible &= np.all(best_q > 0, axis=1)
         quality = np.where(feasible, (np.where(np.isfinite(best_q), best_q, 0) @ self.Omega), -np.inf)
         makespan = np.take_along_axis(secs, slot[:, :, None], axis=2)[:, :, 0].max(axis=1)
         bound = np.where(feasible, np.where(np.isfinite(fb.max(axis=2)), fb.max(axis=2), 0) @ self.Omega,
@@ -602,18 +629,18 @@ class TimeSearch:
         fs = np.where(present, (p.f[pi] * slope).reshape(nT, nP)[:, idx], 0.0)
         keep = not self.exhaustive
         return [Point(float(Ts[t]), float(makespan[t]), float(quality[t]), float(bound[t]),
-                      float(quality[t] - self.lam * makespan[t]) if feasible[t] else -np.inf,
+                      float(self.score(quality[t], makespan[t])) if feasible[t] else -np.inf,
                       pick[t], units[t][pick[t]], fb[t] if keep else None, fs[t] if keep else None)
                 for t in range(nT)]
 
     def interval_bounds(self, pts: list[Point]) -> np.ndarray:
         """(D5) sup of Phi on each [pts[i].T, pts[i+1].T]: Q_h nondecreasing gives
-        b.bound - lambda a.T; with LP bounds also the tangents at a (concavity), whose sum minus
-        lambda T is convex in T. No tangent where a configuration starts to fit inside."""
+        phi(b.bound, a.T); with LP bounds also the tangents at a (concavity), under phi maximal
+        at an end of the interval. No tangent where a configuration starts to fit inside."""
         T = np.array([pt.T for pt in pts])
         B = np.array([pt.bound for pt in pts])
         a_T, b_T = T[:-1], T[1:]
-        ub = B[1:] - self.lam * a_T
+        ub = self.score(B[1:], a_T)
         if pts[0].f_bound is None:
             return ub
         FB = np.stack([pt.f_bound for pt in pts[:-1]])  # (intervals, H, J)
@@ -623,7 +650,7 @@ class TimeSearch:
             tangent = np.where(np.isfinite(FB), FB + FS * w, -np.inf).max(axis=2) @ self.Omega
         const = np.sort(self.const)
         starts = np.searchsorted(const, b_T, "right") > np.searchsorted(const, a_T, "right")
-        with_tangent = np.minimum(ub, np.maximum(B[:-1] - self.lam * a_T, tangent - self.lam * b_T))
+        with_tangent = np.minimum(ub, np.maximum(self.score(B[:-1], a_T), self.score(tangent, b_T)))
         return np.where(np.isfinite(B[:-1]) & ~starts, with_tangent, ub)
 
     def run(self, deadline_at: float | None, refine: int = 0,
@@ -643,7 +670,7 @@ class TimeSearch:
             lb = best.objective
             tol = TARGET_GAP * max(abs(lb), 1e-12)
             # no split can push the bound below the best bound at a single T (the LP's own gap)
-            bound = max(pt.bound - self.lam * pt.T for pt in pts)
+            bound = max(self.score(pt.bound, pt.T) for pt in pts)
             floor = max(lb + tol, bound)
             slack = max(tol / 2, 0.5 * (floor - lb))  # the gap at single T's remains anyway
             split, open_ = [], []
@@ -753,8 +780,7 @@ def _flora(problem: Problem, tables: Tables, pairs: Pairs, reps: list[Server], O
     np.add.at(counts, of_class, [cls.count for cls in problem.classes])
     cum_cost, cum_gain, _ = tables.curve(pairs.time_shape)
     ratio = np.diff(cum_gain) / np.maximum(np.diff(cum_cost), 1e-300)  # gain per parameter, falling
-    lam = problem.profile.objective.time_weight / problem.t_ref
-    mu0 = lam * 8 / (pairs.down_mbps.min() * 1e6)
+    mu0 = time_price(problem, first) * 8 / (pairs.down_mbps.min() * 1e6)
 
     best, best_obj, current = None, -np.inf, first
     for mu in [0.0] + [mu0 * 2.0 ** k for k in range(-3, 3)]:
@@ -778,6 +804,16 @@ def _flora(problem: Problem, tables: Tables, pairs: Pairs, reps: list[Server], O
         if best is not None:
             current = best
     return best
+
+
+def time_price(problem: Problem, choices: list[Choice]) -> float:
+    """What a second of round time is worth in quality: lambda / T_ref (weighted); under the rate
+    objective the plan's own rate, the price at which Dinkelbach's F(lambda) = max q - lambda T
+    has the rate optimum as its solution."""
+    o = problem.profile.objective
+    if o.kind == "rate":
+        return evaluate(problem, choices).objective
+    return o.time_weight / problem.t_ref
 
 
 def solve_baseline_decomposed(problem: Problem) -> list[Choice] | None:

@@ -33,6 +33,7 @@ class PlanDiff(BaseModel):
     upload_bytes: tuple[int, int]
     download_bytes: tuple[int, int]
     solver_status: tuple[str, str]
+    strategy: tuple[str, str]
 
 
 def _server_diff(a: ServerPlan, b: ServerPlan) -> ServerDiff:
@@ -71,4 +72,5 @@ def diff_plans(a: Plan, b: Plan, a_name: str = "A", b_name: str = "B") -> PlanDi
         upload_bytes=(a.summary.upload_bytes, b.summary.upload_bytes),
         download_bytes=(a.summary.download_bytes, b.summary.download_bytes),
         solver_status=(a.solver.status, b.solver.status),
+        strategy=(a.strategy, b.strategy),
     )

@@ -2,7 +2,8 @@
 
 The plan is re-evaluated with the planner's own formulas (``build_problem`` + ``evaluate`` on the
 plan's profile and importance, time scale = the plan's reference time), so every number here is
-the objective the solver maximised: quality − time_weight × makespan / reference time.
+the objective the solver maximised: quality − time_weight × makespan / reference time
+(weighted), or quality / makespan (rate), as the plan records.
 
 Next-better options for one server, each with every other server kept as planned:
   - the next higher base precision, same batch and ranks;
@@ -12,7 +13,8 @@ Next-better options for one server, each with every other server kept as planned
 Each option is priced against the budgets: memory over the server's budget ("+1.30 GiB would
 allow 8-bit"), round time over the deadline, or, when it fits, the change in the objective: an
 option that fits but lowers the objective costs more time than its quality is worth at this
-time_weight; the time_weight at which it would break even is reported.
+time_weight; the time_weight at which it would break even is reported (weighted), or the rate
+it would leave (rate).
 
 Forgone importance = 1 − importance covered, split into matrices left unadapted (their whole
 normalised importance) and matrices at a rank below the top of the ladder (importance × (1 − gain)).
@@ -29,7 +31,7 @@ from fedpipe.errors import FedpipeError
 from fedpipe.importance import depth_prior, load_report
 from fedpipe.plan import BUILTIN_PRIOR_SOURCE, Plan
 from fedpipe.planning.problem import Choice, Evaluation, Problem, build_problem, evaluate
-from fedpipe.profile import load_profile_and_shapes
+from fedpipe.profile import ObjectiveKind, load_profile_and_shapes, with_objective
 
 RELATIVE_TOLERANCE = 1e-6
 
@@ -83,6 +85,7 @@ class Explanation(BaseModel):
     plan: str
     makespan_s: float
     deadline_s: float | None
+    objective_kind: ObjectiveKind = "weighted"
     time_weight: float
     reference_time_s: float
     objective: float
@@ -118,6 +121,7 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     if profile_path is None and file_sha256(path) != plan.profile.sha256:
         warnings.append(f"{path} changed since the plan was made: numbers are recomputed from it")
     profile, shapes = load_profile_and_shapes(path)
+    profile = with_objective(profile, plan.objective_kind)  # what the plan was solved for
     source = importance_path
     if source is None and plan.importance.source != BUILTIN_PRIOR_SOURCE:
         source = plan.importance.source
@@ -196,7 +200,10 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
         if not blocked and d_obj < -RELATIVE_TOLERANCE * max(1.0, abs(ev.objective)):
             blocked.append("objective")
             d_t = trial.makespan - ev.makespan
-            if d_t > 0 and d_q > 0:
+            if p.objective.kind == "rate":
+                needs.append(f"fits, but the rate falls from {ev.objective:.4g} to "
+                             f"{trial.objective:.4g} per s (makespan {d_t:+.2g} s, quality {d_q:+.2g})")
+            elif d_t > 0 and d_q > 0:
                 break_even = d_q * problem.t_ref / d_t
                 needs.append(f"fits, but +{d_t:.2g} s makespan outweighs +{d_q:.2g} quality; worth it "
                              f"at time_weight <= {break_even:.3g} (now {p.objective.time_weight:g})")
@@ -255,5 +262,6 @@ def explain_plan(plan: Plan, plan_name: str = "plan", server: str | None = None,
     entries.sort(key=lambda e: order.get(e.server, 0))
     p = problem.profile
     return Explanation(plan=plan_name, makespan_s=ev.makespan, deadline_s=p.objective.deadline_s,
-                       time_weight=p.objective.time_weight, reference_time_s=problem.t_ref,
-                       objective=ev.objective, warnings=warnings, servers=entries)
+                       objective_kind=p.objective.kind, time_weight=p.objective.time_weight,
+                       reference_time_s=problem.t_ref, objective=ev.objective, warnings=warnings,
+                       servers=entries)

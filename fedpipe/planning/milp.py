@@ -30,6 +30,7 @@ Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T 
     (5) sum_j [C_kj z_kj + sum_tl (dtau_ktl(b_j) + dU_ktl + dD_ktl) n_kjtl] [+ D / down_k] <= T
     (6) T <= deadline                                            when the profile sets one
     (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl                flora only: everyone downloads the stack
+    (8) sum_t n_kjt1 >= z_kj                                     rate only: every class trains
 
 omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^(1/4)
 density_quality[d_j] (quality per round grows sublinearly with the samples seen; top-k
@@ -39,7 +40,20 @@ F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time; U, D: tr
 at v(d_j) bytes per value (cost.bytes_per_value: 4 dense, about 16 d + 1/8 sparse; flora's stack
 is broadcast dense). So a sparse density is chosen exactly when a server's link makes the time
 it saves worth more than the quality it costs. T_ref is the homogeneous baseline's makespan, so lambda is
-"quality given up per baseline-round of time".
+"quality given up per baseline-round of time" (the weighted objective).
+
+(R) The rate objective (``objective.kind: rate``, ``fedpipe.planning.problem``) maximises
+q / T with q = sum_k omega_k sum_j f_j sum_tl dg_l G_kjtl, subject to (1)-(8). (8) keeps every
+class training at least one matrix at the smallest rank: q / T would otherwise idle a slow
+server (its adapters are what lengthen the round) and drop its data share omega_k silently.
+Dinkelbach: lambda_0 = 0; solve F(lambda_i) = max q - lambda_i T (the model above with lambda_i
+for lambda / T_ref); lambda_(i+1) = q / T of its plan (evaluated by the formulas); stop when
+F(lambda_i) <= DINKELBACH_TOLERANCE q. F(lambda) >= 0 (the previous plan attains 0) and
+F(lambda) > 0 exactly when a better rate exists, so the rates rise strictly and end at the
+optimum. Every plan has q - lambda T <= F(lambda), so q / T <= lambda + F(lambda) / T_low with
+T_low the slowest class's fastest no-adapter round: the least such bound over the solves proven
+optimal, with the solver's tolerance on F added, gives the reported gap (none when no solve was
+proven: a time limit). The report carries the number of solves (``dinkelbach_iterations``).
 
 Everything is in GiB and seconds: byte-sized coefficients made CBC return wrong optima.
 The status is reported as proven by the solver (pulp's ``sol_status``, not ``LpStatus``, which
@@ -56,10 +70,14 @@ import pulp
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import SolverReport
 from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE, bytes_per_value
-from fedpipe.planning.problem import Choice, Problem, memory_limited
+from fedpipe.planning.problem import Choice, Problem, evaluate, memory_limited
 from fedpipe.shapes import Matrix
 
 OBJECTIVE_SCALE = 1000.0
+DINKELBACH_ITERATIONS = 30
+DINKELBACH_TOLERANCE = 1e-7  # stop once F(lambda) is below this share of the plan's quality
+MIP_GAP = 1e-4  # gapRel of both solvers
+DINKELBACH_GAP = MIP_GAP  # the proven relative gap below which the rate is "optimal"
 SOLVERS = ("highs", "cbc")
 
 
@@ -74,8 +92,8 @@ def _solver(name: str, time_limit: float | None) -> pulp.LpSolver:
     if name == "highs":
         if not pulp.HiGHS().available():
             raise FedpipeError("solver 'highs' is not available: pip install highspy (or --solver cbc)")
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=1e-4)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=1e-4)
+        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=MIP_GAP)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=MIP_GAP)
 
 
 def default_solver() -> str:
@@ -202,9 +220,34 @@ def _solve(prob: pulp.LpProblem, solver: str, time_limit: float | None) -> Solve
                         objective=None if objective is None else objective / OBJECTIVE_SCALE)
 
 
-def solve_milp(problem: Problem, solver: str,
-               time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
-    """Build and solve (1)-(7) of the module docstring."""
+@dataclass
+class _Model:
+    """(1)-(8) built once; the objective is set per solve (Dinkelbach re-prices T)."""
+
+    prob: pulp.LpProblem
+    T: pulp.LpVariable
+    quality: pulp.LpAffineExpression
+    blocks: dict[tuple[int, int], _Block]
+    groups: list[_TypeGroup]
+
+    def solve(self, price: float, solver: str, time_limit: float | None) -> SolverReport:
+        """max quality - price T (price in quality per second)."""
+        # scaled: per-matrix gains near 1e-5 made HiGHS stall on "excessively small costs"
+        self.prob.setObjective(OBJECTIVE_SCALE * (self.quality - price * self.T))
+        return _solve(self.prob, solver, time_limit)
+
+    def choices(self, problem: Problem) -> list[Choice]:
+        out = []
+        for k in range(len(problem.classes)):
+            (_, j), blk = max(((key, b) for key, b in self.blocks.items() if key[0] == k),
+                              key=lambda kb: kb[1].z.value() or 0)
+            q, b, d = problem.configs(k)[j]
+            out.append(Choice(q, b, _ranks_from_counts(blk, self.groups, problem.ranks), d))
+        return out
+
+
+def _build(problem: Problem) -> _Model:
+    """Constraints (1)-(7) of the module docstring, and (8) under the rate objective."""
     p, cost = problem.profile, problem.cost
     groups = _type_groups(problem)
     prob = pulp.LpProblem("fedpipe_plan", pulp.LpMaximize)
@@ -221,6 +264,8 @@ def solve_milp(problem: Problem, solver: str,
                 continue  # this configuration cannot fit whatever the ranks
             z = pulp.LpVariable(f"z_{k}_{j}", cat="Binary")
             blocks[k, j] = blk = _block(prob, f"{k}_{j}", problem, groups, z)
+            if problem.every_server_trains:  # (8) at least one matrix at rank >= r_1
+                prob += pulp.lpSum(blk.n[t, 0] for t in range(len(groups))) >= z, f"c8_{k}_{j}"
             quality.append(problem.omega[k] * problem.config_factor(q, b, d) * blk.gain)
             mem = _increments(groups, problem.ranks,
                               lambda m, r, b=b, d=rep.device: cost.lora_memory_gib(m, r, b, d))
@@ -240,19 +285,62 @@ def solve_milp(problem: Problem, solver: str,
             timing[k] += [(v, cost.transfer_s(n, cls.rep.downlink_mbps)) for v, n in stack]
     for k in range(len(problem.classes)):
         prob += _affine(timing[k]) - T <= 0, f"c5_{k}"  # flora repeats own n: summed
-    # scaled: per-matrix gains near 1e-5 made HiGHS stall on "excessively small costs"
-    prob += OBJECTIVE_SCALE * (pulp.lpSum(quality) - p.objective.time_weight / problem.t_ref * T)
+    return _Model(prob, T, pulp.lpSum(quality), blocks, groups)
 
-    report = _solve(prob, solver, time_limit)
+
+def solve_milp(problem: Problem, solver: str,
+               time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
+    """Build and solve (1)-(8) of the module docstring for the profile's objective: one solve
+    (weighted) or Dinkelbach's sequence (rate)."""
+    model = _build(problem)
+    if problem.profile.objective.kind == "rate":
+        return _dinkelbach(problem, model, solver, time_limit)
+    report = model.solve(problem.profile.objective.time_weight / problem.t_ref, solver, time_limit)
     if report.status not in ("optimal", "feasible"):
         return None, report
-    choices = []
-    for k in range(len(problem.classes)):
-        (_, j), blk = max(((key, b) for key, b in blocks.items() if key[0] == k),
-                          key=lambda kb: kb[1].z.value() or 0)
-        q, b, d = problem.configs(k)[j]
-        choices.append(Choice(q, b, _ranks_from_counts(blk, groups, problem.ranks), d))
-    return choices, report
+    return model.choices(problem), report
+
+
+def _dinkelbach(problem: Problem, model: _Model, solver: str,
+                time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
+    """(R) of the module docstring: max q / T by a sequence of max q - lambda T."""
+    start = time.perf_counter()
+    floor = _makespan_floor(problem)
+    lam, best, best_rate, bound, iterations = 0.0, None, 0.0, float("inf"), 0
+    while iterations < DINKELBACH_ITERATIONS:
+        left = None if time_limit is None else time_limit - (time.perf_counter() - start)
+        if left is not None and left <= 0:
+            break
+        report = model.solve(lam, solver, left)
+        iterations += 1
+        if report.status not in ("optimal", "feasible"):
+            if best is None:
+                return None, report.model_copy(update={"dinkelbach_iterations": iterations})
+            break
+        choices = model.choices(problem)
+        ev = evaluate(problem, choices)
+        excess = max(0.0, ev.quality - lam * ev.makespan)  # F(lambda) as found
+        if report.status == "optimal":  # every plan has q - lambda T <= F(lambda) + the solver's
+            # tolerance (gapRel, an absolute 1e-6 on the scaled objective): q / T <= that / T_low
+            slack = MIP_GAP * excess + 1e-6 / OBJECTIVE_SCALE
+            bound = min(bound, lam + (excess + slack) / floor)
+        if ev.objective > best_rate:
+            best, best_rate = choices, ev.objective
+        if excess <= DINKELBACH_TOLERANCE * max(ev.quality, 1e-12):
+            break  # F(lambda) ~ 0: no plan beats the rate lambda
+        lam = ev.objective
+    gap = max(0.0, bound - best_rate) / bound if bound < float("inf") else None
+    status = "optimal" if gap is not None and gap <= DINKELBACH_GAP else "feasible"
+    return best, SolverReport(solver=solver, status=status, gap=gap,
+                              solve_time_s=round(time.perf_counter() - start, 3),
+                              time_limit_s=time_limit, objective=best_rate,
+                              dinkelbach_iterations=iterations)
+
+
+def _makespan_floor(problem: Problem) -> float:
+    """No plan's round is shorter than the slowest class's fastest no-adapter round."""
+    return max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
+               for k, c in enumerate(problem.classes))
 
 
 # ---------------------------------------------------------------- homogeneous baseline

@@ -8,17 +8,16 @@ proves its own gap; "auto" takes the MILP while it is tiny (at most AUTO_MILP_RO
 (3), where it proves optimality in well under a second) and the decomposed search above
 (measured: at 2160 rows 0.9 s vs 0.6 s, at 6480 rows 37 s vs 1.2 s, Llama-2-7B's five hospitals
 60 s with a 1.3% gap vs 0.3 s proven optimal).
+
+Both methods solve either objective of the profile (``Problem.score``): weighted in one solve or
+search; rate (quality per second) by Dinkelbach's sequence of MILPs, or by the same search over T
+with q / T in its bounds.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
-from fedpipe.importance import ImportanceReport
 from fedpipe.plan import (
-    BUILTIN_PRIOR_SOURCE,
     Baseline,
     ImportanceRef,
     Plan,
@@ -43,19 +42,17 @@ from fedpipe.planning.problem import (
     Evaluation,
     Problem,
     ServerClass,
-    build_problem,
     diagnose_infeasible,
     evaluate,
     is_feasible,
     memory_limited,
 )
-from fedpipe.profile import load_profile_and_shapes
 
 METHODS = ("auto", "milp", "decomposed")
 AUTO_MILP_ROWS = 2000  # chord rows up to which "auto" uses the MILP (see choose_method)
 
 
-def _summary(problem: Problem, ev: Evaluation) -> Summary:
+def summarise(problem: Problem, ev: Evaluation) -> Summary:
     counts = [c.count for c in problem.classes]
     return Summary(
         makespan_s=ev.makespan, quality=ev.quality,
@@ -132,7 +129,7 @@ def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: flo
         ch = b_choices[0]
         baseline_report = Baseline(
             bits=ch.bits, batch_size=ch.batch, adapted_matrices=len(ch.ranks),
-            lora_params=b_ev.costs[0].lora_params, summary=_summary(problem, b_ev), limited_by=limited)
+            lora_params=b_ev.costs[0].lora_params, summary=summarise(problem, b_ev), limited_by=limited)
     else:  # no common configuration: the slowest no-adapter round sets the time scale
         problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
                             for k, c in enumerate(problem.classes))
@@ -163,22 +160,7 @@ def assemble_plan(problem: Problem, choices: list[Choice], report: SolverReport,
         profile=profile_ref, model=p.model, task=p.task, aggregation=p.aggregation,
         importance=ImportanceRef(scorer=problem.importance.scorer, digest=problem.importance.digest(),
                                  source=importance_source),
-        objective_time_weight=p.objective.time_weight, reference_time_s=problem.t_ref,
-        deadline_s=p.objective.deadline_s, solver=report, summary=_summary(problem, ev),
-        baseline=baseline, servers=_server_plans(problem, choices, ev),
+        objective_kind=p.objective.kind, objective_time_weight=p.objective.time_weight,
+        reference_time_s=problem.t_ref, deadline_s=p.objective.deadline_s, solver=report,
+        summary=summarise(problem, ev), baseline=baseline, servers=_server_plans(problem, choices, ev),
     )
-
-
-def make_plan(profile_path: str | Path, *, solver: str | None = None, time_limit: float | None = 60.0,
-              importance: ImportanceReport | None = None, importance_source: str | None = None,
-              method: str = "auto") -> Plan:
-    """Load a profile, solve, and return the plan (the one call behind ``fedpipe plan``)."""
-    profile_path = Path(profile_path)
-    profile, shapes = load_profile_and_shapes(profile_path)
-    problem = build_problem(profile, shapes, importance)
-    choices, ev, report, baseline = plan_problem(problem, solver=solver, time_limit=time_limit,
-                                                 method=method)
-    ref = ProfileRef(path=str(profile_path), sha256=file_sha256(profile_path),
-                     name=profile.name or profile_path.stem.removesuffix(".profile"))
-    return assemble_plan(problem, choices, report, baseline, ref,
-                         importance_source or BUILTIN_PRIOR_SOURCE, ev)

@@ -6,6 +6,14 @@ form a class with its members and sample share omega_k; every solver (``fedpipe.
 truth both are checked against: costs from ``fedpipe.planning.cost``, quality = sample-weighted
 importance covered (gain g(r) = log2(1+r)/log2(1+r_max) per matrix) times what the precision,
 batch and communication density keep (``Problem.config_factor``).
+
+The objective of a plan with quality q and makespan T (``Problem.score``), by the profile's
+``objective.kind``:
+    weighted   q - lambda T / T_ref        quality traded against time at a fixed price
+    rate       q / T                       progress per second of round time (the target soonest)
+Under rate every server trains: each class adapts at least one matrix (constraint (8) of
+``fedpipe.planning.milp``). Without it q / T would rather idle a slow server than wait for it,
+silently dropping its data; q is already weighted by each server's sample share omega_k.
 """
 
 from __future__ import annotations
@@ -95,6 +103,19 @@ class Problem:
     omega: list[float]
     t_ref: float = 1.0
     cache: TableCache = field(default_factory=TableCache, repr=False, compare=False)
+
+    def score(self, quality: Any, makespan: Any) -> Any:
+        """The objective for a quality and makespan (floats or numpy arrays alike): see the
+        module docstring."""
+        o = self.profile.objective
+        if o.kind == "rate":
+            return quality / makespan
+        return quality - o.time_weight * makespan / self.t_ref
+
+    @property
+    def every_server_trains(self) -> bool:
+        """Constraint (8): each class adapts at least one matrix (the rate objective)."""
+        return self.profile.objective.kind == "rate"
 
     def fixed_memory_gib(self, bits: int, batch: int, device: str) -> float:
         """cost.fixed_memory_gib, cached: thousands of servers share a few configurations."""
@@ -213,12 +234,15 @@ def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
     quality = sum(o * problem.config_factor(ch.bits, ch.batch, ch.density) * cov
                   for o, ch, cov in zip(problem.omega, choices, covered, strict=True))
     makespan = max(c.round_s for c in costs)
-    objective = quality - problem.profile.objective.time_weight * makespan / problem.t_ref
+    objective = problem.score(quality, makespan)
     return Evaluation(costs, covered, quality, makespan, objective)
 
 
 def is_feasible(problem: Problem, choices: list[Choice], evaluation: Evaluation) -> bool:
+    """Memory, the deadline and, under the rate objective, (8): every class adapts something."""
     deadline = problem.profile.objective.deadline_s
+    if problem.every_server_trains and not all(ch.ranks for ch in choices):
+        return False
     mem_ok = all(c.memory_gib <= cls.rep.memory_gib * (1 + 1e-9)
                  for c, cls in zip(evaluation.costs, problem.classes, strict=True))
     return mem_ok and (deadline is None or evaluation.makespan <= deadline * (1 + 1e-9))
@@ -245,8 +269,34 @@ def diagnose_infeasible(problem: Problem) -> list[str]:
                 problems.append(f"server {names}: the fastest configuration takes {fastest:.1f} s "
                                 f"per round, over the deadline of {deadline:g} s by "
                                 f"{fastest - deadline:.1f} s")
-    return problems
+    return problems or (_cannot_train(problem) if problem.every_server_trains else [])
 
+
+def _cannot_train(problem: Problem) -> list[str]:
+    """(8) under the rate objective: servers that cannot adapt even one matrix at the smallest
+    rank within memory (and, with a deadline, in time; own download only, a lower bound)."""
+    problems, deadline = [], problem.profile.objective.deadline_s
+    by_name = {m.name: m for m in problem.matrices}
+    r1 = min(r for r in problem.ranks if r > 0)
+    for k, cls in enumerate(problem.classes):
+        rep, names = cls.rep, ", ".join(s.name for s in cls.servers)
+        trials = []
+        for q, b, d in problem.configs(k):
+            for m in problem.matrices:
+                down = bytes_per_value(problem.down_density(d)) * m.lora_params(r1)
+                trials.append(server_cost(problem.cost, rep, q, b, {m.name: r1}, by_name, down, d))
+        fitting = [c for c in trials if c.memory_gib <= rep.memory_gib]
+        if not fitting:
+            need = min(c.memory_gib for c in trials)
+            problems.append(f"server {names}: training one matrix at rank {r1} (objective rate: every "
+                            f"server trains) needs at least {need:.2f} GiB but it has "
+                            f"{rep.memory_gib:g} GiB: short by {need - rep.memory_gib:.2f} GiB")
+        elif deadline is not None and min(c.round_s for c in fitting) > deadline:
+            fastest = min(c.round_s for c in fitting)
+            problems.append(f"server {names}: training one matrix at rank {r1} (objective rate: "
+                            f"every server trains) takes at least {fastest:.1f} s per round, over "
+                            f"the deadline of {deadline:g} s by {fastest - deadline:.1f} s")
+    return problems
 
 
 def memory_limited(problem: Problem, choices: list[Choice]) -> list[str]:

@@ -16,7 +16,8 @@ SHAPES = shapes_from_config({"hidden_size": 4096, "intermediate_size": 11008, "n
                              "num_attention_heads": 32, "vocab_size": 32000}, "tiny-wide")
 
 
-def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: str = "hetlora"):
+def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: str = "hetlora",
+                    kind: str = "weighted"):
     rng = random.Random(seed)
     servers = [{"name": f"s{i}", "memory_gib": rng.choice([2.0, 2.6, 3.0, 4.0, 8.0]),
                 "tflops": rng.choice([0.5, 2.0, 10.0]), "uplink_mbps": rng.choice([5, 50, 500]),
@@ -27,15 +28,16 @@ def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: st
         "task": {"seq_len": 256, "local_steps": 2},
         "candidates": {"targets": ["q_proj", "down_proj"], "ranks": ranks, "bits": [4, 16],
                        "batch_sizes": [1, 2], "densities": [1.0, 0.25]},
-        "objective": {"time_weight": rng.choice([0.05, 0.3, 1.0])},
+        "objective": {"kind": kind, "time_weight": rng.choice([0.05, 0.3, 1.0])},
         "servers": servers,
     })
     scores = {m.name: rng.random() for m in SHAPES.matrices}
     return build_problem(profile, SHAPES, ImportanceReport(scorer="test", model="tiny-wide", scores=scores))
 
 
-def per_server_options(problem, k):
-    """Every (choice, quality term, round time) a server can run within its memory."""
+def per_server_options(problem, k, allow_idle=False):
+    """Every (quality term, round time) a server can run within its memory (adapting something
+    where the objective requires every server to train, unless `allow_idle`)."""
     cls, names = problem.classes[k], [m.name for m in problem.matrices]
     by_name = {m.name: m for m in problem.matrices}
     out = []
@@ -44,29 +46,32 @@ def per_server_options(problem, k):
             pattern = {n: r for n, r in zip(names, ranks, strict=True) if r > 0}
             down = sum(problem.cost.wire_bytes(by_name[n], r, d) for n, r in pattern.items())
             c = server_cost(problem.cost, cls.rep, q, b, pattern, by_name, down, d)
-            if c.memory_gib <= cls.rep.memory_gib:
+            if c.memory_gib <= cls.rep.memory_gib and (pattern or allow_idle
+                                                      or not problem.every_server_trains):
                 cov = sum(problem.weights[n] * problem.gain(r) for n, r in pattern.items())
                 out.append((problem.omega[k] * problem.config_factor(q, b, d) * cov, c.round_s))
     return np.array(out)
 
 
-def brute_force_objective(problem) -> float:
-    options = [per_server_options(problem, k) for k in range(len(problem.classes))]
+def brute_force_objective(problem, allow_idle=False) -> float:
+    """The best objective over every combination of per-server options; `allow_idle` drops
+    constraint (8) of the rate objective (to show where it binds)."""
+    options = [per_server_options(problem, k, allow_idle) for k in range(len(problem.classes))]
     grids = np.meshgrid(*[o[:, 0] for o in options], indexing="ij")
     times = np.meshgrid(*[o[:, 1] for o in options], indexing="ij")
     quality = sum(grids)
     makespan = np.maximum.reduce(times)
-    lam = problem.profile.objective.time_weight / problem.t_ref
-    return float((quality - lam * makespan).max())
+    return float(problem.score(quality, makespan).max())
 
 
 def enumerated_optimum(problem) -> float:
-    """The best objective over every combination of every server's choices, by `evaluate`
-    (so couplings such as flora's stacked download are exact)."""
+    """The best objective (weighted or rate, as the profile says) over every combination of every
+    server's choices, by `evaluate` (so couplings such as flora's stacked download are exact)."""
     names = [m.name for m in problem.matrices]
     options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0}, d)
                 for q, b, d in problem.configs(k)
-                for rs in itertools.product(problem.ranks, repeat=len(names))]
+                for rs in itertools.product(problem.ranks, repeat=len(names))
+                if any(rs) or not problem.every_server_trains]
                for k in range(len(problem.classes))]
     return max(e.objective for combo in itertools.product(*options)
                for e in [evaluate(problem, list(combo))]

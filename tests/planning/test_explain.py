@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from fedpipe.cli import app
 from fedpipe.plan import load_plan, save_plan
 from fedpipe.planning.explain import explain_plan, layer_ranges, plan_problem_context
-from fedpipe.planning.planner import make_plan
 from fedpipe.planning.problem import Choice, evaluate
+from fedpipe.planning.strategies import make_plan
 from fedpipe.planning.sweep import run_sweep
 from fedpipe.plots import plan_layout, rank_map
 

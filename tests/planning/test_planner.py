@@ -9,8 +9,9 @@ from peft import LoraConfig
 
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import load_plan, save_plan
-from fedpipe.planning.planner import make_plan, plan_problem
+from fedpipe.planning.planner import plan_problem
 from fedpipe.planning.problem import build_problem
+from fedpipe.planning.strategies import make_plan
 from fedpipe.profile import parse_profile
 
 ROOT = Path(__file__).parents[2]

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import load_plan
-from fedpipe.planning.planner import make_plan, plan_problem
+from fedpipe.planning.planner import plan_problem
 from fedpipe.planning.problem import build_problem
+from fedpipe.planning.strategies import make_plan
 from fedpipe.planning.sweep import load_sweep, parse_axis, run_sweep, scale_profile
 from fedpipe.profile import load_profile
 from fedpipe.shapes import load_shapes
