@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from fedpipe.data import plan_data
 from fedpipe.federation.inprocess import run_plan
-from fedpipe.federation.spec import with_densities
+from fedpipe.federation.spec import with_communication
 from fedpipe.models import plan_model_dir
 from fedpipe.plan import Plan, load_plan, save_plan
 
@@ -82,9 +82,9 @@ def variants(plan: Plan) -> dict[str, Plan]:
     return {
         "dense": plan,
         f"planner's choice ({label})": chosen,
-        "density 1/4": with_densities(plan, 1 / 4, 1 / 4),
-        "density 1/16": with_densities(plan, 1 / 16, 1 / 16),
-        "upload 1/4, download dense": with_densities(plan, 1 / 4, None),
+        "density 1/4": with_communication(plan, upload_density=1 / 4, download_density=1 / 4),
+        "density 1/16": with_communication(plan, upload_density=1 / 16, download_density=1 / 16),
+        "upload 1/4, download dense": with_communication(plan, upload_density=1 / 4),
         "rank / 4, dense": lower_rank(plan, 4),
         "rank / 16, dense": lower_rank(plan, 16),
     }

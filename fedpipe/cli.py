@@ -161,6 +161,18 @@ def run(
                                                          "share in (0, 1] (default: the plan's).")] = None,
     download_density: Annotated[float | None, typer.Option(help="Every server's download density "
                                                            "(default: the plan's).")] = None,
+    upload_precision: Annotated[str | None, typer.Option(help="Every server's upload value precision: "
+                                                         "fp32, bf16, fp16, int8, nf4, fp4 (default: the "
+                                                         "plan's).")] = None,
+    download_precision: Annotated[str | None, typer.Option(help="Every server's download value "
+                                                           "precision (default: the plan's).")] = None,
+    truncate_energy: Annotated[float | None, typer.Option(help="Keep only the singular components of "
+                                                          "the global update carrying this share of "
+                                                          "its energy, 0 < tau <= 1 (flexlora, flora).")
+                               ] = None,
+    truncate_rank: Annotated[int | None, typer.Option(help="Keep at most this many components of the "
+                                                      "global update per module (flexlora, flora).")
+                             ] = None,
     backend: Annotated[str, typer.Option(help="inprocess (every server in this process) or flower "
                                          "(one SuperNode per server; docs/flower.md).")] = "inprocess",
     superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
@@ -181,17 +193,19 @@ def run(
     """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
     if backend not in ("inprocess", "flower"):
         raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
-    if backend == "flower" and (upload_density is not None or download_density is not None):
-        raise FedpipeError("--upload-density/--download-density: the flower backend's nodes read the "
-                           "densities from their plan file; set them there")
+    overrides = dict(upload_density=upload_density, download_density=download_density,
+                     upload_precision=upload_precision, download_precision=download_precision)
+    if backend == "flower" and any(v is not None for v in overrides.values()):
+        raise FedpipeError("--upload/--download-density/-precision: the flower backend's nodes read "
+                           "them from their plan file; set them there")
     from fedpipe.federation.spec import RunSpec
     from fedpipe.render import console, run_table
 
     settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
                     eval_samples=eval_samples, eval_every=eval_every, min_participation=min_participation,
-                    round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm)
-    spec = RunSpec.resolve(plan_file, upload_density=upload_density, download_density=download_density,
-                           **settings)  # every argument checked here, before anything heavy
+                    round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm,
+                    truncate_energy=truncate_energy, truncate_rank=truncate_rank)
+    spec = RunSpec.resolve(plan_file, **overrides, **settings)  # every argument checked before anything heavy
     if spec.completed_rounds >= spec.rounds:
         console().print(f"{spec.folder.path} is complete: it holds {spec.completed_rounds} of "
                         f"{spec.rounds} rounds; nothing to do (--rounds N to go further)")

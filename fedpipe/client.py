@@ -3,17 +3,20 @@
 Everything crosses the boundary as bytes (the messages of `fedpipe.protocol`), so what is counted
 is what was sent, and the same trainer serves every transport (in-process, Flower's SuperNodes).
 
-Sparse communication (the plan entry's ``upload_density`` / ``download_density`` < 1; wire's
-top-k, per A and B tensor, bitmask or indices, whichever is smaller):
+Lossy communication (the plan entry's ``upload_density`` / ``download_density`` < 1: wire's top-k,
+per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_precision`` /
+``download_precision`` below fp32: bf16, fp16, blockwise int8, nf4 or fp4, `fedpipe.precision`):
 
 * Upload: top-k of the update since the round's start. The start is what *both* sides can
   rebuild (`start_reference`): the broadcast's ``init/`` factors as the server decoded them, and
   for fresh modules peft's init drawn from ``fresh_seed`` (sent in the metadata with the entry
   name) by `models.fresh_lora_A`, B = 0. The coordinator adds the sparse delta to the same start,
-  so it aggregates exactly the factors the server sent; what top-k drops is lost. No error
-  feedback: a residual kept in factor coordinates means nothing a round later under flexlora (the
-  global is re-based by an SVD) or flora (a fresh random A every round), and a Flower node keeps
-  no trainer between rounds.
+  so it aggregates exactly the factors the server sent. What top-k and rounding drop is carried to
+  the next round by error feedback (`fedpipe.feedback`) where a residual in factor coordinates
+  still means something a round later: under fedit and hetlora (``keeps_factor_coordinates``), on a
+  trainer that lives across rounds (in-process), reset whenever the round's start is not the
+  continuation of the last. Not under flexlora (the global is re-based by an SVD) or flora (a
+  fresh random A every round), nor on a Flower node (no trainer between rounds): there it is lost.
 * Download: top-k of the change of the ``init/`` factors since the previous broadcast, as the
   server holds it (reconstructed, not exact), so what one round drops is still in the next
   round's difference (error compensation for free). flexlora's start is re-based by an SVD every
@@ -38,6 +41,7 @@ import torch
 
 from fedpipe.data import cycle_batches, encode
 from fedpipe.errors import FedpipeError
+from fedpipe.feedback import ErrorFeedback
 from fedpipe.lora import LoraFactors
 from fedpipe.models import apply_base_delta, attach_lora, get_factors, load_base, reset_lora, set_factors
 from fedpipe.plan import ServerPlan
@@ -96,13 +100,18 @@ class EdgeTrainer:
     """One edge server: its plan entry, its shard and the model it trains on."""
 
     def __init__(self, name: str, entry: ServerPlan, shard: list[Example], tokenizer,
-                 model_dir: Path, seq_len: int, learning_rate: float, seed: int) -> None:
+                 model_dir: Path, seq_len: int, learning_rate: float, seed: int,
+                 feedback: bool = False) -> None:
+        """`feedback`: keep upload error feedback across rounds (a trainer that lives across rounds,
+        under a rule that keeps factor coordinates: `fedpipe.rules`)."""
         self.name, self.entry, self.model_dir = name, entry, model_dir
         self.n_samples = len(shard)
         self.encoded = encode(shard, tokenizer, seq_len)
         self.pad_id = tokenizer.pad_token_id
         self.learning_rate, self.seed = learning_rate, seed
         self.held: tuple[int, dict[str, LoraFactors]] | None = None  # (round, init) last received
+        self.feedback = ErrorFeedback() if feedback else None
+        self.last_round = 0
 
     def receive(self, payload: bytes) -> Broadcast:
         """Decode a broadcast (against the one held, when it is sparse) and hold its init."""
@@ -134,10 +143,14 @@ class EdgeTrainer:
         stats = train_steps(adapted.model, batches, local_steps, self.learning_rate)
         factors = get_factors(adapted.model)
         start = None
-        if self.entry.upload_density < 1.0:
+        if self.entry.upload_density < 1.0 or self.entry.upload_precision != "fp32":
             start = start_reference(broadcast.init, fresh_seed,
                                     {n: (f.A.shape, f.B.shape) for n, f in factors.items()})
+        if self.feedback is not None and (broadcast.base == "full" or self.last_round != round_index - 1):
+            self.feedback.reset()  # the start is not the continuation of the last one
+        self.last_round = round_index
         update = update_payload(factors, server=self.name, entry=self.entry.name, n_samples=self.n_samples,
                                 round_index=round_index, fresh_seed=fresh_seed, train_loss=stats.mean_loss,
-                                density=self.entry.upload_density, reference=start)
+                                density=self.entry.upload_density, precision=self.entry.upload_precision,
+                                reference=start, feedback=self.feedback)
         return update, stats

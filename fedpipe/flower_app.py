@@ -93,6 +93,8 @@ class RunSettings:
     min_participation: str = "1"
     norm_bound: float = -1.0  # -1: the plan's; 0: off
     clip_norm: float = -1.0
+    truncate_energy: float = 0.0  # 0: off
+    truncate_rank: int = 0  # 0: off
 
     @classmethod
     def from_config(cls, config: dict) -> RunSettings:
@@ -105,7 +107,9 @@ class RunSettings:
                                eval_every=self.eval_every or None,
                                min_participation=self.min_participation, round_timeout=self.round_timeout,
                                norm_bound=None if self.norm_bound < 0 else self.norm_bound,
-                               clip_norm=None if self.clip_norm < 0 else self.clip_norm)
+                               clip_norm=None if self.clip_norm < 0 else self.clip_norm,
+                               truncate_energy=self.truncate_energy or None,
+                               truncate_rank=self.truncate_rank or None)
 
 
 def replies_by_sender(sent: dict, replies) -> dict:
@@ -411,6 +415,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
            eval_samples: int | None = None, eval_every: int | None = None, round_timeout: float = 3600.0,
            min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
+           truncate_energy: float | None = None, truncate_rank: int | None = None,
            echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
@@ -420,7 +425,8 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
     spec = RunSpec.resolve(plan_path, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
                            local_steps=local_steps, eval_samples=eval_samples, eval_every=eval_every,
                            min_participation=min_participation, round_timeout=round_timeout,
-                           norm_bound=norm_bound, clip_norm=clip_norm)
+                           norm_bound=norm_bound, clip_norm=clip_norm, truncate_energy=truncate_energy,
+                           truncate_rank=truncate_rank)
     run_dir = spec.folder.path.resolve()
     settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
                            rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
@@ -428,7 +434,8 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
                            eval_every=eval_every or 0,
                            round_timeout=float(round_timeout), min_participation=str(min_participation),
                            norm_bound=-1.0 if norm_bound is None else norm_bound,
-                           clip_norm=-1.0 if clip_norm is None else clip_norm)
+                           clip_norm=-1.0 if clip_norm is None else clip_norm,
+                           truncate_energy=truncate_energy or 0.0, truncate_rank=truncate_rank or 0)
     connection = {"address": superlink}
     if insecure:
         connection["insecure"] = True

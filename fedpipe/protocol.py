@@ -7,10 +7,12 @@ Two messages, both `fedpipe.wire` payloads (safetensors bytes, so what is counte
   see `fedpipe.rules`) and ``init/NAME`` (the adapter's starting factors; a module without one starts
   fresh: A drawn from the round's seed, B = 0). Metadata: ``round``; ``base`` = ``none`` | ``delta``
   (add to the merge held from the previous round) | ``full`` (replace what is held: a server that
-  missed rounds, restarted, or a resumed run); below download density 1, ``reference_round`` (the
-  ``init/`` values are a top-k delta against that round's broadcast as the server holds it).
-* **Update** (server -> coordinator): the trained factors, below upload density 1 a top-k delta
-  against the round's start that both sides can rebuild (`start_reference`). Metadata: ``server``,
+  missed rounds, restarted, or a resumed run); when the ``init/`` values are a lossy delta (top-k,
+  or a precision below fp32: `fedpipe.precision`) against that round's broadcast as the server
+  holds it, ``reference_round``.
+* **Update** (server -> coordinator): the trained factors; when lossy (upload density below 1 or
+  a precision below fp32) a delta against the round's start that both sides can rebuild
+  (`start_reference`), possibly with the sender's error feedback (`fedpipe.feedback`). Metadata: ``server``,
   ``entry``, ``round``, ``n_samples``, ``fresh_seed``, ``train_loss``.
 
 Client and coordinator both import this module; neither imports the other.
@@ -26,6 +28,7 @@ import torch
 
 from fedpipe import wire
 from fedpipe.errors import FedpipeError
+from fedpipe.feedback import ErrorFeedback
 from fedpipe.lora import ClientUpdate, LoraFactors
 from fedpipe.models import fresh_lora_A
 
@@ -52,21 +55,24 @@ class Broadcast:
 
 def broadcast_payload(base_delta: dict[str, LoraFactors], adapter_init: dict[str, LoraFactors],
                       round_index: int, *, base: BaseMode = "none", density: float = 1.0,
-                      reference: dict[str, LoraFactors] | None = None,
+                      precision: str = "fp32", reference: dict[str, LoraFactors] | None = None,
                       reference_round: int | None = None) -> bytes:
-    """One server's broadcast; below density 1, ``init/`` is a top-k delta against `reference`
-    (the previous broadcast as the server holds it, from round `reference_round`)."""
+    """One server's broadcast; with a `reference` (the previous broadcast as the server holds it,
+    from round `reference_round`) ``init/`` is a lossy delta against it, else values at
+    `precision` (and dense)."""
     if base not in BASE_MODES:
         raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
     factors = {BASE + n: f for n, f in base_delta.items()} | {INIT + n: f for n, f in adapter_init.items()}
     meta = {"round": str(round_index), "base": base}
-    if density < 1.0:
-        if base_delta or reference is None or reference_round is None:
-            raise FedpipeError("broadcast: a sparse broadcast carries only init/ factors and needs "
-                               "the reference the server holds and its round")
+    if reference is not None:
+        if base_delta or reference_round is None:
+            raise FedpipeError("broadcast: a delta broadcast carries only init/ factors and needs "
+                               "the round of the reference the server holds")
         meta["reference_round"] = str(reference_round)
         reference = {INIT + n: f for n, f in reference.items()}
-    return wire.encode(factors, density=density, reference=reference, metadata=meta)
+    elif density < 1.0:
+        raise FedpipeError("broadcast: a sparse broadcast needs the reference the server holds")
+    return wire.encode(factors, density=density, precision=precision, reference=reference, metadata=meta)
 
 
 def read_broadcast(payload: bytes, *, reference: dict[str, LoraFactors] | None = None) -> Broadcast:
@@ -88,12 +94,19 @@ def peek_metadata(payload: bytes) -> dict[str, str]:
 
 def update_payload(factors: dict[str, LoraFactors], *, server: str, entry: str, n_samples: int,
                    round_index: int, fresh_seed: int, train_loss: float, density: float = 1.0,
-                   reference: dict[str, LoraFactors] | None = None) -> bytes:
-    """One server's update after local training (a top-k delta against `reference` below density 1)."""
-    return wire.encode(factors, density=density, reference=reference,
-                       metadata={"server": server, "entry": entry, "n_samples": str(n_samples),
-                                 "round": str(round_index), "fresh_seed": str(fresh_seed),
-                                 "train_loss": f"{train_loss:.6f}"})
+                   precision: str = "fp32", reference: dict[str, LoraFactors] | None = None,
+                   feedback: ErrorFeedback | None = None) -> bytes:
+    """One server's update after local training; lossy (density below 1, a precision below fp32)
+    it is a delta against `reference`, the round's start, carrying `feedback`'s residual."""
+    meta = {"server": server, "entry": entry, "n_samples": str(n_samples), "round": str(round_index),
+            "fresh_seed": str(fresh_seed), "train_loss": f"{train_loss:.6f}"}
+    encode = feedback.encode if feedback is not None else wire.encode
+    return encode(factors, density=density, precision=precision, reference=reference, metadata=meta)
+
+
+def is_relative(meta: dict[str, str]) -> bool:
+    """Whether a payload's values are deltas against a reference the receiver must hold."""
+    return meta.get("fedpipe.relative") == "true"
 
 
 def read_update(payload: bytes, reference: dict[str, LoraFactors] | None = None) -> ClientUpdate:

@@ -16,7 +16,7 @@ from fedpipe.federation.coordinator import Coordinator, align_components
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.federation.loop import matrix_shapes
 from fedpipe.federation.screen import Expected
-from fedpipe.federation.spec import with_densities
+from fedpipe.federation.spec import with_communication
 from fedpipe.lora import LoraFactors
 from fedpipe.models import (
     get_factors,
@@ -76,7 +76,7 @@ def assert_same(a: dict[str, LoraFactors], b: dict[str, LoraFactors], atol: floa
 
 
 def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
-    plan = with_densities(wide_plan(tmp_path, wide_model_dir, "fedit"), 0.25, 0.25)
+    plan = with_communication(wide_plan(tmp_path, wide_model_dir, "fedit"), upload_density=0.25, download_density=0.25)
     trainers, pool, coordinator = federation(plan, "fedit")
     down_bytes = []
     for round_index in (1, 2, 3):
@@ -164,7 +164,7 @@ def test_density_out_of_range_names_server_and_field(tmp_path, tiny_model_dir):
             load_plan(path)
         assert field in str(e.value) and repr(raw["servers"][0]["name"]) in str(e.value)
     with pytest.raises(FedpipeError, match="upload_density"):
-        with_densities(load_plan(plan_path), upload=-0.5)
+        with_communication(load_plan(plan_path), upload_density=-0.5)
     result = CliRunner().invoke(app, ["run", str(plan_path), "--download-density", "2",
                                       "--out", str(tmp_path / "never")])
     assert result.exit_code == 2 and "download_density" in result.output
@@ -194,7 +194,7 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
     old = load_plan(tmp_path / "old.plan.yaml")
     assert all(s.upload_density == 1.0 and s.download_density == 1.0 for s in old.servers)
 
-    sparse = with_densities(old, upload=0.25)
+    sparse = with_communication(old, upload_density=0.25)
     assert load_plan(save_plan(sparse, tmp_path / "sparse.plan.yaml")) == sparse
     d = diff_plans(old, sparse)
     assert all(s.status == "changed" and s.upload_density == (1.0, 0.25)

@@ -19,11 +19,19 @@ from dataclasses import dataclass
 import torch
 
 from fedpipe.aggregators import get_aggregator
+from fedpipe.aggregators.truncate import Truncation
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.screen import Expected, Refused, check_content, check_global, check_sender
 from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
-from fedpipe.protocol import broadcast_payload, peek_metadata, read_broadcast, read_update, start_reference
+from fedpipe.protocol import (
+    broadcast_payload,
+    is_relative,
+    peek_metadata,
+    read_broadcast,
+    read_update,
+    start_reference,
+)
 from fedpipe.rules import rule_traits
 
 
@@ -61,8 +69,8 @@ class Coordinator:
     """Runs one aggregation rule over rounds."""
 
     def __init__(self, rule: str, global_adapter: GlobalAdapter | None = None,
-                 previous: GlobalAdapter | None = None) -> None:
-        self.aggregator = get_aggregator(rule)
+                 previous: GlobalAdapter | None = None, truncation: Truncation | None = None) -> None:
+        self.aggregator = get_aggregator(rule, truncation)
         self.global_adapter, self.previous = global_adapter, previous
         self.sent: dict[str, _Sent] = {}
 
@@ -95,7 +103,8 @@ class Coordinator:
                                           entry.scales())
             base_delta, init = b.base_delta, b.adapter_init
         reference = None
-        if (entry.download_density < 1.0 and init and not base_delta and last is not None
+        lossy = entry.download_density < 1.0 or entry.download_precision != "fp32"
+        if (lossy and init and not base_delta and last is not None
                 and last.round == next_round - 1 and _same_shapes(init, last.init)):
             reference = last.init
             if rule_traits(self.aggregator.name).aligned_broadcasts:
@@ -103,6 +112,7 @@ class Coordinator:
         payload = broadcast_payload(base_delta, init, next_round,
                                     base="delta" if self.aggregator.merges_into_base else "none",
                                     density=1.0 if reference is None else entry.download_density,
+                                    precision=entry.download_precision,
                                     reference=reference,
                                     reference_round=None if reference is None else last.round)
         held = read_broadcast(payload, reference=reference).init  # exactly what the server decodes
@@ -139,12 +149,12 @@ class Coordinator:
         """The start a sparse update is relative to: this round's broadcast to the sender's entry
         as it decoded it, and fresh modules rebuilt from the sender's seed in the plan's shapes
         (None: dense)."""
-        if float(meta.get("fedpipe.density", "1")) >= 1.0:
+        if not is_relative(meta):
             return None
         last = self.sent.get(expected.entry)
         if last is None or last.round != expected.round or "fresh_seed" not in meta:
             raise FedpipeError(
-                f"server {expected.member}: its round {expected.round} update is sparse, against a start "
+                f"server {expected.member}: its round {expected.round} update is a delta against a start "
                 f"this coordinator cannot rebuild (entry {expected.entry!r}: last broadcast "
                 f"{'none' if last is None else f'round {last.round}'})")
         shapes = {name: ((r, expected.shapes[name][1]), (expected.shapes[name][0], r))

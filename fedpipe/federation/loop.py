@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fedpipe.aggregators.truncate import Truncation, cut_metrics
 from fedpipe.data import evaluate, plan_data
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.coordinator import Coordinator
@@ -67,10 +68,13 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
     evaluator = GlobalEvaluator(load_base(model_dir, 16, device=spec.device), load_tokenizer(model_dir),
                                 held_out, plan.task.seq_len, model_dir)
     shapes = matrix_shapes(evaluator.model, {name for _, entry in members for name in entry.rank_pattern})
-    coordinator, rows = Coordinator(spec.rule), []
+    truncation = None
+    if spec.truncate_energy or spec.truncate_rank:
+        truncation = Truncation(energy=spec.truncate_energy or 1.0, max_rank=spec.truncate_rank)
+    coordinator, rows = Coordinator(spec.rule, truncation=truncation), []
     if spec.completed_rounds:
         _, adapters = folder.load_checkpoint()
-        coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"))
+        coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"), truncation)
         rows = folder.read_rows(up_to=coordinator.round)
     synced: set[str] = set()  # members whose base holds every merge so far (they replied last round)
     total = spec.rounds * len(members)
@@ -153,13 +157,15 @@ def close_round(spec: RunSpec, coordinator: Coordinator, evaluator: GlobalEvalua
     due = global_adapter.round % spec.eval_every == 0 or global_adapter.round == spec.rounds
     result = evaluator(global_adapter) if due else None
     eval_s = time.perf_counter() - t0 - aggregate_s
-    save_adapter(global_adapter, evaluator.model_dir, spec.folder.adapter)
+    adapter_file = save_adapter(global_adapter, evaluator.model_dir, spec.folder.adapter)
     spec.folder.save_checkpoint(spec.fingerprint(), global_adapter, coordinator.previous)
     servers = [server_row(reply, delivery) for _, reply, delivery in accepted]
     return RoundRow(round=global_adapter.round, rule=spec.rule, servers=servers,
                     idle_servers=spec.plan.idle_members(), missed_servers=missed, eval=result,
                     aggregate_s=aggregate_s, eval_s=eval_s,
                     global_rank=max((f.rank for f in global_adapter.factors.values()), default=0),
+                    truncation=cut_metrics(coordinator.aggregator.cuts),
+                    adapter_bytes=(adapter_file / "adapter_model.safetensors").stat().st_size,
                     round_s=time.perf_counter() - start, train_s=sum(s.train_s for s in servers))
 
 

@@ -47,6 +47,9 @@ class RoundRow(_Strict):
     aggregate_s: float
     eval_s: float
     global_rank: int
+    truncation: dict[str, float] = Field(description="`aggregators.truncate.cut_metrics` of the round "
+                                         "(empty: no truncation).")
+    adapter_bytes: int = Field(description="Size of the saved global adapter (adapter_model.safetensors).")
     round_s: float
     train_s: float
 
@@ -55,8 +58,8 @@ class RunFingerprint(_Strict):
     """What makes a run that run: a resume with anything else would splice two runs together."""
 
     plan: str = Field(description="sha256 of the plan file.")
-    densities: tuple[float | None, float | None] = Field(description="--upload/--download-density "
-                                                         "overrides (None: the plan's).")
+    communication: dict[str, float | str] = Field(description="Density / precision overrides of "
+                                                  "every server's plan (empty: the plan's).")
     rule: str
     local_steps: int
     eval_samples: int
@@ -64,6 +67,8 @@ class RunFingerprint(_Strict):
     data: str = Field(description="The dataset file's sha256, or its source string.")
     norm_bound: float | None
     clip_norm: float | None
+    truncate_energy: float | None
+    truncate_rank: int | None
 
     def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
         """(field, this value, the other's) for every field that differs."""

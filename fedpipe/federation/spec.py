@@ -40,7 +40,9 @@ class RunSpec(BaseModel):
     resume: bool
     norm_bound: float | None
     clip_norm: float | None
-    density_overrides: tuple[float | None, float | None] = (None, None)  # --upload/--download-density
+    communication: dict[str, float | str] = {}  # --upload/--download-density/-precision overrides
+    truncate_energy: float | None = None  # keep this share of the global update's energy (FLoRIST's tau)
+    truncate_rank: int | None = None  # and at most this many components per module
     device: str = "cpu"
     completed_rounds: int = 0  # rounds the run folder already holds (a resume)
 
@@ -48,17 +50,28 @@ class RunSpec(BaseModel):
     def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
                 aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
                 eval_samples: int | None = None, eval_every: int | None = None,
-                upload_density: float | None = None,
-                download_density: float | None = None, min_participation: str | int | float = "1",
-                round_timeout: float = 3600.0, norm_bound: float | None = None,
-                clip_norm: float | None = None, device: str = "cpu") -> RunSpec:
+                upload_density: float | None = None, download_density: float | None = None,
+                upload_precision: str | None = None, download_precision: str | None = None,
+                min_participation: str | int | float = "1", round_timeout: float = 3600.0,
+                norm_bound: float | None = None, clip_norm: float | None = None,
+                truncate_energy: float | None = None, truncate_rank: int | None = None,
+                device: str = "cpu") -> RunSpec:
         """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
         plan_path = Path(plan_path)
-        plan = with_densities(load_plan(plan_path), upload_density, download_density)
+        communication = {k: v for k, v in (("upload_density", upload_density),
+                                           ("download_density", download_density),
+                                           ("upload_precision", upload_precision),
+                                           ("download_precision", download_precision)) if v is not None}
+        plan = with_communication(load_plan(plan_path), **communication)
         rule = rule_traits(aggregation or plan.aggregation).name
         check_densities(plan.servers, rule)
         if round_timeout <= 0:
             raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
+        if truncate_energy is not None and not 0 < truncate_energy <= 1:
+            raise FedpipeError(f"--truncate-energy: the share of the update's energy to keep; valid is "
+                               f"0 < tau <= 1, got {truncate_energy}")
+        if truncate_rank is not None and truncate_rank < 1:
+            raise FedpipeError(f"--truncate-rank: valid is a rank >= 1, got {truncate_rank}")
         norm_bound = _setting("--norm-bound", norm_bound, plan.task.norm_bound)
         clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
         folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
@@ -70,8 +83,8 @@ class RunSpec(BaseModel):
                    eval_every=eval_every or plan.task.eval_every,
                    min_participation=parse_min_participation(min_participation, len(plan.training_members())),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
-                   clip_norm=clip_norm, density_overrides=(upload_density, download_density),
-                   device=device)
+                   clip_norm=clip_norm, communication=communication, truncate_energy=truncate_energy,
+                   truncate_rank=truncate_rank, device=device)
         if resume and folder.holds_run():
             state = folder.read_state()
             differences = state.fingerprint.differences(spec.fingerprint())
@@ -86,11 +99,11 @@ class RunSpec(BaseModel):
     def fingerprint(self) -> RunFingerprint:
         """What a resume must keep equal (only the number of rounds may grow)."""
         task = self.plan.task
-        return RunFingerprint(plan=self.plan_sha256, densities=self.density_overrides, rule=self.rule,
-                              local_steps=self.local_steps,
-                              eval_samples=self.eval_samples, seed=task.seed,
+        return RunFingerprint(plan=self.plan_sha256, communication=self.communication, rule=self.rule,
+                              local_steps=self.local_steps, eval_samples=self.eval_samples, seed=task.seed,
                               data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
-                              clip_norm=self.clip_norm)
+                              clip_norm=self.clip_norm, truncate_energy=self.truncate_energy,
+                              truncate_rank=self.truncate_rank)
 
 
 def _setting(flag: str, given: float | None, planned: float | None) -> float | None:
@@ -108,16 +121,15 @@ def data_fingerprint(plan: Plan) -> str:
     return f"sha256:{file_sha256(path)}" if path.is_file() else source
 
 
-def with_densities(plan: Plan, upload: float | None = None, download: float | None = None) -> Plan:
-    """The plan with every server's upload / download density overridden (None: the plan's)."""
-    update = {k: v for k, v in (("upload_density", upload), ("download_density", download))
-              if v is not None}
-    if not update:
+def with_communication(plan: Plan, **overrides: float | str) -> Plan:
+    """The plan with every server's upload / download density or precision overridden."""
+    if not overrides:
         return plan
     try:
-        servers = [ServerPlan.model_validate(s.model_dump() | update) for s in plan.servers]
+        servers = [ServerPlan.model_validate(s.model_dump() | overrides) for s in plan.servers]
     except ValidationError as e:
-        raise FedpipeError("density override: " + "; ".join(err["msg"] for err in e.errors())) from None
+        raise FedpipeError("communication override: " + "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     return plan.model_copy(update={"servers": servers})
 
 

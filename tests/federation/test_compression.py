@@ -1,0 +1,29 @@
+"""Quantized payloads with error feedback, and a thresholded global rank, in a real run."""
+
+from test_run import tiny_plan
+
+from fedpipe.federation.inprocess import run_plan
+
+
+def test_quantized_payloads_cut_bytes_and_still_train(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="fedit", rounds=2)
+    common = dict(eval_samples=4, local_steps=1, upload_density=1.0, download_density=1.0)
+    dense = run_plan(plan_path, out=tmp_path / "fp32", **common)
+    small = run_plan(plan_path, out=tmp_path / "nf4", upload_precision="nf4", download_precision="int8",
+                     **common)
+    for d, s in zip(dense.rows[-1]["servers"], small.rows[-1]["servers"], strict=True):
+        # the tiny model's factors are small, so the payload header weighs: 0.56 here, 0.15 on
+        # SmolLM2's (README, bench_wire)
+        assert s["upload_bytes"] < 0.65 * d["upload_bytes"], (s["server"], s["upload_bytes"], d["upload_bytes"])
+        assert s["download_bytes"] < 0.8 * d["download_bytes"]
+    assert small.rows[-1]["eval"]["loss"] < 1.5 * dense.rows[-1]["eval"]["loss"]
+
+
+def test_thresholded_global_rank_is_reported_and_shrinks_the_adapter(tmp_path, tiny_model_dir):
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flexlora", rounds=1)
+    full = run_plan(plan_path, out=tmp_path / "full", eval_samples=4, local_steps=1)
+    cut = run_plan(plan_path, out=tmp_path / "cut", eval_samples=4, local_steps=1, truncate_rank=2)
+    row, full_row = cut.rows[-1], full.rows[-1]
+    assert full_row["truncation"] == {} and row["global_rank"] == 2 < full_row["global_rank"]
+    assert 0 < row["truncation"]["truncation_error_rel"] < 1
+    assert row["adapter_bytes"] < full_row["adapter_bytes"]
