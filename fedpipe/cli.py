@@ -33,6 +33,22 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fedpipe import __version__
+
+        typer.echo(f"fedpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Plan and run federated LoRA fine-tuning across heterogeneous edge servers."""
+
+
 def default_plan_path(name: str) -> Path:
     return Path("plans") / f"{name}.plan.yaml"
 
@@ -54,11 +70,16 @@ def plan(
                                             "now); or a report file (YAML/JSON).")] = "auto",
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
+    from fedpipe.datasize import check_profile_data
     from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
     from fedpipe.planner import make_plan
+    from fedpipe.profile import load_profile
     from fedpipe.render import console, plan_table
 
+    warning = check_profile_data(load_profile(profile))
+    if warning:
+        console(stderr=True).print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     report, source = importance_for_plan(profile, importance)
     result = make_plan(profile, solver=solver, time_limit=time_limit, importance=report,
                        importance_source=source, method=method)

@@ -241,8 +241,10 @@ class _Stream:
 
     def __init__(self, pool: Sequence[Any], rng: random.Random) -> None:
         self.pool, self.rng, self.order, self.pos, self.passes = list(pool), rng, [], 0, 0
+        self.taken = 0
 
     def take(self, k: int) -> list[Any]:
+        self.taken += k
         out: list[Any] = []
         while len(out) < k:
             if self.pos == len(self.order):
@@ -321,10 +323,10 @@ def partition(
         shard = [ex for f, k in per_family.items() for ex in streams[f].take(k)]
         rng.shuffle(shard)
         shards[server] = shard
-    reused = [f or "all" for f, st in streams.items() if st.passes > 1]
+    reused = [f"{f or 'all'} ({st.taken} asked of {len(st.pool)})"
+              for f, st in streams.items() if st.passes > 1]
     if reused:
-        log.warning("partition (%s): requested more examples than available for %s; "
-                    "examples are reused across shards", scheme, ", ".join(reused))
+        log.warning("partition (%s): examples are reused across shards: %s", scheme, ", ".join(reused))
     return shards
 
 

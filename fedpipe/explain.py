@@ -113,7 +113,7 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     warnings = []
     path = Path(profile_path or plan.profile.path)
     if not path.is_file():
-        raise FedpipeError(f"explain: the plan's profile {path} is not there",
+        raise FedpipeError(f"explain: the plan's profile {path.absolute()} is not there",
                            ["pass the profile it was planned from with --profile"])
     if profile_path is None and profile_hash(path) != plan.profile.sha256:
         warnings.append(f"{path} changed since the plan was made: numbers are recomputed from it")

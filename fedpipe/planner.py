@@ -53,6 +53,7 @@ says "Optimal" when a time limit stopped the search), with the relative gap when
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -651,7 +652,7 @@ def make_plan(profile_path: str | Path, *, solver: str | None = None, time_limit
     problem = build_problem(profile, shapes, importance)
     choices, ev, report, baseline = plan_problem(problem, solver=solver, time_limit=time_limit,
                                                  method=method)
-    ref = ProfileRef(path=str(profile_path), sha256=profile_hash(profile_path),
+    ref = ProfileRef(path=os.path.abspath(profile_path), sha256=profile_hash(profile_path),
                      name=profile.name or profile_path.stem.removesuffix(".profile"))
     return assemble_plan(problem, choices, report, baseline, ref,
                          importance_source or "builtin prior", ev)

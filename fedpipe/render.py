@@ -132,25 +132,29 @@ def run_table(result) -> Group:
 
 
 class run_progress:  # noqa: N801 - used as a context manager like rich's own helpers
-    """A progress bar over (round, server) steps of a run, fed by the runner's callback."""
+    """A progress bar over (round, server) steps of a run, fed by the runner's callback.
+
+    It starts on the first step, so an error found while setting up prints alone, with no empty
+    bar line before it."""
 
     def __enter__(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                                   console=console(stderr=True), transient=False)
-        self._progress.__enter__()
         self._task = None
 
         def update(server: str, round_index: int, done: int, total: int) -> None:
             if self._task is None:
+                self._progress.start()
                 self._task = self._progress.add_task("", total=total, completed=done)
             self._progress.update(self._task, completed=done, description=f"round {round_index} · {server}")
 
         return update
 
     def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+        if self._task is not None:
+            self._progress.stop()
 
 
 # ---------------------------------------------------------------- sweeps, explanations, show

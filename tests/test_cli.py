@@ -83,5 +83,85 @@ def test_diff_between_budgets_table_and_json(tmp_path):
 
 
 def test_diff_rejects_non_plan(tmp_path):
-    result = runner.invoke(app, ["diff", str(DATA / "small.yaml"), str(DATA / "small.yaml")])
+    bad = _write(tmp_path, {"schema_version": 1, "profile": {}, "servers": [{"name": "phone"}]})
+    result = runner.invoke(app, ["diff", str(bad), str(bad)])
     assert result.exit_code == 2 and "not a valid fedpipe plan" in result.output
+    assert "servers[0] (server 'phone').members: Field required" in result.output  # one path style
+
+
+def test_wrong_kind_of_file_is_one_line_with_the_command(tmp_path):
+    plan_file = tmp_path / "small.plan.yaml"
+    assert runner.invoke(app, ["plan", str(DATA / "small.yaml"), "-o", str(plan_file)]).exit_code == 0
+    for command in (["plan", str(plan_file)], ["run", str(DATA / "small.yaml")],
+                    ["show", str(DATA / "small.yaml")], ["plan", str(DATA)]):
+        result = subprocess.run([sys.executable, "-m", "fedpipe.cli", *command], capture_output=True,
+                                text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+        assert not result.stderr.startswith("\n")
+    assert f"is a plan, not a profile: run it with `fedpipe run {plan_file}`" in \
+        runner.invoke(app, ["plan", str(plan_file)]).output
+    assert f"is a profile, not a plan: make its plan with `fedpipe plan {DATA / 'small.yaml'}`" in \
+        runner.invoke(app, ["run", str(DATA / "small.yaml")]).output
+    assert f"{DATA.absolute()} is a folder, not a profile file" in runner.invoke(app, ["plan", str(DATA)]).output
+    assert f"no such file {(tmp_path / 'nope.yaml').absolute()}" in \
+        runner.invoke(app, ["plan", str(tmp_path / "nope.yaml")]).output
+
+
+def test_version():
+    from fedpipe import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"fedpipe {__version__}"
+
+
+def _lab(folder: Path, records: int, **task) -> Path:
+    """A profile in its own folder whose data file sits beside it, named relatively."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": f"add {i} and 1", "answer": str(i + 1)} for i in range(records)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = yaml.safe_load((DATA / "small.yaml").read_text())
+    raw["name"] = "lab"
+    raw["task"] |= {"dataset": "data.jsonl", **task}
+    raw["servers"][0]["samples"], raw["servers"][1]["samples"] = 200, 400
+    (folder / "lab.yaml").write_text(yaml.safe_dump(raw))
+    return folder / "lab.yaml"
+
+
+def test_paths_resolve_against_the_profile_and_the_plan(tmp_path, monkeypatch):
+    _lab(tmp_path / "lab", 700, eval_samples=50)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = runner.invoke(app, ["plan", "../lab/lab.yaml", "-o", "plans/lab.plan.yaml"])
+    assert result.exit_code == 0, result.output
+    raw = yaml.safe_load(Path("plans/lab.plan.yaml").read_text())
+    assert raw["profile"]["path"] == "../../lab/lab.yaml"  # relative to the plan file
+    assert raw["task"]["dataset"] == "../../lab/data.jsonl" and raw["model"] == "smollm2-135m"
+    plan = load_plan("plans/lab.plan.yaml")
+    assert plan.task.dataset == str(tmp_path / "lab" / "data.jsonl")
+    monkeypatch.chdir(tmp_path)  # another working folder: the plan still finds its profile
+    result = runner.invoke(app, ["explain", "elsewhere/plans/lab.plan.yaml", "--server", "hub"])
+    assert result.exit_code == 0, result.output
+    # a data file that is not there is named by the full path tried (the profile's folder)
+    raw = yaml.safe_load((tmp_path / "lab" / "lab.yaml").read_text())
+    raw["task"]["dataset"] = "gone.jsonl"
+    (tmp_path / "lab" / "gone.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["plan", "lab/gone.yaml", "-o", "x.plan.yaml"])
+    assert result.exit_code == 2 and f"data file {tmp_path / 'lab' / 'gone.jsonl'} not found" in result.output
+
+
+def test_plan_checks_the_data_size_with_numbers(tmp_path):
+    out = str(tmp_path / "lab.plan.yaml")
+    result = runner.invoke(app, ["plan", str(_lab(tmp_path / "a", 30, eval_samples=250)), "-o", out])
+    assert result.exit_code == 2 and "30 records, but task.eval_samples holds out 250" in result.output
+    result = runner.invoke(app, ["plan", str(_lab(tmp_path / "b", 30, eval_samples=10)), "-o", out])
+    assert result.exit_code == 2 and not Path(out).exists()
+    assert "30 records, 10 held out (task.eval_samples) leave 20 for training, but the servers ask " \
+           "for 600 samples (hub 400, edge 200)" in result.output
+    assert "task.reuse_samples: true" in result.output
+    lab = _lab(tmp_path / "c", 30, eval_samples=10, reuse_samples=True)
+    result = subprocess.run([sys.executable, "-m", "fedpipe.cli", "plan", str(lab), "-o", out],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "used about 30.0 times" in result.stderr
+    assert Path(out).is_file()
