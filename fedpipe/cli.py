@@ -209,6 +209,30 @@ def run(
 
 @app.command()
 @user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder `fedpipe run` wrote "
+                                            "(runs/NAME).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write.")],
+    rank: Annotated[int | None, typer.Option(help="Cut every module's update to at most this rank "
+                                             "(vLLM's default max_lora_rank is 16).")] = None,
+    energy: Annotated[float | None, typer.Option(help="Cut each module to the fewest singular values "
+                                                 "keeping this share of its squared norm (0.99).")
+                      ] = None,
+    merge: Annotated[bool, typer.Option(help="Write a full model folder (base + update) instead of "
+                                        "an adapter.")] = False,
+    base: Annotated[Path | None, typer.Option(help="Base model folder (default: the one the "
+                                              "adapter records).")] = None,
+) -> None:
+    """Export the run's global adapter for serving: a smaller rank (truncated SVD), or merged."""
+    from fedpipe.export import export_run
+    from fedpipe.render import console, export_view
+
+    console().print(export_view(export_run(run_dir, output, rank=rank, energy=energy, merge=merge,
+                                           base=base)), highlight=False)
+
+
+@app.command()
+@user_errors
 def node(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="The coordinator's plan file (a copy).")],
     server: Annotated[str, typer.Option(help="This machine's server: a member name of the plan.")],

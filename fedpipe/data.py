@@ -502,14 +502,16 @@ def evaluate(
             for j, i in enumerate(idx):
                 nll[i], n_tok[i] = sums[j].item(), int(keep[j].sum())
 
-            cache = out.past_key_values
+            # transformers 5.2x renamed past_key_values to cache (the old name warns on every run)
+            cache_name = "cache" if "cache" in out else "past_key_values"
+            cache = out[cache_name]
             # keep p_len - 1 positions (a negative count works on old and new transformers):
             # generate re-reads the last prompt token, then continues
             cache.crop(-(a_len + 1))
             generated = model.generate(
                 input_ids=ids[:, :p_len],
                 attention_mask=mask[:, :p_len],
-                past_key_values=cache,
+                **{cache_name: cache},
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,

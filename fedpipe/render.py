@@ -131,6 +131,27 @@ def run_table(result) -> Group:
                                 f"{d / 'metrics.jsonl'} · curves: {d / 'curves.png'}"))
 
 
+def export_view(result) -> Text:
+    """What `fedpipe export` wrote: ranks and size before and after, the truncation error, how to load."""
+    ranks_before = max(m.rank_before for m in result.modules)
+    ranks_after = max(m.rank_after for m in result.modules)
+    worst = result.worst
+    lines = [f"global adapter: {len(result.modules)} modules, rank <= {ranks_before}, "
+             f"{human_bytes(result.bytes_before)}"]
+    if ranks_after != ranks_before or result.rel_error > 0:
+        lines.append(f"cut to rank <= {ranks_after}: relative error |ΔW - ΔW_k|_F / |ΔW|_F "
+                     f"{result.rel_error:.3g} overall, at most {worst.rel_error:.3g} ({worst.name}); "
+                     f"largest dropped singular value {max(m.sigma_dropped for m in result.modules):.3g}")
+    if result.merged:
+        lines.append(f"wrote {result.out_dir}: a full model (base + update, safetensors, tokenizer): "
+                     f"AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
+    else:
+        lines.append(f"wrote {result.out_dir}: a peft adapter, {human_bytes(result.bytes_after)}, "
+                     f"base {result.base_dir}: "
+                     f"AutoPeftModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
+    return Text("\n".join(lines))
+
+
 class run_progress:  # noqa: N801 - used as a context manager like rich's own helpers
     """A progress bar over (round, server) steps of a run, fed by the runner's callback.
 
