@@ -71,8 +71,13 @@ def plan_table(plan: Plan) -> Group:
 
 
 def _pair(pair, fmt: str | Callable[[object], str] = "{}") -> str:
+    """'a', or 'a → b' where they differ; a side that is not there (None) shows as '-'."""
     a, b = pair
-    show = fmt if callable(fmt) else fmt.format
+    format_ = fmt if callable(fmt) else fmt.format
+
+    def show(x: object) -> str:
+        return "-" if x is None else format_(x)
+
     return show(a) if a == b else f"{show(a)} → {show(b)}"
 
 
@@ -82,9 +87,6 @@ def diff_table(d: PlanDiff) -> Group:
                 "memory GiB", "round s", "LoRA params", "density up", "density down"):
         t.add_column(col, justify="left" if col in ("server", "status") else "right")
     for s in d.servers:
-        if s.status in ("added", "removed"):
-            t.add_row(s.name, s.status, *[""] * 10)
-            continue
         ups = sum(1 for a, b in s.rank_changes.values() if b > a)
         t.add_row(s.name, s.status, _pair(s.bits), _pair(s.batch_size), str(len(s.matrices_added)),
                   str(len(s.matrices_removed)),

@@ -165,3 +165,24 @@ def test_plan_checks_the_data_size_with_numbers(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "used about 30.0 times" in result.stderr
     assert Path(out).is_file()
+
+
+def test_diff_of_plans_with_different_servers_shows_both_sides(tmp_path):
+    raw = yaml.safe_load((DATA / "small.yaml").read_text())
+    raw["servers"][1]["name"] = "gateway"
+    a, b = tmp_path / "a.plan.yaml", tmp_path / "b.plan.yaml"
+    assert runner.invoke(app, ["plan", str(DATA / "small.yaml"), "-o", str(a)]).exit_code == 0
+    assert runner.invoke(app, ["plan", str(_write(tmp_path, raw)), "-o", str(b)]).exit_code == 0
+    data = json.loads(runner.invoke(app, ["diff", str(a), str(b), "--json"]).output)
+    by = {s["name"]: s for s in data["servers"]}
+    assert by["hub"]["status"] == "removed" and by["hub"]["bits"][0] in (4, 16) and by["hub"]["bits"][1] is None
+    assert by["gateway"]["status"] == "added" and by["gateway"]["matrices_added"]
+    table = runner.invoke(app, ["diff", str(a), str(b)]).output
+    row = next(line for line in table.splitlines() if "gateway" in line)
+    assert "- → " in row and "GiB" not in row  # a filled row: nothing → its configuration
+
+
+def test_explain_prints_no_negative_zeros():
+    result = runner.invoke(app, ["explain", str(Path(__file__).parent.parent / "plans" / "fleet-128.plan.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "-0.000" not in result.output and "by -" not in result.output
