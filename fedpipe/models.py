@@ -244,6 +244,17 @@ class _DropInt8CastNotice(logging.Filter):
         return not str(record.msg).startswith(_INT8_CAST_MESSAGE)
 
 
+class _DropHubKernelNotice(logging.Filter):
+    """bitsandbytes logs once, when imported on a CPU with AVX512-BF16, that it could not fetch an
+    optional 4-bit kernel from the Hugging Face hub; fedpipe downloads nothing, so it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
+
+
 def _quiet_int8_cast_notice() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropInt8CastNotice) for f in logger.filters):

@@ -186,3 +186,41 @@ def test_explain_prints_no_negative_zeros():
     result = runner.invoke(app, ["explain", str(Path(__file__).parent.parent / "plans" / "fleet-128.plan.yaml")])
     assert result.exit_code == 0, result.output
     assert "-0.000" not in result.output and "by -" not in result.output
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def _ignored(path: str) -> bool:
+    return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+
+def test_readme_commands_leave_a_clone_clean():
+    """Every README command that writes a file writes it where git ignores it."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for block in readme.split("```")[1::2] for line in block.splitlines()
+                if "fedpipe " in line and not line.lstrip().startswith("#")]
+    writes = 0
+    for line in commands:
+        for part in line.split("&&"):
+            words = part.split("#")[0].split()
+            words = words[1:] if words[:1] == ["$"] else words
+            if words[:1] != ["fedpipe"]:  # not a command (the pipeline diagram, pip, python)
+                continue
+            command = words[1]
+            for flag in ("-o", "--png", "--out"):
+                if flag in words:
+                    writes += 1
+                    assert _ignored(words[words.index(flag) + 1]), part
+            if command == "plan" and "-o" not in words and (ROOT / words[2]).is_file():
+                raise AssertionError(f"writes the committed plan: {part}")
+    assert writes >= 4
+
+
+def test_quickstart_plan_is_heterogeneous(tmp_path):
+    """README command 1's plan: three servers on three precisions."""
+    out = tmp_path / "quickstart.plan.yaml"
+    result = runner.invoke(app, ["plan", str(ROOT / "profiles" / "quickstart.yaml"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = load_plan(out)
+    assert sorted(s.bits for s in plan.servers) == [4, 8, 16] and plan.task.rounds >= 2

@@ -96,3 +96,11 @@ def test_export_merge_generates_the_same_tokens(run_dir, tiny_model_dir, tmp_pat
 def test_export_errors_name_the_path(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and str((tmp_path / "nope" / "adapter").absolute()) in result.output
+
+
+def test_readme_snippet_loads_the_run_adapter_with_the_chat_template(run_dir, capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("### Using the trained model")[1].split("```python\n")[1].split("```")[0]
+    assert len(snippet.strip().splitlines()) <= 6 and "apply_chat_template" in snippet
+    exec(snippet.replace("runs/quickstart/adapter", str(run_dir / "adapter")), {})  # noqa: S102
+    assert capsys.readouterr().out.strip() is not None
