@@ -90,7 +90,7 @@ def _record_to_example(rec: Any, where: str) -> Example:
 def _file_records(path: Path) -> list[tuple[str, Any]]:
     """(location, record) pairs of a .jsonl file or a .json array (or JSON lines named .json)."""
     if not path.is_file():
-        raise FedpipeError(f"data file {path} not found", [_SOURCES_HINT])
+        raise FedpipeError(f"data file {path.absolute()} not found", [_SOURCES_HINT])
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise FedpipeError(
             f"data file {path}: unsupported extension {path.suffix!r}", [_SOURCES_HINT]
