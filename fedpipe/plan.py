@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from fedpipe.atomic import write_atomic
+from fedpipe.cache import cache_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.profile import (
     MERGING_RULES,
@@ -39,6 +40,7 @@ from fedpipe.profile import (
 )
 
 SCHEMA_VERSION = 1
+PRIOR_SOURCE = "builtin prior"  # the importance source of a plan made without a report
 Constraint = Literal["memory", "round_time", "deadline"]
 SolverStatus = Literal["optimal", "feasible", "infeasible", "not_solved"]
 
@@ -139,7 +141,7 @@ class ProfileRef(_Strict):
 class ImportanceRef(_Strict):
     scorer: str
     digest: str
-    source: str = Field(description="'builtin prior' or the report's path.")
+    source: str = Field(description=f"{PRIOR_SOURCE!r} or the report's path.")
 
 
 class Plan(_Strict):
@@ -204,7 +206,10 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
     start = os.path.abspath(path.parent)
 
     def relative(p: str) -> str:
-        return os.path.relpath(os.path.abspath(Path(p).expanduser()), start)
+        full = os.path.abspath(Path(p).expanduser())
+        if Path(full).is_relative_to(cache_dir()):  # a cached report stays where the cache is
+            return full
+        return os.path.relpath(full, start)
 
     portable = _map_paths(plan, relative, lambda d: relative(d) if os.path.isabs(d) else d)
     return write_atomic(path, to_yaml(portable.model_dump(mode="json")))
@@ -230,15 +235,19 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def _map_paths(plan: Plan, file: Callable[[str], str], hf_source: Callable[[str], str]) -> Plan:
-    """The plan with every path it records mapped by `file` (profile, model folder, data file);
+    """The plan with every path it records mapped by `file` (profile, importance report, model
+    folder, data file);
     a `hf:` source by `hf_source` (it may be a folder or a hub name)."""
     dataset = plan.task.dataset
     if is_data_path(dataset):
         dataset = file(dataset)
     elif dataset.startswith("hf:"):
         dataset = "hf:" + hf_source(dataset[3:])
+    source = plan.importance.source
     return plan.model_copy(update={
         "profile": plan.profile.model_copy(update={"path": file(plan.profile.path)}),
+        "importance": plan.importance.model_copy(update={
+            "source": source if source == PRIOR_SOURCE else file(source)}),
         "model": file(plan.model) if is_model_folder(plan.model) else plan.model,
         "task": plan.task.model_copy(update={"dataset": dataset}),
     })

@@ -132,10 +132,14 @@ def test_paths_resolve_against_the_profile_and_the_plan(tmp_path, monkeypatch):
     _lab(tmp_path / "lab", 700, eval_samples=50)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    result = runner.invoke(app, ["plan", "../lab/lab.yaml", "-o", "plans/lab.plan.yaml"])
+    result = runner.invoke(app, ["importance", "../lab/lab.yaml", "--scorer", "prior", "-o", "rep.yaml"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["plan", "../lab/lab.yaml", "-o", "plans/lab.plan.yaml",
+                                 "--importance", "rep.yaml"])
     assert result.exit_code == 0, result.output
     raw = yaml.safe_load(Path("plans/lab.plan.yaml").read_text())
     assert raw["profile"]["path"] == "../../lab/lab.yaml"  # relative to the plan file
+    assert raw["importance"]["source"] == "../rep.yaml"
     assert raw["task"]["dataset"] == "../../lab/data.jsonl" and raw["model"] == "smollm2-135m"
     plan = load_plan("plans/lab.plan.yaml")
     assert plan.task.dataset == str(tmp_path / "lab" / "data.jsonl")
