@@ -231,6 +231,9 @@ def load_profile(path: str | Path) -> ClusterProfile:
     return resolve_paths(parse_profile(raw, str(path)), path.parent)
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 6-7x faster
+
+
 def read_yaml(path: Path, kind: str) -> object:
     """The YAML in `path`; a missing file or a folder is named by its absolute path."""
     if path.is_dir():
@@ -240,7 +243,7 @@ def read_yaml(path: Path, kind: str) -> object:
     if not path.is_file():
         raise FedpipeError(f"{kind}: no such file {path.absolute()}")
     try:
-        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise FedpipeError(f"{path}: not valid YAML ({e})") from None
 
