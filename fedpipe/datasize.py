@@ -17,13 +17,13 @@ if TYPE_CHECKING:
 
 
 def check_data_size(dataset: str, samples: Mapping[str, int], n_eval: int,
-                    allow_reuse: bool = False) -> str | None:
+                    allow_reuse: bool = False, eval_name: str = "task.eval_samples") -> str | None:
     """Whether `dataset` holds the training samples the servers ask for (entry name -> samples of
     all its members) plus `n_eval` held out; a problem says the numbers.
 
     Generated data ("builtin") always fits. Too few records for the held-out split is an error;
     too few for the shards too, unless `allow_reuse` (task.reuse_samples): then the warning to
-    show is returned. None when everything fits.
+    show is returned. None when everything fits. `eval_name` is where `n_eval` came from.
     """
     if dataset == "builtin" or dataset.startswith("builtin:"):
         return None
@@ -33,14 +33,14 @@ def check_data_size(dataset: str, samples: Mapping[str, int], n_eval: int,
     asked = sum(samples.values())
     where = f"task.dataset {dataset}"
     if n_eval >= records:
-        raise FedpipeError(f"{where}: {records} records, but task.eval_samples holds out {n_eval}: "
-                           f"valid is eval_samples <= {records - 1}, leaving training data")
+        raise FedpipeError(f"{where}: {records} records, but {eval_name} holds out {n_eval}: "
+                           f"valid is at most {records - 1}, leaving training data")
     train = records - n_eval
     if asked <= train:
         return None
     shown = sorted(samples.items(), key=lambda kv: -kv[1])
     detail = ", ".join(f"{name} {n}" for name, n in shown[:5]) + (", ..." if len(shown) > 5 else "")
-    message = (f"{where}: {records} records, {n_eval} held out (task.eval_samples) leave {train} "
+    message = (f"{where}: {records} records, {n_eval} held out ({eval_name}) leave {train} "
                f"for training, but the servers ask for {asked} samples ({detail}): each example "
                f"is used about {asked / train:.1f} times")
     if allow_reuse:
@@ -62,4 +62,5 @@ def check_plan_data(plan: Plan, eval_samples: int | None = None) -> str | None:
     task = plan.task
     return check_data_size(task.dataset, {s.name: s.samples * s.count for s in plan.servers
                                           if s.rank_pattern},
-                           eval_samples or task.eval_samples, task.reuse_samples)
+                           eval_samples or task.eval_samples, task.reuse_samples,
+                           "--eval-samples" if eval_samples else "task.eval_samples")

@@ -228,3 +228,20 @@ def test_quickstart_plan_is_heterogeneous(tmp_path):
     assert result.exit_code == 0, result.output
     plan = load_plan(out)
     assert sorted(s.bits for s in plan.servers) == [4, 8, 16] and plan.task.rounds >= 2
+
+
+def test_run_can_check_the_plan_data_before_loading_models(tmp_path):
+    """`check_plan_data` is what `fedpipe run` calls before loading a model (with --eval-samples)."""
+    from fedpipe.datasize import check_plan_data
+    from fedpipe.errors import FedpipeError
+
+    out = tmp_path / "lab.plan.yaml"
+    lab = _lab(tmp_path / "c", 30, eval_samples=10, reuse_samples=True)
+    assert runner.invoke(app, ["plan", str(lab), "-o", str(out)]).exit_code == 0
+    assert "leave 20 for training" in check_plan_data(load_plan(out))
+    try:
+        check_plan_data(load_plan(out), eval_samples=40)
+    except FedpipeError as e:
+        assert "30 records, but --eval-samples holds out 40: valid is at most 29" in str(e)
+    else:
+        raise AssertionError("40 held out of 30 records passed")
