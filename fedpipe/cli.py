@@ -34,6 +34,22 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fedpipe import __version__
+
+        typer.echo(f"fedpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Plan and run federated LoRA fine-tuning across heterogeneous edge servers."""
+
+
 def default_plan_path(name: str) -> Path:
     return Path("plans") / f"{name}.plan.yaml"
 
@@ -65,15 +81,19 @@ def plan(
                          ] = None,
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
+    from fedpipe.datasize import check_profile_data
     from fedpipe.importance import importance_for_plan
     from fedpipe.plan import save_plan
     from fedpipe.planning.strategies import DEFAULT, get_strategy, make_plan
-    from fedpipe.profile import check_objective_kind
+    from fedpipe.profile import check_objective_kind, load_profile
     from fedpipe.render import console, plan_table
 
     chosen = get_strategy(strategy)  # a bad name fails before any work
     if objective is not None:
         check_objective_kind(objective)
+    warning = check_profile_data(load_profile(profile))
+    if warning:
+        console(stderr=True).print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     report, source = importance_for_plan(profile, importance)
     result = make_plan(profile, chosen.name, solver=solver, time_limit=time_limit, method=method,
                        importance=report, importance_source=source, objective=objective)
@@ -206,6 +226,9 @@ def run(
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm,
                     truncate_energy=truncate_energy, truncate_rank=truncate_rank)
     spec = RunSpec.resolve(plan_file, **overrides, **settings)  # every argument checked before anything heavy
+    if spec.data_warning:
+        console(stderr=True).print(f"[bold yellow]warning:[/] {spec.data_warning}", highlight=False,
+                                   soft_wrap=True)
     if spec.completed_rounds >= spec.rounds:
         console().print(f"{spec.folder.path} is complete: it holds {spec.completed_rounds} of "
                         f"{spec.rounds} rounds; nothing to do (--rounds N to go further)")
@@ -226,6 +249,30 @@ def run(
         with run_progress() as on_progress:
             result = run_federation(spec, InProcessTransport(spec), on_progress)
     console().print(run_table(result))
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder `fedpipe run` wrote "
+                                            "(runs/NAME).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write.")],
+    rank: Annotated[int | None, typer.Option(help="Cut every module's update to at most this rank "
+                                             "(vLLM's default max_lora_rank is 16).")] = None,
+    energy: Annotated[float | None, typer.Option(help="Cut each module to the fewest singular values "
+                                                 "keeping this share of its squared norm (0.99).")
+                      ] = None,
+    merge: Annotated[bool, typer.Option(help="Write a full model folder (base + update) instead of "
+                                        "an adapter.")] = False,
+    base: Annotated[Path | None, typer.Option(help="Base model folder (default: the one the "
+                                              "adapter records).")] = None,
+) -> None:
+    """Export the run's global adapter for serving: a smaller rank (truncated SVD), or merged."""
+    from fedpipe.export import export_run
+    from fedpipe.render import console, export_view
+
+    console().print(export_view(export_run(run_dir, output, rank=rank, energy=energy, merge=merge,
+                                           base=base)), highlight=False)
 
 
 @app.command()

@@ -91,7 +91,7 @@ def _record_to_example(rec: Any, where: str) -> Example:
 def _file_records(path: Path) -> list[tuple[str, Any]]:
     """(location, record) pairs of a .jsonl file or a .json array (or JSON lines named .json)."""
     if not path.is_file():
-        raise FedpipeError(f"data file {path} not found", [_SOURCES_HINT])
+        raise FedpipeError(f"data file {path.absolute()} not found", [_SOURCES_HINT])
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise FedpipeError(
             f"data file {path}: unsupported extension {path.suffix!r}", [_SOURCES_HINT]
@@ -242,8 +242,10 @@ class _Stream:
 
     def __init__(self, pool: Sequence[Any], rng: random.Random) -> None:
         self.pool, self.rng, self.order, self.pos, self.passes = list(pool), rng, [], 0, 0
+        self.taken = 0
 
     def take(self, k: int) -> list[Any]:
+        self.taken += k
         out: list[Any] = []
         while len(out) < k:
             if self.pos == len(self.order):
@@ -322,10 +324,10 @@ def partition(
         shard = [ex for f, k in per_family.items() for ex in streams[f].take(k)]
         rng.shuffle(shard)
         shards[server] = shard
-    reused = [f or "all" for f, st in streams.items() if st.passes > 1]
+    reused = [f"{f or 'all'} ({st.taken} asked of {len(st.pool)})"
+              for f, st in streams.items() if st.passes > 1]
     if reused:
-        log.warning("partition (%s): requested more examples than available for %s; "
-                    "examples are reused across shards", scheme, ", ".join(reused))
+        log.warning("partition (%s): examples are reused across shards: %s", scheme, ", ".join(reused))
     return shards
 
 
@@ -501,14 +503,16 @@ def evaluate(
             for j, i in enumerate(idx):
                 nll[i], n_tok[i] = sums[j].item(), int(keep[j].sum())
 
-            cache = out.past_key_values
+            # transformers 5.2x renamed past_key_values to cache (the old name warns on every run)
+            cache_name = "cache" if "cache" in out else "past_key_values"
+            cache = out[cache_name]
             # keep p_len - 1 positions (a negative count works on old and new transformers):
             # generate re-reads the last prompt token, then continues
             cache.crop(-(a_len + 1))
             generated = model.generate(
                 input_ids=ids[:, :p_len],
                 attention_mask=mask[:, :p_len],
-                past_key_values=cache,
+                **{cache_name: cache},
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,

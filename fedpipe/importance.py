@@ -95,7 +95,7 @@ def load_report(path: str | Path) -> ImportanceReport:
     """Read an importance report written as YAML or JSON."""
     path = Path(path)
     if not path.is_file():
-        raise FedpipeError(f"--importance: no such file {path}")
+        raise FedpipeError(f"--importance: no such file {path.absolute()}")
     try:
         return ImportanceReport.model_validate(yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, ValidationError) as e:

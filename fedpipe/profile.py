@@ -7,6 +7,7 @@ with ``count``; ``expand_servers`` turns them into individual named servers when
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Literal, get_args
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedpipe.errors import FedpipeError
 from fedpipe.rules import AggregationRule, rules_help
-from fedpipe.shapes import MATRIX_TYPES, ModelShapes, load_shapes
+from fedpipe.shapes import CARDS_DIR, MATRIX_TYPES, ModelShapes, load_shapes
 
 Bits = Literal[4, 8, 16]
 ObjectiveKind = Literal["weighted", "rate"]
@@ -42,6 +43,9 @@ class Task(_Strict):
     eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (the last "
                             "round always): evaluation is most of a round's overhead on a CPU.")
+    reuse_samples: bool = Field(False, description="Allow a data file smaller than the servers' "
+                                "samples plus eval_samples: examples are then reused across shards "
+                                "(a warning with the numbers); otherwise planning stops with them.")
     seed: int = Field(0, description="Seed for data, initialisation and partitioning.")
     norm_bound: float | None = Field(10.0, gt=0, description="Refuse an update whose norm is over this "
                                      "multiple of the round's median update norm (null: no bound).")
@@ -194,7 +198,7 @@ class ClusterProfile(_Strict):
         return sum(s.count for s in self.servers)
 
 
-def _describe(loc: tuple, raw: dict) -> str:
+def field_path(loc: tuple, raw: object) -> str:
     """'servers[2] (edge-c).memory_gib' from pydantic's location tuple."""
     parts: list[str] = []
     for i, key in enumerate(loc):
@@ -206,7 +210,7 @@ def _describe(loc: tuple, raw: dict) -> str:
                     parts[-1] += f" (server {servers[key].get('name', '?')!r})"
         else:
             parts.append(str(key))
-    return ".".join(parts) or "profile"
+    return ".".join(parts)
 
 
 def parse_profile(raw: object, source: str = "profile") -> ClusterProfile:
@@ -222,20 +226,71 @@ def parse_profile(raw: object, source: str = "profile") -> ClusterProfile:
             msg = err["msg"].removeprefix("Value error, ")
             value = err.get("input")
             shown = "" if isinstance(value, dict | list) or err["type"] == "missing" else f" (got {value!r})"
-            problems.append(f"{_describe(tuple(err['loc']), raw)}: {msg}{shown}")
+            problems.append(f"{field_path(tuple(err['loc']), raw) or 'profile'}: {msg}{shown}")
         raise FedpipeError(f"{source}: {len(problems)} problem(s) in the profile", problems) from None
 
 
 def load_profile(path: str | Path) -> ClusterProfile:
-    """Read and validate a profile YAML file."""
+    """Read and validate a profile YAML file; its relative paths are resolved against its folder."""
     path = Path(path)
+    raw = read_yaml(path, "profile")
+    if is_plan(raw):
+        raise FedpipeError(f"{path} is a plan, not a profile: run it with `fedpipe run {path}` "
+                           f"(or `fedpipe show {path}`)")
+    return resolve_paths(parse_profile(raw, str(path)), path.parent)
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 6-7x faster
+
+
+def read_yaml(path: Path, kind: str) -> object:
+    """The YAML in `path`; a missing file or a folder is named by its absolute path."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:8]
+        raise FedpipeError(f"{kind}: {path.absolute()} is a folder, not a {kind} file",
+                           [f"{kind}s there: {', '.join(found)}"] if found else None)
     if not path.is_file():
-        raise FedpipeError(f"profile: no such file {path}")
+        raise FedpipeError(f"{kind}: no such file {path.absolute()}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise FedpipeError(f"{path}: not valid YAML ({e})") from None
-    return parse_profile(raw, str(path))
+
+
+def is_plan(raw: object) -> bool:
+    """A plan written by `fedpipe plan` (it records its schema version; a profile never does)."""
+    return isinstance(raw, dict) and "schema_version" in raw and "profile" in raw
+
+
+def is_model_folder(model: str) -> bool:
+    """A model named by a folder, not by a shape card (the bundled model has a card too)."""
+    return not (CARDS_DIR / f"{model.lower()}.json").is_file()
+
+
+def is_data_path(dataset: str) -> bool:
+    """A dataset given as a file path (not generated, not a Hugging Face source)."""
+    return not dataset.startswith(("builtin", "hf:"))
+
+
+def resolve_against(base_dir: Path, path: str) -> str:
+    """`path` as an absolute path, a relative one read from `base_dir` (not the working folder)."""
+    return os.path.abspath(base_dir / Path(path).expanduser())
+
+
+def resolve_paths(profile: ClusterProfile, base_dir: Path) -> ClusterProfile:
+    """The profile with its model folder and data file made absolute against `base_dir`, so it
+    means the same from every working folder. A `hf:` name stays a name unless it is a folder there."""
+    update: dict = {}
+    if is_model_folder(profile.model):
+        update["model"] = resolve_against(base_dir, profile.model)
+    dataset = profile.task.dataset
+    if is_data_path(dataset):
+        dataset = resolve_against(base_dir, dataset)
+    elif dataset.startswith("hf:") and (base_dir / dataset[3:]).exists():
+        dataset = "hf:" + resolve_against(base_dir, dataset[3:])
+    if dataset != profile.task.dataset:
+        update["task"] = profile.task.model_copy(update={"dataset": dataset})
+    return profile.model_copy(update=update) if update else profile
 
 
 def check_objective_kind(kind: str) -> None:

@@ -91,8 +91,13 @@ def plan_table(plan: Plan) -> Group:
 
 
 def _pair(pair, fmt: str | Callable[[object], str] = "{}") -> str:
+    """'a', or 'a → b' where they differ; a side that is not there (None) shows as '-'."""
     a, b = pair
-    show = fmt if callable(fmt) else fmt.format
+    format_ = fmt if callable(fmt) else fmt.format
+
+    def show(x: object) -> str:
+        return "-" if x is None else format_(x)
+
     return show(a) if a == b else f"{show(a)} → {show(b)}"
 
 
@@ -102,9 +107,6 @@ def diff_table(d: PlanDiff) -> Group:
                 "memory GiB", "round s", "LoRA params", "density up", "density down"):
         t.add_column(col, justify="left" if col in ("server", "status") else "right")
     for s in d.servers:
-        if s.status in ("added", "removed"):
-            t.add_row(s.name, s.status, *[""] * 10)
-            continue
         ups = sum(1 for a, b in s.rank_changes.values() if b > a)
         t.add_row(s.name, s.status, _pair(s.bits), _pair(s.batch_size), str(len(s.matrices_added)),
                   str(len(s.matrices_removed)),
@@ -154,26 +156,51 @@ def run_table(result) -> Group:
                                 f"{d / 'metrics.jsonl'} · curves: {d / 'curves.png'}"))
 
 
+def export_view(result) -> Text:
+    """What `fedpipe export` wrote: ranks and size before and after, the truncation error, how to load."""
+    ranks_before = max(m.rank_before for m in result.modules)
+    ranks_after = max(m.rank_after for m in result.modules)
+    worst = result.worst
+    lines = [f"global adapter: {len(result.modules)} modules, rank <= {ranks_before}, "
+             f"{human_bytes(result.bytes_before)}"]
+    if ranks_after != ranks_before or result.rel_error > 0:
+        lines.append(f"cut to rank <= {ranks_after}: relative error |ΔW - ΔW_k|_F / |ΔW|_F "
+                     f"{result.rel_error:.3g} overall, at most {worst.rel_error:.3g} ({worst.name}); "
+                     f"largest dropped singular value {max(m.sigma_dropped for m in result.modules):.3g}")
+    if result.merged:
+        lines.append(f"wrote {result.out_dir}: a full model (base + update, safetensors, tokenizer): "
+                     f"AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
+    else:
+        lines.append(f"wrote {result.out_dir}: a peft adapter, {human_bytes(result.bytes_after)}, "
+                     f"base {result.base_dir}: "
+                     f"AutoPeftModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
+    return Text("\n".join(lines))
+
+
 class run_progress:  # noqa: N801 - used as a context manager like rich's own helpers
-    """A progress bar over (round, server) steps of a run, fed by the runner's callback."""
+    """A progress bar over (round, server) steps of a run, fed by the runner's callback.
+
+    It starts on the first step, so an error found while setting up prints alone, with no empty
+    bar line before it."""
 
     def __enter__(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                                   console=console(stderr=True), transient=False)
-        self._progress.__enter__()
         self._task = None
 
         def update(server: str, round_index: int, done: int, total: int) -> None:
             if self._task is None:
+                self._progress.start()
                 self._task = self._progress.add_task("", total=total, completed=done)
             self._progress.update(self._task, completed=done, description=f"round {round_index} · {server}")
 
         return update
 
     def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+        if self._task is not None:
+            self._progress.stop()
 
 
 # ---------------------------------------------------------------- sweeps, explanations, show

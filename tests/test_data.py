@@ -476,7 +476,7 @@ def test_evaluate_generation_matches_plain_unpadded_generate(tok, tiny, monkeypa
         return tokens[: tokens.index(tok.eos_token_id) + 1] if tok.eos_token_id in tokens else tokens
 
     def spy(input_ids, attention_mask, **kw):
-        assert kw["past_key_values"] is not None and (attention_mask[:, -1] == 1).all()
+        assert kw.get("cache", kw.get("past_key_values")) is not None and (attention_mask[:, -1] == 1).all()
         out = real(input_ids=input_ids, attention_mask=attention_mask, **kw)
         for row in range(input_ids.shape[0]):
             prompt = tuple(input_ids[row][attention_mask[row].bool()].tolist())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fedpipe.datasize import check_plan_data
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.records import RunFingerprint
@@ -45,6 +46,7 @@ class RunSpec(BaseModel):
     truncate_rank: int | None = None  # and at most this many components per module
     device: str = "cpu"
     completed_rounds: int = 0  # rounds the run folder already holds (a resume)
+    data_warning: str | None = None  # the data file is reused across shards (task.reuse_samples)
 
     @classmethod
     def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
@@ -74,6 +76,7 @@ class RunSpec(BaseModel):
             raise FedpipeError(f"--truncate-rank: valid is a rank >= 1, got {truncate_rank}")
         norm_bound = _setting("--norm-bound", norm_bound, plan.task.norm_bound)
         clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
+        data_warning = check_plan_data(plan, eval_samples or plan.task.eval_samples)
         folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
         folder.claim(resume)
         spec = cls(plan_path=plan_path, plan=plan, plan_sha256=file_sha256(plan_path), folder=folder,
@@ -84,7 +87,7 @@ class RunSpec(BaseModel):
                    min_participation=parse_min_participation(min_participation, len(plan.training_members())),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
                    clip_norm=clip_norm, communication=communication, truncate_energy=truncate_energy,
-                   truncate_rank=truncate_rank, device=device)
+                   truncate_rank=truncate_rank, device=device, data_warning=data_warning)
         if resume and folder.holds_run():
             state = folder.read_state()
             differences = state.fingerprint.differences(spec.fingerprint())

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from pydantic import BaseModel
 
 from fedpipe.plan import Plan, ServerPlan
 
 
 class ServerDiff(BaseModel):
-    """One server's changes from plan A to plan B (None: the server is only in one plan)."""
+    """One server's changes from plan A to plan B; a server in only one plan ("added" or
+    "removed") has None on the other side of each pair and all its matrices added or removed."""
 
     name: str
     status: str  # "changed", "unchanged", "added", "removed"
-    bits: tuple[int, int] | None = None
-    batch_size: tuple[int, int] | None = None
+    bits: tuple[int | None, int | None]
+    batch_size: tuple[int | None, int | None]
     matrices_added: list[str] = []
     matrices_removed: list[str] = []
     rank_changes: dict[str, tuple[int, int]] = {}
-    memory_gib: tuple[float, float] | None = None
-    round_s: tuple[float, float] | None = None
-    lora_params: tuple[int, int] | None = None
-    upload_density: tuple[float, float] | None = None
-    download_density: tuple[float, float] | None = None
+    memory_gib: tuple[float | None, float | None]
+    round_s: tuple[float | None, float | None]
+    lora_params: tuple[int | None, int | None]
+    upload_density: tuple[float | None, float | None]
+    download_density: tuple[float | None, float | None]
 
 
 class PlanDiff(BaseModel):
@@ -36,23 +40,26 @@ class PlanDiff(BaseModel):
     strategy: tuple[str, str]
 
 
-def _server_diff(a: ServerPlan, b: ServerPlan) -> ServerDiff:
-    ra, rb = a.rank_pattern, b.rank_pattern
-    diff = ServerDiff(
-        name=a.name, status="changed",
-        bits=(a.bits, b.bits), batch_size=(a.batch_size, b.batch_size),
+def _server_diff(a: ServerPlan | None, b: ServerPlan | None) -> ServerDiff:
+    ra, rb = (a.rank_pattern if a else {}), (b.rank_pattern if b else {})
+
+    def pair(get: Callable[[ServerPlan], Any]) -> tuple:
+        return (get(a) if a else None, get(b) if b else None)
+
+    same = a is not None and b is not None and (
+        a.bits == b.bits and a.batch_size == b.batch_size and ra == rb
+        and a.upload_density == b.upload_density and a.download_density == b.download_density)
+    return ServerDiff(
+        name=(a or b).name,
+        status="added" if a is None else "removed" if b is None else "unchanged" if same else "changed",
+        bits=pair(lambda s: s.bits), batch_size=pair(lambda s: s.batch_size),
         matrices_added=sorted(set(rb) - set(ra)), matrices_removed=sorted(set(ra) - set(rb)),
         rank_changes={n: (ra[n], rb[n]) for n in sorted(set(ra) & set(rb)) if ra[n] != rb[n]},
-        memory_gib=(a.predicted.memory_gib, b.predicted.memory_gib),
-        round_s=(a.predicted.round_s, b.predicted.round_s),
-        lora_params=(a.predicted.lora_params, b.predicted.lora_params),
-        upload_density=(a.upload_density, b.upload_density),
-        download_density=(a.download_density, b.download_density),
+        memory_gib=pair(lambda s: s.predicted.memory_gib), round_s=pair(lambda s: s.predicted.round_s),
+        lora_params=pair(lambda s: s.predicted.lora_params),
+        upload_density=pair(lambda s: s.upload_density),
+        download_density=pair(lambda s: s.download_density),
     )
-    same = (a.bits == b.bits and a.batch_size == b.batch_size and ra == rb
-            and a.upload_density == b.upload_density and a.download_density == b.download_density)
-    diff.status = "unchanged" if same else "changed"
-    return diff
 
 
 def diff_plans(a: Plan, b: Plan, a_name: str = "A", b_name: str = "B") -> PlanDiff:
@@ -61,10 +68,7 @@ def diff_plans(a: Plan, b: Plan, a_name: str = "A", b_name: str = "B") -> PlanDi
     by_b = {s.name: s for s in b.servers}
     servers = []
     for name in list(by_a) + [n for n in by_b if n not in by_a]:
-        if name in by_a and name in by_b:
-            servers.append(_server_diff(by_a[name], by_b[name]))
-        else:
-            servers.append(ServerDiff(name=name, status="removed" if name in by_a else "added"))
+        servers.append(_server_diff(by_a.get(name), by_b.get(name)))
     return PlanDiff(
         a=a_name, b=b_name, servers=servers,
         makespan_s=(a.summary.makespan_s, b.summary.makespan_s),

@@ -116,7 +116,7 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     warnings = []
     path = Path(profile_path or plan.profile.path)
     if not path.is_file():
-        raise FedpipeError(f"explain: the plan's profile {path} is not there",
+        raise FedpipeError(f"explain: the plan's profile {path.absolute()} is not there",
                            ["pass the profile it was planned from with --profile"])
     if profile_path is None and file_sha256(path) != plan.profile.sha256:
         warnings.append(f"{path} changed since the plan was made: numbers are recomputed from it")
@@ -197,7 +197,8 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
         if deadline is not None and trial.makespan > deadline * (1 + 1e-9):
             blocked.append("deadline")
             needs.append(f"a deadline of {trial.makespan:.3g} s (now {deadline:.3g} s)")
-        if not blocked and d_obj < -RELATIVE_TOLERANCE * max(1.0, abs(ev.objective)):
+        tie = RELATIVE_TOLERANCE * max(1.0, abs(ev.objective))
+        if not blocked and d_obj < -tie:
             blocked.append("objective")
             d_t = trial.makespan - ev.makespan
             if p.objective.kind == "rate":
@@ -209,6 +210,8 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
                              f"at time_weight <= {break_even:.3g} (now {p.objective.time_weight:g})")
             else:
                 needs.append(f"fits, but lowers the objective by {-d_obj:.2g}")
+        elif not blocked and d_obj <= tie:
+            needs.append(f"fits and leaves the objective as it is (within {tie:.0e}): an equal choice")
         elif not blocked:
             needs.append(f"fits and raises the objective by {d_obj:.2g}: within the solver's gap")
         out.append(Option(kind=kind, label=label, memory_gib=c.memory_gib, memory_budget_gib=rep.memory_gib,
@@ -230,7 +233,7 @@ def _coverage(problem: Problem, ch: Choice) -> tuple[list[TypeCoverage], float, 
         rows.append(TypeCoverage(kind=kind, adapted=len(mats) - len(missing), total=len(mats),
                                  at_top_rank=sum(1 for m in mats if ch.ranks.get(m.name) == top),
                                  unadapted_layers=layer_ranges([m.layer for m in missing]),
-                                 forgone=lost_u + lost_r))
+                                 forgone=max(0.0, lost_u + lost_r)))
     return rows, unadapted, lower
 
 
@@ -256,7 +259,8 @@ def explain_plan(plan: Plan, plan_name: str = "plan", server: str | None = None,
                 config_factor=problem.config_factor(ch.bits, ch.batch, ch.density),
                 binding=list(sp.binding),
                 constraints=_constraints(problem, k, ev, sp.binding), covered=ev.covered[k],
-                forgone=1 - ev.covered[k], forgone_unadapted=unadapted, forgone_lower_rank=lower,
+                forgone=max(0.0, 1 - ev.covered[k]), forgone_unadapted=max(0.0, unadapted),
+                forgone_lower_rank=max(0.0, lower),  # no "-0.000" from rounding
                 by_type=rows, options=_options(problem, choices, k, ev)))
     order = {s.name: i for i, s in enumerate(plan.servers)}
     entries.sort(key=lambda e: order.get(e.server, 0))

@@ -385,5 +385,5 @@ def load_sweep(path: str | Path) -> SweepResult:
     if path.is_dir():
         path = path / "sweep.yaml"
     if not path.is_file():
-        raise FedpipeError(f"sweep: no such file {path}")
+        raise FedpipeError(f"sweep: no such file {path.absolute()}")
     return SweepResult.model_validate(yaml.safe_load(path.read_text()))

@@ -104,7 +104,8 @@ def test_cli_explain_text_json_and_errors(small, tmp_path):
 
 
 def raw_profile(plan_path: Path) -> str:
-    return yaml.safe_load(plan_path.read_text())["profile"]["path"]
+    """The profile the plan records (written relative to the plan file)."""
+    return str(plan_path.parent / yaml.safe_load(plan_path.read_text())["profile"]["path"])
 
 
 def test_rank_map_is_mean_rank_per_layer(small):

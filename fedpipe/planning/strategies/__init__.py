@@ -6,6 +6,7 @@ strategy's plan is costed and written by the planner's own ``evaluate`` and ``as
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fedpipe.digest import file_sha256
@@ -51,7 +52,7 @@ def make_plan(profile_path: str | Path, strategy: str = DEFAULT, *, solver: str 
     profile = with_objective(profile, objective)
     problem = build_problem(profile, shapes, importance)
     choices, ev, report, baseline = chosen.solve(problem, SolveOptions(solver, time_limit, method))
-    ref = ProfileRef(path=str(profile_path), sha256=file_sha256(profile_path),
+    ref = ProfileRef(path=os.path.abspath(profile_path), sha256=file_sha256(profile_path),
                      name=profile.name or profile_path.stem.removesuffix(".profile"))
     plan = assemble_plan(problem, choices, report, baseline, ref, importance_source or BUILTIN_PRIOR_SOURCE,
                          ev)
