@@ -24,7 +24,10 @@ class ServerRow(_Strict):
     steps: int
     train_s: float
     tokens: int
-    memory_gib: float = Field(description="Resident model plus the peak working memory of training.")
+    memory_gib: float = Field(description="The model's resident bytes plus the growth of the process's "
+                              "resident set while it trained (CUDA: the allocator's peak). On a CPU, "
+                              "after round 1 the allocator reuses what it already holds, so this "
+                              "undercounts; `fedpipe calibrate` measures true peaks in fresh processes.")
     predicted_memory_gib: float
     upload_bytes: int = Field(description="Counted on the payload sent, header included.")
     download_bytes: int
