@@ -92,6 +92,8 @@ class RunSettings:
     min_participation: str = "1"
     norm_bound: float = -1.0  # -1: the plan's; 0: off
     clip_norm: float = -1.0
+    cohort: str = ""  # "": the plan's
+    stratify: int = -1  # -1: the plan's; 0 / 1
 
     @classmethod
     def from_config(cls, config: dict) -> RunSettings:
@@ -103,7 +105,9 @@ class RunSettings:
                                local_steps=self.local_steps or None, eval_samples=self.eval_samples or None,
                                min_participation=self.min_participation, round_timeout=self.round_timeout,
                                norm_bound=None if self.norm_bound < 0 else self.norm_bound,
-                               clip_norm=None if self.clip_norm < 0 else self.clip_norm)
+                               clip_norm=None if self.clip_norm < 0 else self.clip_norm,
+                               cohort=self.cohort or None,
+                               stratify=None if self.stratify < 0 else bool(self.stratify))
 
 
 def replies_by_sender(sent: dict, replies) -> dict:
@@ -409,6 +413,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
            eval_samples: int | None = None, round_timeout: float = 3600.0,
            min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
+           cohort: str | None = None, stratify: bool | None = None,
            echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
@@ -418,14 +423,15 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
     spec = RunSpec.resolve(plan_path, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
                            local_steps=local_steps, eval_samples=eval_samples,
                            min_participation=min_participation, round_timeout=round_timeout,
-                           norm_bound=norm_bound, clip_norm=clip_norm)
+                           norm_bound=norm_bound, clip_norm=clip_norm, cohort=cohort, stratify=stratify)
     run_dir = spec.folder.path.resolve()
     settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
                            rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
                            local_steps=local_steps or 0, eval_samples=eval_samples or 0,
                            round_timeout=float(round_timeout), min_participation=str(min_participation),
                            norm_bound=-1.0 if norm_bound is None else norm_bound,
-                           clip_norm=-1.0 if clip_norm is None else clip_norm)
+                           clip_norm=-1.0 if clip_norm is None else clip_norm, cohort=cohort or "",
+                           stratify=-1 if stratify is None else int(stratify))
     connection = {"address": superlink}
     if insecure:
         connection["insecure"] = True

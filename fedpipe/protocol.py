@@ -3,12 +3,14 @@
 Two messages, both `fedpipe.wire` payloads (safetensors bytes, so what is counted is what was sent):
 
 * **Broadcast** (coordinator -> server, one per plan entry and round): two groups of factors told
-  apart by a key prefix, ``base/NAME`` (an update to merge into the base weights: rules that merge,
-  see `fedpipe.rules`) and ``init/NAME`` (the adapter's starting factors; a module without one starts
-  fresh: A drawn from the round's seed, B = 0). Metadata: ``round``; ``base`` = ``none`` | ``delta``
-  (add to the merge held from the previous round) | ``full`` (replace what is held: a server that
-  missed rounds, restarted, or a resumed run); below download density 1, ``reference_round`` (the
-  ``init/`` values are a top-k delta against that round's broadcast as the server holds it).
+  apart by a key prefix, ``base/ROUND/NAME`` (an update to merge into the base weights, first
+  broadcast in round ROUND: rules that merge, see `fedpipe.rules`) and ``init/NAME`` (the adapter's
+  starting factors; a module without one starts fresh: A drawn from the round's seed, B = 0).
+  Metadata: ``round``; ``base`` = ``none`` | ``delta`` (add the merges of rounds ``since`` + 1 ..
+  ``round`` the server does not hold yet: the round's own, or everything a server that sat out
+  rounds missed) | ``full`` (replace what is held by the cumulative merge: a resumed run, or when
+  that is fewer bytes); below download density 1, ``reference_round`` (the ``init/`` values are a
+  top-k delta against that round's broadcast as the server holds it).
 * **Update** (server -> coordinator): the trained factors, below upload density 1 a top-k delta
   against the round's start that both sides can rebuild (`start_reference`). Metadata: ``server``,
   ``entry``, ``round``, ``n_samples``, ``fresh_seed``, ``train_loss``.
@@ -44,24 +46,29 @@ def derived_seed(*parts: object) -> int:
 class Broadcast:
     """A broadcast as the server decoded it."""
 
-    base_delta: dict[str, LoraFactors]
+    merges: dict[int, dict[str, LoraFactors]]  # round first broadcast -> update ("full": one, the sum)
     init: dict[str, LoraFactors]
     round: int
     base: BaseMode
+    since: int  # "delta": the merges held before this broadcast must reach at least this round
 
 
-def broadcast_payload(base_delta: dict[str, LoraFactors], adapter_init: dict[str, LoraFactors],
-                      round_index: int, *, base: BaseMode = "none", density: float = 1.0,
-                      reference: dict[str, LoraFactors] | None = None,
+def broadcast_payload(merges: dict[int, dict[str, LoraFactors]], adapter_init: dict[str, LoraFactors],
+                      round_index: int, *, base: BaseMode = "none", since: int | None = None,
+                      density: float = 1.0, reference: dict[str, LoraFactors] | None = None,
                       reference_round: int | None = None) -> bytes:
-    """One server's broadcast; below density 1, ``init/`` is a top-k delta against `reference`
-    (the previous broadcast as the server holds it, from round `reference_round`)."""
+    """One server's broadcast: `merges` by the round that first broadcast each (under "delta",
+    rounds `since` + 1 .. `round_index`, default the round's own); below density 1, ``init/`` is a
+    top-k delta against `reference` (the previous broadcast as the server holds it, from round
+    `reference_round`)."""
     if base not in BASE_MODES:
         raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
-    factors = {BASE + n: f for n, f in base_delta.items()} | {INIT + n: f for n, f in adapter_init.items()}
-    meta = {"round": str(round_index), "base": base}
+    factors = {f"{BASE}{r}/{n}": f for r, update in merges.items() for n, f in update.items()}
+    factors |= {INIT + n: f for n, f in adapter_init.items()}
+    meta = {"round": str(round_index), "base": base,
+            "since": str(round_index - 1 if since is None else since)}
     if density < 1.0:
-        if base_delta or reference is None or reference_round is None:
+        if merges or reference is None or reference_round is None:
             raise FedpipeError("broadcast: a sparse broadcast carries only init/ factors and needs "
                                "the reference the server holds and its round")
         meta["reference_round"] = str(reference_round)
@@ -76,9 +83,15 @@ def read_broadcast(payload: bytes, *, reference: dict[str, LoraFactors] | None =
     base = meta.get("base", "none")
     if base not in BASE_MODES:
         raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
-    return Broadcast(base_delta={n[len(BASE):]: f for n, f in factors.items() if n.startswith(BASE)},
+    merges: dict[int, dict[str, LoraFactors]] = {}
+    for key, f in factors.items():
+        if key.startswith(BASE):
+            r, _, name = key[len(BASE):].partition("/")
+            merges.setdefault(int(r), {})[name] = f
+    round_index = int(meta.get("round", "0"))
+    return Broadcast(merges=dict(sorted(merges.items())),
                      init={n[len(INIT):]: f for n, f in factors.items() if n.startswith(INIT)},
-                     round=int(meta.get("round", "0")), base=base)
+                     round=round_index, base=base, since=int(meta.get("since", round_index - 1)))
 
 
 def peek_metadata(payload: bytes) -> dict[str, str]:

@@ -39,6 +39,8 @@ class RoundRow(_Strict):
 
     round: int
     rule: str
+    cohort: list[str] = Field(default_factory=list, description="The servers sampled to train this "
+                              "round; the others are neither missed nor idle.")
     servers: list[ServerRow]
     idle_servers: list[str] = Field(description="Plan members that adapt nothing, so never train.")
     missed_servers: dict[str, str] = Field(description="Member -> why its update is not in this round.")
@@ -61,6 +63,8 @@ class RunFingerprint(_Strict):
     data: str = Field(description="The dataset file's sha256, or its source string.")
     norm_bound: float | None
     clip_norm: float | None
+    cohort: int | None = Field(None, description="Servers sampled per round (null: all of them).")
+    stratify: bool = False
 
     def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
         """(field, this value, the other's) for every field that differs."""

@@ -12,7 +12,7 @@ import hashlib
 import math
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
@@ -35,7 +35,9 @@ class RunSpec(BaseModel):
     rounds: int
     local_steps: int
     eval_samples: int
-    min_participation: int
+    cohort: int = Field(description="Servers sampled to train each round (all: every round).")
+    stratify: bool
+    min_participation: int = Field(description="Replies a round needs, out of its cohort.")
     round_timeout: float
     resume: bool
     norm_bound: float | None
@@ -49,7 +51,8 @@ class RunSpec(BaseModel):
                 eval_samples: int | None = None, upload_density: float | None = None,
                 download_density: float | None = None, min_participation: str | int | float = "1",
                 round_timeout: float = 3600.0, norm_bound: float | None = None,
-                clip_norm: float | None = None, device: str = "cpu") -> RunSpec:
+                clip_norm: float | None = None, cohort: str | int | float | None = None,
+                stratify: bool | None = None, device: str = "cpu") -> RunSpec:
         """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
         plan_path = Path(plan_path)
         plan = with_densities(load_plan(plan_path), upload_density, download_density)
@@ -59,13 +62,17 @@ class RunSpec(BaseModel):
             raise FedpipeError(f"--round-timeout: must be positive seconds, got {round_timeout}")
         norm_bound = _setting("--norm-bound", norm_bound, plan.task.norm_bound)
         clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
+        n_training = len(plan.training_members())
+        cohort = cohort if cohort is not None else plan.task.cohort
+        size = n_training if cohort is None else count_or_fraction("cohort", cohort, n_training)
         folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
         folder.claim(resume)
         spec = cls(plan_path=plan_path, plan=plan, plan_sha256=file_sha256(plan_path), folder=folder,
                    rule=rule, rounds=rounds or plan.task.rounds,
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
-                   min_participation=parse_min_participation(min_participation, len(plan.training_members())),
+                   cohort=size, stratify=plan.task.stratify if stratify is None else stratify,
+                   min_participation=count_or_fraction("min_participation", min_participation, size),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
                    clip_norm=clip_norm, device=device)
         if resume and folder.holds_run():
@@ -81,11 +88,12 @@ class RunSpec(BaseModel):
 
     def fingerprint(self) -> RunFingerprint:
         """What a resume must keep equal (only the number of rounds may grow)."""
-        task = self.plan.task
+        task, everyone = self.plan.task, len(self.plan.training_members())
         return RunFingerprint(plan=plan_content_hash(self.plan), rule=self.rule, local_steps=self.local_steps,
                               eval_samples=self.eval_samples, seed=task.seed,
                               data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
-                              clip_norm=self.clip_norm)
+                              clip_norm=self.clip_norm, stratify=self.stratify,
+                              cohort=None if self.cohort == everyone else self.cohort)
 
 
 def _setting(flag: str, given: float | None, planned: float | None) -> float | None:
@@ -122,16 +130,17 @@ def with_densities(plan: Plan, upload: float | None = None, download: float | No
     return plan.model_copy(update={"servers": servers})
 
 
-def parse_min_participation(text: str | int | float, n_servers: int) -> int:
-    """Replies a round needs: "2" is a count, "0.5" (a decimal point) a fraction of the servers."""
-    raw = str(text).strip()
+def count_or_fraction(field: str, value: str | int | float, n_servers: int) -> int:
+    """A number of servers: an int (or "2") is a count, a float (or "0.5", written with a decimal
+    point) a fraction of `n_servers`, rounded up."""
+    raw = str(value).strip()
     try:
-        value = float(raw) if "." in raw else int(raw)
+        number = float(raw) if "." in raw else int(raw)
     except ValueError:
-        value = None
-    if isinstance(value, float) and 0 < value <= 1:
-        return max(1, math.ceil(value * n_servers - 1e-9))
-    if isinstance(value, int) and 1 <= value <= n_servers:
-        return value
-    raise FedpipeError(f"min_participation: {raw!r} is neither a count from 1 to {n_servers} (the "
-                       "servers that train) nor a fraction in (0, 1] written with a decimal point")
+        number = None
+    if isinstance(number, float) and 0 < number <= 1:
+        return max(1, math.ceil(number * n_servers - 1e-9))
+    if isinstance(number, int) and 1 <= number <= n_servers:
+        return number
+    raise FedpipeError(f"{field}: {raw!r} is neither a count from 1 to {n_servers} nor a fraction "
+                       "in (0, 1] written with a decimal point")
