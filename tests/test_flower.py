@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from fedpipe.cli import app
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.cohort import count_or_fraction
 from fedpipe.federation.inprocess import run_plan
-from fedpipe.federation.spec import count_or_fraction
 from fedpipe.metrics import read_metrics
 
 flower_app = pytest.importorskip("fedpipe.flower_app", exc_type=FedpipeError)

@@ -13,6 +13,24 @@ import math
 import random
 from collections.abc import Sequence
 
+from fedpipe.errors import FedpipeError
+
+
+def count_or_fraction(field: str, value: str | int | float, n_servers: int) -> int:
+    """A number of servers: an int (or "2") is a count, a float (or "0.5", written with a decimal
+    point) a fraction of `n_servers`, rounded up."""
+    raw = str(value).strip()
+    try:
+        number = float(raw) if "." in raw else int(raw)
+    except ValueError:
+        number = None
+    if isinstance(number, float) and 0 < number <= 1:
+        return max(1, math.ceil(number * n_servers - 1e-9))
+    if isinstance(number, int) and 1 <= number <= n_servers:
+        return number
+    raise FedpipeError(f"{field}: {raw!r} is neither a count from 1 to {n_servers} nor a fraction "
+                       "in (0, 1] written with a decimal point")
+
 
 def draw_cohort(members: Sequence[tuple[str, str]], round_index: int, seed: int, size: int,
                 stratify: bool = False) -> list[str]:

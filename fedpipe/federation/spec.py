@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.cohort import count_or_fraction
 from fedpipe.federation.records import RunFingerprint
 from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
@@ -128,19 +129,3 @@ def with_densities(plan: Plan, upload: float | None = None, download: float | No
     except ValidationError as e:
         raise FedpipeError("density override: " + "; ".join(err["msg"] for err in e.errors())) from None
     return plan.model_copy(update={"servers": servers})
-
-
-def count_or_fraction(field: str, value: str | int | float, n_servers: int) -> int:
-    """A number of servers: an int (or "2") is a count, a float (or "0.5", written with a decimal
-    point) a fraction of `n_servers`, rounded up."""
-    raw = str(value).strip()
-    try:
-        number = float(raw) if "." in raw else int(raw)
-    except ValueError:
-        number = None
-    if isinstance(number, float) and 0 < number <= 1:
-        return max(1, math.ceil(number * n_servers - 1e-9))
-    if isinstance(number, int) and 1 <= number <= n_servers:
-        return number
-    raise FedpipeError(f"{field}: {raw!r} is neither a count from 1 to {n_servers} nor a fraction "
-                       "in (0, 1] written with a decimal point")

@@ -8,9 +8,8 @@ import torch
 from fedpipe import client
 from fedpipe.client import AdaptedModel
 from fedpipe.errors import FedpipeError
-from fedpipe.federation.cohort import draw_cohort
+from fedpipe.federation.cohort import count_or_fraction, draw_cohort
 from fedpipe.federation.coordinator import Coordinator
-from fedpipe.federation.spec import count_or_fraction
 from fedpipe.lora import ClientUpdate, LoraFactors
 from fedpipe.plan import ServerPlan
 from fedpipe.protocol import read_broadcast
