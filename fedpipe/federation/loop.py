@@ -7,9 +7,11 @@
 The cohort (`cohort.draw_cohort`) is a function of the seed and the round, so every transport and a
 resumed run train the same servers. The global model (base + global update, exact, in full
 precision) is evaluated on the held-out split after every round. Under a rule that merges into the
-base, a member behind the global model (it sat out rounds; every member after a resume) is sent
-what it missed (`Coordinator.broadcast`). The round deadline is the transport's to enforce; a
-member that misses it is reported with the plan's predicted round time beside its own.
+base, a member behind the global model is sent what it missed (`Coordinator.broadcast`): the
+merges since its last round when it sat out rounds undrawn, the cumulative update when its state
+is unknown (it was drawn and did not reply, or the run was resumed). The round deadline is the
+transport's to enforce; a member that misses it is reported with the plan's predicted round time
+beside its own.
 """
 
 from __future__ import annotations
@@ -102,7 +104,11 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
             entries = dict(cohort)
             missed |= {m: f"{why}; the plan predicted {entries[m].predicted.round_s:.3g}s"
                        for m, why in late.items()}
-            last_round |= {m: round_index for m in replies}
+            for m, _ in cohort:  # one drawn that did not reply may have restarted: its base is unknown
+                if m in replies:
+                    last_round[m] = round_index
+                else:
+                    last_round.pop(m, None)
             expected = {m: Expected(m, entry.name, round_index, len(shards[m]), entry.rank_pattern,
                                     {n: shapes[n] for n in entry.rank_pattern}) for m, entry in cohort}
             arrived = [(replies[d.member], d) for d in deliveries if d.member in replies]  # plan order
