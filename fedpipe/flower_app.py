@@ -18,10 +18,12 @@ round loop is the same one, so a run matches the in-process backend.
 
 A node that fails or times out misses that round only: the round aggregates the replies that
 arrived (weights renormalised), the metrics row names who missed it and why, and the node is
-invited again next round. `min_participation` (a count, or a fraction with a decimal point) fails
-the run when too few reply. Rules that merge into the base (flora) need each node's base to hold
-every earlier round's merge: a node keeps its merged update in its Flower node state, and a node
-that missed a round (or restarted) gets the cumulative merged update (`protocol`: base ``full``).
+invited again next round. `min_participation` (a count, or a fraction with a decimal point, of the
+round's cohort) fails the run when too few reply. Rules that merge into the base (flora) need each
+node's base to hold every earlier round's merge: a node keeps its merged update in its Flower node
+state; one that sat out rounds undrawn gets the merges it missed, one that was drawn and did not
+reply (it may have restarted) the cumulative merged update (`protocol`: base ``full``). A node
+restarted while undrawn refuses the merges (its base is behind them) and so misses one round.
 """
 
 from __future__ import annotations
