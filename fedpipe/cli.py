@@ -200,10 +200,17 @@ def run(
                                            "networks and tests only).")] = False,
     root_certificates: Annotated[Path | None, typer.Option(help="flower: CA certificate that signed "
                                                            "the SuperLink's (default: system CAs).")] = None,
-    round_timeout: Annotated[float, typer.Option(help="flower: seconds a round waits for replies; "
-                                                 "who is late misses the round.")] = 3600.0,
-    min_participation: Annotated[str, typer.Option(help="Replies a round needs, a count (2) or a fraction "
-                                                   "(0.5); a refused update counts as missed.")] = "1",
+    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; who is late "
+                                                 "misses the round (inprocess: a server whose own "
+                                                 "training took longer).")] = 3600.0,
+    cohort: Annotated[str | None, typer.Option(help="Servers sampled to train each round, a count (8) "
+                                               "or a fraction (0.125) (default: the plan's task.cohort, "
+                                               "else all).")] = None,
+    stratify: Annotated[bool | None, typer.Option("--stratify/--no-stratify", help="Sample the cohort "
+                                                  "class by class (default: the plan's).")] = None,
+    min_participation: Annotated[str, typer.Option(help="Replies a round needs out of its cohort, a count "
+                                                   "(2) or a fraction (0.5); a refused update counts as "
+                                                   "missed.")] = "1",
     norm_bound: Annotated[float | None, typer.Option(help="Refuse an update whose norm is over this "
                                                      "multiple of the round's median; 0 = off (default: "
                                                      "the plan's task.norm_bound, 10).")] = None,
@@ -224,7 +231,8 @@ def run(
     settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
                     eval_samples=eval_samples, eval_every=eval_every, min_participation=min_participation,
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm,
-                    truncate_energy=truncate_energy, truncate_rank=truncate_rank)
+                    truncate_energy=truncate_energy, truncate_rank=truncate_rank, cohort=cohort,
+                    stratify=stratify)
     spec = RunSpec.resolve(plan_file, **overrides, **settings)  # every argument checked before anything heavy
     if spec.data_warning:
         console(stderr=True).print(f"[bold yellow]warning:[/] {spec.data_warning}", highlight=False,

@@ -79,19 +79,23 @@ class AdaptedModel:
                    entry.bits)
 
     def merge(self, model_dir: Path, broadcast: Broadcast, server: str) -> None:
-        """Bring the base to what the broadcast says: add this round's update to the merge held
-        (once, however many servers share the model), or replace it by the cumulative one."""
+        """Bring the base to what the broadcast says: add the merges it carries that the base does
+        not hold yet (once, however many servers share the model), or replace what is held by the
+        cumulative one."""
         if broadcast.base == "none" or (broadcast.base == "delta" and self.merged_round >= broadcast.round):
             return
         if broadcast.base == "full":
-            self.merged = {name: f.folded() for name, f in broadcast.base_delta.items()}
+            self.merged = {name: f.folded() for update in broadcast.merges.values()
+                           for name, f in update.items()}
         else:
-            if self.merged_round != broadcast.round - 1:
+            if self.merged_round < broadcast.since:
                 raise FedpipeError(f"server {server}: its base holds round {self.merged_round}'s merge, "
-                                   f"round {broadcast.round} needs round {broadcast.round - 1}'s")
-            for name, f in broadcast.base_delta.items():
-                self.merged[name] = concat(self.merged.get(name), f)
-        if broadcast.base_delta or broadcast.base == "full":
+                                   f"round {broadcast.round}'s broadcast adds to round {broadcast.since}'s")
+            for r, update in broadcast.merges.items():
+                if r > self.merged_round:
+                    for name, f in update.items():
+                        self.merged[name] = concat(self.merged.get(name), f)
+        if any(r > self.merged_round for r in broadcast.merges) or broadcast.base == "full":
             apply_base_delta(self.model, model_dir, self.merged)
         self.merged_round = broadcast.round
 

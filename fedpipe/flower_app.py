@@ -18,10 +18,12 @@ round loop is the same one, so a run matches the in-process backend.
 
 A node that fails or times out misses that round only: the round aggregates the replies that
 arrived (weights renormalised), the metrics row names who missed it and why, and the node is
-invited again next round. `min_participation` (a count, or a fraction with a decimal point) fails
-the run when too few reply. Rules that merge into the base (flora) need each node's base to hold
-every earlier round's merge: a node keeps its merged update in its Flower node state, and a node
-that missed a round (or restarted) gets the cumulative merged update (`protocol`: base ``full``).
+invited again next round. `min_participation` (a count, or a fraction with a decimal point, of the
+round's cohort) fails the run when too few reply. Rules that merge into the base (flora) need each
+node's base to hold every earlier round's merge: a node keeps its merged update in its Flower node
+state; one that sat out rounds undrawn gets the merges it missed, one that was drawn and did not
+reply (it may have restarted) the cumulative merged update (`protocol`: base ``full``). A node
+restarted while undrawn refuses the merges (its base is behind them) and so misses one round.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class RunSettings:
     clip_norm: float = -1.0
     truncate_energy: float = 0.0  # 0: off
     truncate_rank: int = 0  # 0: off
+    cohort: str = ""  # "": the plan's
+    stratify: int = -1  # -1: the plan's; 0 / 1
 
     @classmethod
     def from_config(cls, config: dict) -> RunSettings:
@@ -109,7 +113,9 @@ class RunSettings:
                                norm_bound=None if self.norm_bound < 0 else self.norm_bound,
                                clip_norm=None if self.clip_norm < 0 else self.clip_norm,
                                truncate_energy=self.truncate_energy or None,
-                               truncate_rank=self.truncate_rank or None)
+                               truncate_rank=self.truncate_rank or None,
+                               cohort=self.cohort or None,
+                               stratify=None if self.stratify < 0 else bool(self.stratify))
 
 
 def replies_by_sender(sent: dict, replies) -> dict:
@@ -416,6 +422,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            eval_samples: int | None = None, eval_every: int | None = None, round_timeout: float = 3600.0,
            min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
            truncate_energy: float | None = None, truncate_rank: int | None = None,
+           cohort: str | None = None, stratify: bool | None = None,
            echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
@@ -426,7 +433,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
                            local_steps=local_steps, eval_samples=eval_samples, eval_every=eval_every,
                            min_participation=min_participation, round_timeout=round_timeout,
                            norm_bound=norm_bound, clip_norm=clip_norm, truncate_energy=truncate_energy,
-                           truncate_rank=truncate_rank)
+                           truncate_rank=truncate_rank, cohort=cohort, stratify=stratify)
     run_dir = spec.folder.path.resolve()
     settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
                            rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
@@ -435,7 +442,8 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
                            round_timeout=float(round_timeout), min_participation=str(min_participation),
                            norm_bound=-1.0 if norm_bound is None else norm_bound,
                            clip_norm=-1.0 if clip_norm is None else clip_norm,
-                           truncate_energy=truncate_energy or 0.0, truncate_rank=truncate_rank or 0)
+                           truncate_energy=truncate_energy or 0.0, truncate_rank=truncate_rank or 0,
+                           cohort=cohort or "", stratify=-1 if stratify is None else int(stratify))
     connection = {"address": superlink}
     if insecure:
         connection["insecure"] = True

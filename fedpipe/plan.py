@@ -140,6 +140,10 @@ class Summary(_Strict):
     quality: float = Field(description="Sample-weighted importance covered, incl. precision loss.")
     upload_bytes: int = Field(description="Bytes uploaded by all servers per round.")
     download_bytes: int = Field(description="Bytes downloaded by all servers per round.")
+    cohort: int | None = Field(None, description="Servers sampled per round (task.cohort; null: all).")
+    cohort_makespan_s: float | None = Field(None, description="Expected round time of a sampled cohort "
+                                            "(its slowest member).")
+    cohort_makespan_p90_s: float | None = Field(None, description="90th percentile over cohorts.")
 
 
 class Baseline(_Strict):

@@ -51,6 +51,18 @@ class Task(_Strict):
                                      "multiple of the round's median update norm (null: no bound).")
     clip_norm: float | None = Field(None, gt=0, description="Scale every update down to at most this "
                                     "norm before aggregating (robust aggregation; null: off).")
+    cohort: int | float | None = Field(None, description="Servers sampled to train each round: a "
+                                       "count (8) or a fraction of the training servers (0.125); "
+                                       "null: every server, every round.")
+    stratify: bool = Field(False, description="Sample the cohort class by class (plan entries), in "
+                           "proportion to each class's size.")
+
+    @field_validator("cohort")
+    @classmethod
+    def _cohort_in_range(cls, v: int | float | None) -> int | float | None:
+        if v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1):
+            return v
+        raise ValueError(f"cohort {v!r}: valid is a count >= 1 or a fraction in (0, 1]")
 
 
 class Candidates(_Strict):

@@ -3,13 +3,15 @@
 Two messages, both `fedpipe.wire` payloads (safetensors bytes, so what is counted is what was sent):
 
 * **Broadcast** (coordinator -> server, one per plan entry and round): two groups of factors told
-  apart by a key prefix, ``base/NAME`` (an update to merge into the base weights: rules that merge,
-  see `fedpipe.rules`) and ``init/NAME`` (the adapter's starting factors; a module without one starts
-  fresh: A drawn from the round's seed, B = 0). Metadata: ``round``; ``base`` = ``none`` | ``delta``
-  (add to the merge held from the previous round) | ``full`` (replace what is held: a server that
-  missed rounds, restarted, or a resumed run); when the ``init/`` values are a lossy delta (top-k,
-  or a precision below fp32: `fedpipe.precision`) against that round's broadcast as the server
-  holds it, ``reference_round``.
+  apart by a key prefix, ``base/ROUND/NAME`` (an update to merge into the base weights, first
+  broadcast in round ROUND: rules that merge, see `fedpipe.rules`) and ``init/NAME`` (the adapter's
+  starting factors; a module without one starts fresh: A drawn from the round's seed, B = 0).
+  Metadata: ``round``; ``base`` = ``none`` | ``delta`` (add the merges of rounds ``since`` + 1 ..
+  ``round`` the server does not hold yet: the round's own, or everything a server that sat out
+  rounds missed) | ``full`` (replace what is held by the cumulative merge: a resumed run, or when
+  that is fewer bytes); when the ``init/`` values are a lossy delta (top-k, or a precision below
+  fp32: `fedpipe.precision`) against that round's broadcast as the server holds it,
+  ``reference_round``.
 * **Update** (server -> coordinator): the trained factors; when lossy (upload density below 1 or
   a precision below fp32) a delta against the round's start that both sides can rebuild
   (`start_reference`), possibly with the sender's error feedback (`fedpipe.feedback`). Metadata: ``server``,
@@ -47,25 +49,30 @@ def derived_seed(*parts: object) -> int:
 class Broadcast:
     """A broadcast as the server decoded it."""
 
-    base_delta: dict[str, LoraFactors]
+    merges: dict[int, dict[str, LoraFactors]]  # round first broadcast -> update ("full": one, the sum)
     init: dict[str, LoraFactors]
     round: int
     base: BaseMode
+    since: int  # "delta": the merges held before this broadcast must reach at least this round
 
 
-def broadcast_payload(base_delta: dict[str, LoraFactors], adapter_init: dict[str, LoraFactors],
-                      round_index: int, *, base: BaseMode = "none", density: float = 1.0,
-                      precision: str = "fp32", reference: dict[str, LoraFactors] | None = None,
+def broadcast_payload(merges: dict[int, dict[str, LoraFactors]], adapter_init: dict[str, LoraFactors],
+                      round_index: int, *, base: BaseMode = "none", since: int | None = None,
+                      density: float = 1.0, precision: str = "fp32",
+                      reference: dict[str, LoraFactors] | None = None,
                       reference_round: int | None = None) -> bytes:
-    """One server's broadcast; with a `reference` (the previous broadcast as the server holds it,
-    from round `reference_round`) ``init/`` is a lossy delta against it, else values at
-    `precision` (and dense)."""
+    """One server's broadcast: `merges` by the round that first broadcast each (under "delta",
+    rounds `since` + 1 .. `round_index`, default the round's own); with a `reference` (the previous
+    broadcast as the server holds it, from round `reference_round`) ``init/`` is a lossy delta
+    against it, else values at `precision` (and dense)."""
     if base not in BASE_MODES:
         raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
-    factors = {BASE + n: f for n, f in base_delta.items()} | {INIT + n: f for n, f in adapter_init.items()}
-    meta = {"round": str(round_index), "base": base}
+    factors = {f"{BASE}{r}/{n}": f for r, update in merges.items() for n, f in update.items()}
+    factors |= {INIT + n: f for n, f in adapter_init.items()}
+    meta = {"round": str(round_index), "base": base,
+            "since": str(round_index - 1 if since is None else since)}
     if reference is not None:
-        if base_delta or reference_round is None:
+        if merges or reference_round is None:
             raise FedpipeError("broadcast: a delta broadcast carries only init/ factors and needs "
                                "the round of the reference the server holds")
         meta["reference_round"] = str(reference_round)
@@ -82,9 +89,15 @@ def read_broadcast(payload: bytes, *, reference: dict[str, LoraFactors] | None =
     base = meta.get("base", "none")
     if base not in BASE_MODES:
         raise FedpipeError(f"broadcast: base mode {base!r} is not one of {', '.join(BASE_MODES)}")
-    return Broadcast(base_delta={n[len(BASE):]: f for n, f in factors.items() if n.startswith(BASE)},
+    merges: dict[int, dict[str, LoraFactors]] = {}
+    for key, f in factors.items():
+        if key.startswith(BASE):
+            r, _, name = key[len(BASE):].partition("/")
+            merges.setdefault(int(r), {})[name] = f
+    round_index = int(meta.get("round", "0"))
+    return Broadcast(merges=dict(sorted(merges.items())),
                      init={n[len(INIT):]: f for n, f in factors.items() if n.startswith(INIT)},
-                     round=int(meta.get("round", "0")), base=base)
+                     round=round_index, base=base, since=int(meta.get("since", round_index - 1)))
 
 
 def peek_metadata(payload: bytes) -> dict[str, str]:

@@ -8,7 +8,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from fedpipe.plan import Plan
+from fedpipe.plan import Plan, Summary
 from fedpipe.planning.diff import PlanDiff
 
 
@@ -18,6 +18,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def cohort_line(summary: Summary) -> list[Text]:
+    """The round time of a sampled cohort, when the plan's task samples one."""
+    if summary.cohort is None or summary.cohort_makespan_s is None:
+        return []
+    return [Text(f"cohort of {summary.cohort} per round: round time {seconds(summary.cohort_makespan_s)} "
+                 f"expected, {seconds(summary.cohort_makespan_p90_s or 0.0)} p90 over cohorts "
+                 f"(all servers: {seconds(summary.makespan_s)})")]
 
 
 def seconds(s: float) -> str:
@@ -70,6 +79,7 @@ def plan_table(plan: Plan) -> Group:
         Text(f"makespan {seconds(plan.summary.makespan_s)} · quality (importance covered) "
              f"{plan.summary.quality:.3f} · bytes/round up {human_bytes(plan.summary.upload_bytes)} "
              f"down {human_bytes(plan.summary.download_bytes)}"),
+        *cohort_line(plan.summary),
         Text(objective_text(plan.objective_kind, plan.objective_time_weight, plan.reference_time_s,
                             plan_objective(plan))),
         Text(f"solver {sv.solver} ({sv.method}) · status {sv.status} · gap {gap}{solves} · "

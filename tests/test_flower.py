@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from fedpipe.cli import app
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.cohort import count_or_fraction
 from fedpipe.federation.inprocess import run_plan
-from fedpipe.federation.spec import parse_min_participation
 from fedpipe.metrics import read_metrics
 
 flower_app = pytest.importorskip("fedpipe.flower_app", exc_type=FedpipeError)
@@ -357,7 +357,9 @@ def test_a_node_with_another_plan_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_min_participation_is_a_count_or_a_fraction():
-    parse = parse_min_participation
+    def parse(text, n):
+        return count_or_fraction("min_participation", text, n)
+
     assert parse("1", 4) == 1 and parse("3", 4) == 3 and parse(2, 2) == 2
     assert parse("0.5", 4) == 2 and parse("0.5", 3) == 2 and parse("1.0", 3) == 3 and parse("0.01", 5) == 1
     for bad in ("0", "5", "1.5", "-1", "half", "0.0"):

@@ -92,6 +92,40 @@ def test_every_rule_runs(tmp_path, tiny_model_dir, rule):
         assert len(downs) == 1 and downs.pop() > max(s["upload_bytes"] for s in result.rows[1]["servers"])
 
 
+def test_a_sampled_flora_run_trains_its_cohort_and_catches_up(tmp_path, tiny_model_dir):
+    """`--cohort 1` of two servers: each round trains the one drawn (the same draw for a rerun), the
+    other is neither missed nor idle, and one that sat out downloads what it missed."""
+    from typer.testing import CliRunner
+
+    from fedpipe.cli import app
+    from fedpipe.federation.cohort import draw_cohort
+
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flora", rounds=4)
+    result = CliRunner().invoke(app, ["run", str(plan_path), "--out", str(tmp_path / "run"), "--cohort", "1",
+                                      "--local-steps", "1", "--eval-samples", "4"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    members = [(m, e.name) for m, e in load_plan(plan_path).training_members()]
+    for r in rows:
+        assert r["cohort"] == draw_cohort(members, r["round"], seed=0, size=1)
+        assert [s["server"] for s in r["servers"]] == r["cohort"] and not r["missed_servers"]
+    trained = [r["cohort"][0] for r in rows]
+    assert len(set(trained)) == 2, trained  # this seed's draw has both, so one returns after a gap
+    downs = [r["servers"][0]["download_bytes"] for r in rows]
+    assert all(d > 0 for d in downs[1:])
+
+
+def test_a_server_past_the_round_deadline_misses_it(tmp_path, tiny_model_dir):
+    """In-process the deadline is judged on each server's measured training time, and the plan's
+    predicted round time is shown beside it."""
+    from fedpipe.errors import FedpipeError
+
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rounds=1)
+    with pytest.raises(FedpipeError, match="0 of 2 servers sent an update") as failed:
+        run_plan(plan_path, out=tmp_path / "run", round_timeout=1e-6, local_steps=1, eval_samples=4)
+    assert all("past the 1e-06s round deadline" in d and "the plan predicted" in d for d in failed.value.problems)
+
+
 def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
     from fedpipe.errors import FedpipeError
 

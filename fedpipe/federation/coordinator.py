@@ -5,6 +5,12 @@ the one before it (flora broadcasts the difference). The round loop (`fedpipe.fe
 drives it the same way for every transport: `broadcast` per server, then `aggregate` over the
 updates that arrived.
 
+Under a rule that merges into the base (flora), a server that sat out rounds must catch up: it gets
+the merges of every round since its last, or the cumulative one (`base: full`), whichever is fewer
+bytes. The per-round merges are kept only while their sum is smaller than the cumulative one (older
+ones could never be the smaller choice), so that memory stays within about the global adapter's
+size; after a resume (they are not checkpointed) every server gets the cumulative one.
+
 For sparse communication (see `fedpipe.client`) it also remembers, per plan entry, the last
 broadcast as that entry decoded it: the reference of the next sparse broadcast and the start a
 sparse upload is added to. That memory is not checkpointed: after a resume one dense broadcast
@@ -73,22 +79,36 @@ class Coordinator:
         self.aggregator = get_aggregator(rule, truncation)
         self.global_adapter, self.previous = global_adapter, previous
         self.sent: dict[str, _Sent] = {}
+        # round first broadcast -> that round's merge (rules that merge into the base); see above
+        self.merges: dict[int, dict[str, LoraFactors]] = {1: {}} if global_adapter is None else {}
+        self.catch_ups: dict[tuple[str, int | None], bytes] = {}  # this round's, by (entry, since)
 
     @property
     def round(self) -> int:
         """Rounds aggregated so far."""
         return self.global_adapter.round if self.global_adapter is not None else 0
 
-    def broadcast(self, entry: ServerPlan, *, synced: bool = True) -> bytes:
-        """The payload a server of this plan entry starts the next round from (the same bytes for
-        every call in a round); below download_density 1 a top-k delta against the last one.
-        Under a rule that merges into the base, a server that is not `synced` (it did not take
-        part last round, or the run was resumed) gets the cumulative update instead of the round's."""
+    def broadcast(self, entry: ServerPlan, *, since: int | None = None) -> bytes:
+        """The payload a server of this plan entry starts the next round from; below
+        download_density 1 a top-k delta against the last one. Under a rule that merges into the
+        base, `since` is the last round whose broadcast the server's base holds (None: unknown);
+        one that is behind gets what it missed (see the module's docstring)."""
         payload = self._broadcast(entry)
-        if synced or not self.aggregator.merges_into_base or self.global_adapter is None:
+        next_round = self.round + 1
+        if (since == next_round - 1 or not self.aggregator.merges_into_base
+                or self.global_adapter is None):
             return payload
-        init = read_broadcast(payload).init
-        return broadcast_payload(self.global_adapter.factors, init, self.round + 1, base="full")
+        key = (entry.name, since)
+        if key not in self.catch_ups:
+            init = read_broadcast(payload).init
+            options = [broadcast_payload({next_round: self.global_adapter.factors}, init, next_round,
+                                         base="full")]
+            missed = range(since + 1, next_round + 1) if since is not None else range(0)
+            if missed and all(r in self.merges for r in missed):
+                options.append(broadcast_payload({r: self.merges[r] for r in missed}, init, next_round,
+                                                 base="delta", since=since))
+            self.catch_ups[key] = min(options, key=len)
+        return self.catch_ups[key]
 
     def _broadcast(self, entry: ServerPlan) -> bytes:
         next_round = self.round + 1
@@ -109,7 +129,7 @@ class Coordinator:
             reference = last.init
             if rule_traits(self.aggregator.name).aligned_broadcasts:
                 init = align_components(init, reference)
-        payload = broadcast_payload(base_delta, init, next_round,
+        payload = broadcast_payload({next_round: base_delta} if base_delta else {}, init, next_round,
                                     base="delta" if self.aggregator.merges_into_base else "none",
                                     density=1.0 if reference is None else entry.download_density,
                                     precision=entry.download_precision,
@@ -142,7 +162,12 @@ class Coordinator:
             raise FedpipeError(f"round {self.round + 1}: {self.aggregator.name} could not aggregate the "
                                f"updates ({e}); the previous checkpoint stands") from None
         check_global(new.factors, new.round)
+        if self.aggregator.merges_into_base:
+            merge = self.aggregator.broadcast(new, self.global_adapter, {}, {}).base_delta
+            self.merges[new.round + 1] = merge
+            self.merges = worth_keeping(self.merges, new)
         self.previous, self.global_adapter = self.global_adapter, new
+        self.catch_ups.clear()
         return new
 
     def upload_reference(self, meta: dict[str, str], expected: Expected) -> dict[str, LoraFactors] | None:
@@ -160,6 +185,23 @@ class Coordinator:
         shapes = {name: ((r, expected.shapes[name][1]), (expected.shapes[name][0], r))
                   for name, r in expected.ranks.items()}
         return start_reference(last.init, int(meta["fresh_seed"]), shapes)
+
+
+def worth_keeping(merges: dict[int, dict[str, LoraFactors]],
+                  global_adapter: GlobalAdapter) -> dict[int, dict[str, LoraFactors]]:
+    """The newest merges whose sum of sizes stays within the cumulative update's: a server behind
+    by more gets the cumulative one anyway."""
+    budget, kept = _numel(global_adapter.factors), {}
+    for r in sorted(merges, reverse=True):
+        budget -= _numel(merges[r])
+        if budget < 0:
+            break
+        kept[r] = merges[r]
+    return dict(sorted(kept.items()))
+
+
+def _numel(factors: dict[str, LoraFactors]) -> int:
+    return sum(f.A.numel() + f.B.numel() for f in factors.values())
 
 
 def _same_shapes(a: dict[str, LoraFactors], b: dict[str, LoraFactors]) -> bool:

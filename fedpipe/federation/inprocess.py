@@ -1,7 +1,11 @@
 """The in-process transport: every edge server trains in this process, one after another.
 
-Servers of one plan entry (same bits and adapter shape) share one loaded model; each keeps its own
-shard and trainer across rounds, which is what lets sparse downloads refer to the last broadcast.
+Servers of one plan entry (same bits and adapter shape) share one loaded model, so memory grows with
+the plan's hardware classes, not its servers; each keeps its own shard and trainer across rounds,
+which is what lets sparse downloads refer to the last broadcast.
+
+The round deadline (`round_timeout`) is judged after the fact: servers train one after another
+here, so a server whose own training took longer than the deadline misses the round.
 """
 
 from __future__ import annotations
@@ -31,17 +35,22 @@ class InProcessTransport(Transport):
                                         task.learning_rate, task.seed, feedback) for m, entry in members}
         self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)
                      for _, entry in members}
+        self.deadline_s = spec.round_timeout
 
     def exchange(self, round_index: int, deliveries: list[Delivery], local_steps: int,
                  on_sent: Callable[[str], None]) -> tuple[dict[str, Reply], dict[str, str]]:
-        replies = {}
+        replies, late = {}, {}
         for d in deliveries:
             on_sent(d.member)
             adapted = self.pool[d.entry.name]
             up, stats = self.trainers[d.member].train_round(adapted, d.payload, local_steps)
+            if stats.seconds > self.deadline_s:
+                late[d.member] = (f"trained {stats.seconds:.3g}s, past the {self.deadline_s:g}s round "
+                                  "deadline (judged after training, in-process)")
+                continue
             replies[d.member] = Reply(d.member, up, stats.mean_loss, stats.steps, stats.seconds, stats.tokens,
                                       resident_gib(adapted.model) + stats.peak_extra_gib)
-        return replies, {}
+        return replies, late
 
     def close(self) -> None:
         self.pool.clear()

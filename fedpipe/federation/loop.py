@@ -1,12 +1,17 @@
 """The round loop of every run, whatever carries the messages — setup, rounds, cleanup.
 
     for each round:
-        broadcast per member ──► transport.exchange ──► participation check
-        ──► aggregate (plan order) ──► evaluate the global model ──► save adapter, checkpoint, row
+        draw the cohort ──► broadcast per member of it ──► transport.exchange ──► participation
+        check ──► aggregate (plan order) ──► evaluate the global model ──► save adapter, checkpoint, row
 
-The global model (base + global update, exact, in full precision) is evaluated on the held-out
-split after every round. Under a rule that merges into the base, a member that did not reply last
-round (or every member after a resume) is sent the cumulative merged update (`base: full`).
+The cohort (`cohort.draw_cohort`) is a function of the seed and the round, so every transport and a
+resumed run train the same servers. The global model (base + global update, exact, in full
+precision) is evaluated on the held-out split after every round. Under a rule that merges into the
+base, a member behind the global model is sent what it missed (`Coordinator.broadcast`): the
+merges since its last round when it sat out rounds undrawn, the cumulative update when its state
+is unknown (it was drawn and did not reply, or the run was resumed). The round deadline is the
+transport's to enforce; a member that misses it is reported with the plan's predicted round time
+beside its own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from fedpipe.aggregators.truncate import Truncation, cut_metrics
 from fedpipe.data import evaluate, plan_data
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.cohort import draw_cohort
 from fedpipe.federation.coordinator import Coordinator
 from fedpipe.federation.records import RoundRow, ServerRow
 from fedpipe.federation.screen import Expected, Refused, clipped, norm_outliers, product_norm
@@ -76,38 +82,49 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
         _, adapters = folder.load_checkpoint()
         coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"), truncation)
         rows = folder.read_rows(up_to=coordinator.round)
-    synced: set[str] = set()  # members whose base holds every merge so far (they replied last round)
-    total = spec.rounds * len(members)
+    # member -> the last round whose broadcast its base holds (it replied); unknown after a resume
+    last_round: dict[str, int] = {} if spec.completed_rounds else {m: 0 for m, _ in members}
+    classes = [(m, entry.name) for m, entry in members]
+    total = spec.rounds * spec.cohort
 
     # ---- rounds
     try:
         for round_index in range(coordinator.round + 1, spec.rounds + 1):
             start = time.perf_counter()
-            missed = transport.unreachable([m for m, _ in members])
-            _check_participation(round_index, len(members) - len(missed), len(members), spec, missed,
+            sampled = set(draw_cohort(classes, round_index, plan.task.seed, spec.cohort, spec.stratify))
+            cohort = [(m, entry) for m, entry in members if m in sampled]
+            missed = transport.unreachable([m for m, _ in cohort])
+            _check_participation(round_index, len(cohort) - len(missed), len(cohort), spec, missed,
                                  "are reachable")
-            deliveries = [Delivery(m, entry, coordinator.broadcast(entry, synced=m in synced))
-                          for m, entry in members if m not in missed]
-            position = {m: (round_index - 1) * len(members) + i for i, (m, _) in enumerate(members)}
+            deliveries = [Delivery(m, entry, coordinator.broadcast(entry, since=last_round.get(m)))
+                          for m, entry in cohort if m not in missed]
+            position = {m: (round_index - 1) * len(cohort) + i for i, (m, _) in enumerate(cohort)}
 
             def on_sent(member: str, round_index: int = round_index, position: dict = position) -> None:
                 if on_progress:
                     on_progress(member, round_index, position[member], total)
 
             replies, late = transport.exchange(round_index, deliveries, spec.local_steps, on_sent)
-            missed |= late
-            synced = set(replies)
+            entries = dict(cohort)
+            missed |= {m: f"{why}; the plan predicted {entries[m].predicted.round_s:.3g}s"
+                       for m, why in late.items()}
+            for m, _ in cohort:  # one drawn that did not reply may have restarted: its base is unknown
+                if m in replies:
+                    last_round[m] = round_index
+                else:
+                    last_round.pop(m, None)
             expected = {m: Expected(m, entry.name, round_index, len(shards[m]), entry.rank_pattern,
-                                    {n: shapes[n] for n in entry.rank_pattern}) for m, entry in members}
+                                    {n: shapes[n] for n in entry.rank_pattern}) for m, entry in cohort}
             arrived = [(replies[d.member], d) for d in deliveries if d.member in replies]  # plan order
             accepted, refused = screen_replies(coordinator, spec, arrived, expected)
             missed |= refused
-            _check_participation(round_index, len(accepted), len(members), spec, missed,
+            _check_participation(round_index, len(accepted), len(cohort), spec, missed,
                                  "sent an update that passed the checks")
-            rows.append(close_round(spec, coordinator, evaluator, accepted, missed, start).model_dump())
+            row = close_round(spec, coordinator, evaluator, accepted, missed, start)
+            rows.append(row.model_copy(update={"cohort": [m for m, _ in cohort]}).model_dump())
             folder.write_rows(rows)
             if on_progress:
-                on_progress("evaluated", round_index, round_index * len(members), total)
+                on_progress("evaluated", round_index, round_index * len(cohort), total)
     finally:
         # ---- cleanup
         transport.close()

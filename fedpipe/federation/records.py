@@ -42,6 +42,8 @@ class RoundRow(_Strict):
 
     round: int
     rule: str
+    cohort: list[str] = Field(default_factory=list, description="The servers sampled to train this "
+                              "round; the others are neither missed nor idle.")
     servers: list[ServerRow]
     idle_servers: list[str] = Field(description="Plan members that adapt nothing, so never train.")
     missed_servers: dict[str, str] = Field(description="Member -> why its update is not in this round.")
@@ -72,6 +74,8 @@ class RunFingerprint(_Strict):
     clip_norm: float | None
     truncate_energy: float | None
     truncate_rank: int | None
+    cohort: int | None = Field(None, description="Servers sampled per round (null: all of them).")
+    stratify: bool = False
 
     def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
         """(field, this value, the other's) for every field that differs."""

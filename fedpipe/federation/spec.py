@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpipe.datasize import check_plan_data
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
+from fedpipe.federation.cohort import count_or_fraction
 from fedpipe.federation.records import RunFingerprint
 from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
@@ -36,7 +37,9 @@ class RunSpec(BaseModel):
     local_steps: int
     eval_samples: int
     eval_every: int
-    min_participation: int
+    cohort: int = Field(description="Servers sampled to train each round (all: every round).")
+    stratify: bool
+    min_participation: int = Field(description="Replies a round needs, out of its cohort.")
     round_timeout: float
     resume: bool
     norm_bound: float | None
@@ -57,6 +60,7 @@ class RunSpec(BaseModel):
                 min_participation: str | int | float = "1", round_timeout: float = 3600.0,
                 norm_bound: float | None = None, clip_norm: float | None = None,
                 truncate_energy: float | None = None, truncate_rank: int | None = None,
+                cohort: str | int | float | None = None, stratify: bool | None = None,
                 device: str = "cpu") -> RunSpec:
         """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
         plan_path = Path(plan_path)
@@ -77,6 +81,9 @@ class RunSpec(BaseModel):
         norm_bound = _setting("--norm-bound", norm_bound, plan.task.norm_bound)
         clip_norm = _setting("--clip-norm", clip_norm, plan.task.clip_norm)
         data_warning = check_plan_data(plan, eval_samples or plan.task.eval_samples)
+        n_training = len(plan.training_members())
+        cohort = cohort if cohort is not None else plan.task.cohort
+        size = n_training if cohort is None else count_or_fraction("cohort", cohort, n_training)
         folder = RunFolder(Path(out) if out else Path("runs") / plan.profile.name)
         folder.claim(resume)
         spec = cls(plan_path=plan_path, plan=plan, plan_sha256=file_sha256(plan_path), folder=folder,
@@ -84,7 +91,8 @@ class RunSpec(BaseModel):
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
                    eval_every=eval_every or plan.task.eval_every,
-                   min_participation=parse_min_participation(min_participation, len(plan.training_members())),
+                   cohort=size, stratify=plan.task.stratify if stratify is None else stratify,
+                   min_participation=count_or_fraction("min_participation", min_participation, size),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
                    clip_norm=clip_norm, communication=communication, truncate_energy=truncate_energy,
                    truncate_rank=truncate_rank, device=device, data_warning=data_warning)
@@ -101,12 +109,13 @@ class RunSpec(BaseModel):
 
     def fingerprint(self) -> RunFingerprint:
         """What a resume must keep equal (only the number of rounds may grow)."""
-        task = self.plan.task
+        task, everyone = self.plan.task, len(self.plan.training_members())
         return RunFingerprint(plan=self.plan_sha256, communication=self.communication, rule=self.rule,
                               local_steps=self.local_steps, eval_samples=self.eval_samples, seed=task.seed,
                               data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
                               clip_norm=self.clip_norm, truncate_energy=self.truncate_energy,
-                              truncate_rank=self.truncate_rank)
+                              truncate_rank=self.truncate_rank, stratify=self.stratify,
+                              cohort=None if self.cohort == everyone else self.cohort)
 
 
 def _setting(flag: str, given: float | None, planned: float | None) -> float | None:
@@ -134,18 +143,3 @@ def with_communication(plan: Plan, **overrides: float | str) -> Plan:
         raise FedpipeError("communication override: " + "; ".join(
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     return plan.model_copy(update={"servers": servers})
-
-
-def parse_min_participation(text: str | int | float, n_servers: int) -> int:
-    """Replies a round needs: "2" is a count, "0.5" (a decimal point) a fraction of the servers."""
-    raw = str(text).strip()
-    try:
-        value = float(raw) if "." in raw else int(raw)
-    except ValueError:
-        value = None
-    if isinstance(value, float) and 0 < value <= 1:
-        return max(1, math.ceil(value * n_servers - 1e-9))
-    if isinstance(value, int) and 1 <= value <= n_servers:
-        return value
-    raise FedpipeError(f"min_participation: {raw!r} is neither a count from 1 to {n_servers} (the "
-                       "servers that train) nor a fraction in (0, 1] written with a decimal point")

@@ -27,6 +27,7 @@ from fedpipe.plan import (
     SolverReport,
     Summary,
 )
+from fedpipe.planning.cohorts import cohort_round_times
 from fedpipe.planning.cost import ServerCost
 from fedpipe.planning.decompose import solve_baseline_decomposed, solve_decomposed
 from fedpipe.planning.milp import (
@@ -54,10 +55,17 @@ AUTO_MILP_ROWS = 2000  # chord rows up to which "auto" uses the MILP (see choose
 
 def summarise(problem: Problem, ev: Evaluation) -> Summary:
     counts = [c.count for c in problem.classes]
+    task, sampled = problem.profile.task, {}
+    training = [(c.round_s, n) for n, c in zip(counts, ev.costs, strict=True) if c.lora_params]
+    if task.cohort is not None and training:
+        size, mean, p90 = cohort_round_times(*zip(*training, strict=True), task.cohort, task.stratify,
+                                             task.seed)
+        sampled = dict(cohort=size, cohort_makespan_s=mean, cohort_makespan_p90_s=p90)
     return Summary(
         makespan_s=ev.makespan, quality=ev.quality,
         upload_bytes=sum(n * c.upload_bytes for n, c in zip(counts, ev.costs, strict=True)),
         download_bytes=sum(n * c.download_bytes for n, c in zip(counts, ev.costs, strict=True)),
+        **sampled,
     )
 
 

@@ -30,9 +30,10 @@ def run(*args: str):
 def test_resuming_with_other_settings_names_each_difference(finished):
     plan_path, out = finished
     result = run(plan_path, "--out", out, "--resume", "--eval-samples", "4", "--local-steps", "5",
-                 "--aggregation", "hetlora")
+                 "--aggregation", "hetlora", "--cohort", "1")
     assert result.exit_code == 2
     assert "was run with other settings" in result.output
+    assert "cohort: the run has None, now 1" in result.output
     assert "local_steps: the run has 2, now 5" in result.output and "rule: the run has fedit" in result.output
 
 
@@ -74,6 +75,8 @@ def test_bad_arguments_are_refused_before_a_model_loads(finished, tmp_path, monk
         (["--aggregation", "fedavg"], "unknown aggregation rule 'fedavg'"),
         (["--upload-density", "1.5"], "density"),
         (["--min-participation", "5"], "min_participation"),
+        (["--cohort", "3"], "cohort: '3' is neither a count from 1 to 2"),
+        (["--cohort", "1", "--min-participation", "2"], "min_participation: '2' is neither a count from 1 to 1"),
         (["--norm-bound", "-1"], "--norm-bound"),
         (["--out", out], "already holds a run"),
     ):
