@@ -48,7 +48,7 @@ from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
 from fedpipe.federation.loop import RunResult, run_federation
 from fedpipe.federation.spec import RunSpec
-from fedpipe.federation.transport import Delivery, Reply, Transport
+from fedpipe.federation.transport import Delivery, Reply, Transport, late_reason
 from fedpipe.metrics import read_metrics
 from fedpipe.models import plan_model_dir
 
@@ -218,9 +218,9 @@ class FlowerTransport(Transport):
             replies[member] = Reply(member, record_bytes(reply.content["update"]), float(stats["train_loss"]),
                                     int(stats["steps"]), float(stats["train_s"]), int(stats["tokens"]),
                                     float(stats["memory_gib"]))
-        for member in messages:
-            if member not in replies and member not in missed:
-                missed[member] = f"no reply within {timeout:g} s"
+        for d in deliveries:
+            if d.member in messages and d.member not in replies and d.member not in missed:
+                missed[d.member] = late_reason(d, f"no reply within {timeout:g} s")
         for member, why in missed.items():
             log(WARNING, "fedpipe: round %d: %s missed it (%s); it is invited again next round",
                 round_index, member, why)

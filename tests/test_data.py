@@ -445,7 +445,7 @@ def test_evaluate_random_model_mechanics(tok, tiny):
     side = tok.padding_side
     result = evaluate(tiny, tok, ex, max_len=128, batch_size=4)
     assert tiny.training and tok.padding_side == side
-    assert set(result) == {"loss", "accuracy", "n", "per_family"}
+    assert set(result) == {"loss", "accuracy", "accuracy_ci95", "n", "per_family"}
     assert result["n"] == 10 and result["accuracy"] == 0.0
     assert abs(result["loss"] - math.log(len(tok))) < 0.5  # near-uniform random logits
     assert set(result["per_family"]) == set(FAMILIES)

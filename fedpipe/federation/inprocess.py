@@ -17,7 +17,7 @@ from fedpipe.client import AdaptedModel, EdgeTrainer
 from fedpipe.data import plan_data
 from fedpipe.federation.loop import Progress, RunResult, run_federation
 from fedpipe.federation.spec import RunSpec
-from fedpipe.federation.transport import Delivery, Reply, Transport
+from fedpipe.federation.transport import Delivery, Reply, Transport, late_reason
 from fedpipe.measure import resident_gib
 from fedpipe.models import load_tokenizer, plan_model_dir
 from fedpipe.rules import rule_traits
@@ -45,8 +45,9 @@ class InProcessTransport(Transport):
             adapted = self.pool[d.entry.name]
             up, stats = self.trainers[d.member].train_round(adapted, d.payload, local_steps)
             if stats.seconds > self.deadline_s:
-                late[d.member] = (f"trained {stats.seconds:.3g}s, past the {self.deadline_s:g}s round "
-                                  "deadline (judged after training, in-process)")
+                late[d.member] = late_reason(d, f"trained {stats.seconds:.3g}s, past the "
+                                                f"{self.deadline_s:g}s round deadline (judged after "
+                                                "training, in-process)")
                 continue
             replies[d.member] = Reply(d.member, up, stats.mean_loss, stats.steps, stats.seconds, stats.tokens,
                                       resident_gib(adapted.model) + stats.peak_extra_gib)

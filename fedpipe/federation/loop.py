@@ -105,9 +105,7 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
                     on_progress(member, round_index, position[member], total)
 
             replies, late = transport.exchange(round_index, deliveries, spec.local_steps, on_sent)
-            entries = dict(cohort)
-            missed |= {m: f"{why}; the plan predicted {entries[m].predicted.round_s:.3g}s"
-                       for m, why in late.items()}
+            missed |= late
             for m, _ in cohort:  # one drawn that did not reply may have restarted: its base is unknown
                 if m in replies:
                     last_round[m] = round_index
@@ -121,7 +119,7 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
             _check_participation(round_index, len(accepted), len(cohort), spec, missed,
                                  "sent an update that passed the checks")
             row = close_round(spec, coordinator, evaluator, accepted, missed, start)
-            rows.append(row.model_copy(update={"cohort": [m for m, _ in cohort]}).model_dump())
+            rows.append(row.model_copy(update={"cohort": [m for m, _ in cohort]}).model_dump(mode="json"))
             folder.write_rows(rows)
             if on_progress:
                 on_progress("evaluated", round_index, round_index * len(cohort), total)

@@ -99,8 +99,8 @@ class RunFolder:
 
     def read_rows(self, up_to: int) -> list[dict]:
         try:
-            return [RoundRow.model_validate(r).model_dump() for r in metrics.read_metrics(self.metrics)
-                    if r["round"] <= up_to]
+            return [RoundRow.model_validate(r).model_dump(mode="json")
+                    for r in metrics.read_metrics(self.metrics) if r["round"] <= up_to]
         except (ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
             raise FedpipeError(f"{self.metrics.resolve()}: not readable as fedpipe metrics ({str(e)[:200]}); "
                                "restore the file or start a new run with --out") from None

@@ -36,6 +36,11 @@ class Reply:
     memory_gib: float
 
 
+def late_reason(delivery: Delivery, what: str) -> str:
+    """Why a member missed the round's deadline, beside the round time its plan predicted."""
+    return f"{what}; the plan predicted {delivery.entry.predicted.round_s:.3g}s"
+
+
 class Transport(ABC):
     """Carries one round's broadcasts out and the updates back."""
 
