@@ -22,9 +22,9 @@ from test_run import read_global, tiny_plan
 from typer.testing import CliRunner
 
 from fedpipe.cli import app
+from fedpipe.cohort import count_or_fraction
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
-from fedpipe.federation.cohort import count_or_fraction
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.metrics import read_metrics
 

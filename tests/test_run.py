@@ -98,7 +98,7 @@ def test_a_sampled_flora_run_trains_its_cohort_and_catches_up(tmp_path, tiny_mod
     from typer.testing import CliRunner
 
     from fedpipe.cli import app
-    from fedpipe.federation.cohort import draw_cohort
+    from fedpipe.cohort import draw_cohort
 
     plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="flora", rounds=4)
     result = CliRunner().invoke(app, ["run", str(plan_path), "--out", str(tmp_path / "run"), "--cohort", "1",

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from fedpipe.aggregators.truncate import Truncation, cut_metrics
+from fedpipe.cohort import draw_cohort
 from fedpipe.data import evaluate, plan_data
 from fedpipe.errors import FedpipeError
-from fedpipe.federation.cohort import draw_cohort
 from fedpipe.federation.coordinator import Coordinator
 from fedpipe.federation.records import RoundRow, ServerRow
 from fedpipe.federation.screen import Expected, Refused, clipped, norm_outliers, product_norm

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedpipe.cohort import count_or_fraction
 from fedpipe.datasize import check_plan_data
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
-from fedpipe.federation.cohort import count_or_fraction
 from fedpipe.federation.records import RunFingerprint
 from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan

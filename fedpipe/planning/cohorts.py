@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from fedpipe.federation.cohort import count_or_fraction, draw_cohort
+from fedpipe.cohort import count_or_fraction, draw_cohort
 
 DRAWS = 2000  # cohorts sampled; the p90's standard error is then well under 1% of its spread
 

@@ -7,8 +7,8 @@ import torch
 
 from fedpipe import client
 from fedpipe.client import AdaptedModel
+from fedpipe.cohort import count_or_fraction, draw_cohort
 from fedpipe.errors import FedpipeError
-from fedpipe.federation.cohort import count_or_fraction, draw_cohort
 from fedpipe.federation.coordinator import Coordinator
 from fedpipe.lora import ClientUpdate, LoraFactors
 from fedpipe.plan import ServerPlan
