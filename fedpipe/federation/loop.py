@@ -1,17 +1,18 @@
 """The round loop of every run, whatever carries the messages — setup, rounds, cleanup.
 
     for each round:
-        draw the cohort ──► broadcast per member of it ──► transport.exchange ──► participation
-        check ──► aggregate (plan order) ──► evaluate the global model ──► save adapter, checkpoint, row
+        draw the cohort ──► broadcast per member of it ──► transport.exchange ──► screen the
+        updates (`screen`) ──► participation check ──► aggregate (plan order) ──► evaluate the
+        global model ──► save adapter, checkpoint, row
 
 The cohort (`cohort.draw_cohort`) is a function of the seed and the round, so every transport and a
 resumed run train the same servers. The global model (base + global update, exact, in full
-precision) is evaluated on the held-out split after every round. Under a rule that merges into the
-base, a member behind the global model is sent what it missed (`Coordinator.broadcast`): the
-merges since its last round when it sat out rounds undrawn, the cumulative update when its state
-is unknown (it was drawn and did not reply, or the run was resumed). The round deadline is the
-transport's to enforce; a member that misses it is reported with the plan's predicted round time
-beside its own.
+precision) is evaluated on the held-out split every `eval_every` rounds and after the last. Under
+a rule that merges into the base, a member behind the global model is sent what it missed
+(`Coordinator.broadcast`): the merges since its last round when it sat out rounds undrawn, the
+cumulative update when its state is unknown (it was drawn and did not reply, or the run was
+resumed). The round deadline is the transport's to enforce; a member that misses it is reported
+with the plan's predicted round time beside its own.
 """
 
 from __future__ import annotations
