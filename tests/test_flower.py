@@ -185,7 +185,7 @@ def test_killed_node_misses_a_round_and_rejoins(federation):
                              "--min-participation", "2", "--out", str(federation.root / "quorum"))
     assert run.wait(timeout=600) == 2, federation.logs()
     log = (federation.root / "run.log").read_text()
-    assert "round 1: 1 of 2 servers have a SuperNode online; --min-participation 2 needs 2" in log, log[-3000:]
+    assert "round 1: 1 of 2 servers are reachable; --min-participation needs 2" in log, log[-3000:]
 
 
 # ------------------------------------------------------------------------------ no processes
