@@ -113,6 +113,31 @@ def choose_method(problem: Problem, method: str) -> str:
     return "milp" if milp_size(problem) <= AUTO_MILP_ROWS else "decomposed"
 
 
+def homogeneous_choices(problem: Problem, method: str, solver: str,
+                        time_limit: float | None) -> list[Choice] | None:
+    """The homogeneous baseline (what the weakest can run, for all) by `method` ("milp" or
+    "decomposed"); None when no configuration fits every server."""
+    if method == "milp":
+        found = solve_baseline(problem, solver, time_limit)
+        return None if found is None else found[0]
+    return solve_baseline_decomposed(problem)
+
+
+def baseline_block(problem: Problem, choices: list[Choice] | None) -> Baseline | None:
+    """The plan's `baseline` block for the homogeneous `choices`; it sets the problem's time scale
+    (their makespan, or with no common configuration the slowest no-adapter round), so every
+    strategy's objective is on the optimiser's scale."""
+    if choices is None:
+        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
+                            for k, c in enumerate(problem.classes))
+        return None
+    ev = evaluate(problem, choices)
+    problem.t_ref = max(ev.makespan, 1e-9)
+    return Baseline(bits=choices[0].bits, batch_size=choices[0].batch, adapted_matrices=len(choices[0].ranks),
+                    lora_params=ev.costs[0].lora_params, summary=summarise(problem, ev),
+                    limited_by=memory_limited(problem, choices))
+
+
 def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: float | None = 60.0,
                  method: str = "auto") -> tuple[list[Choice], Evaluation, SolverReport, Baseline | None]:
     """Baseline first (it sets the time scale), then the heterogeneous plan by `method`:
@@ -124,23 +149,7 @@ def plan_problem(problem: Problem, *, solver: str | None = None, time_limit: flo
     if infeasible:
         raise FedpipeError("no plan fits: some servers cannot run even the smallest configuration",
                            infeasible)
-    if method == "milp":
-        baseline = solve_baseline(problem, solver, time_limit)
-    else:
-        b_choices = solve_baseline_decomposed(problem)
-        baseline = None if b_choices is None else (b_choices, memory_limited(problem, b_choices))
-    baseline_report = None
-    if baseline is not None:
-        b_choices, limited = baseline
-        b_ev = evaluate(problem, b_choices)
-        problem.t_ref = max(b_ev.makespan, 1e-9)
-        ch = b_choices[0]
-        baseline_report = Baseline(
-            bits=ch.bits, batch_size=ch.batch, adapted_matrices=len(ch.ranks),
-            lora_params=b_ev.costs[0].lora_params, summary=summarise(problem, b_ev), limited_by=limited)
-    else:  # no common configuration: the slowest no-adapter round sets the time scale
-        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
-                            for k, c in enumerate(problem.classes))
+    baseline_report = baseline_block(problem, homogeneous_choices(problem, method, solver, time_limit))
     if method == "milp":
         choices, report = solve_milp(problem, solver, time_limit)
     else:

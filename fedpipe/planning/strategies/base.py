@@ -15,15 +15,14 @@ from dataclasses import dataclass
 
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import Baseline, SolverReport
-from fedpipe.planning.milp import default_solver, solve_baseline
-from fedpipe.planning.planner import choose_method
+from fedpipe.planning.milp import default_solver
+from fedpipe.planning.planner import baseline_block, choose_method, homogeneous_choices
 from fedpipe.planning.problem import (
     Choice,
     Evaluation,
     Problem,
     diagnose_infeasible,
     evaluate,
-    memory_limited,
 )
 
 HEURISTIC = "heuristic"  # SolverReport.method of every rule that is not the optimiser
@@ -52,30 +51,9 @@ class Strategy:
 
 
 def baseline_choices(problem: Problem, options: SolveOptions) -> list[Choice] | None:
-    """The optimiser's homogeneous baseline, by the same method it would use (None: nothing
-    common fits)."""
-    from fedpipe.planning.decompose import solve_baseline_decomposed
-
-    if choose_method(problem, options.method) == "milp":
-        found = solve_baseline(problem, options.solver or default_solver(), options.time_limit)
-        return None if found is None else found[0]
-    return solve_baseline_decomposed(problem)
-
-
-def baseline_report(problem: Problem, choices: list[Choice] | None) -> Baseline | None:
-    """The plan's `baseline` block; sets the problem's time scale to its makespan, as the
-    optimiser does, so objectives of all strategies' plans are on one scale."""
-    from fedpipe.planning.planner import summarise
-
-    if choices is None:  # the optimiser's fallback scale: the slowest no-adapter round
-        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
-                            for k, c in enumerate(problem.classes))
-        return None
-    ev = evaluate(problem, choices)
-    problem.t_ref = max(ev.makespan, 1e-9)
-    return Baseline(bits=choices[0].bits, batch_size=choices[0].batch,
-                    adapted_matrices=len(choices[0].ranks), lora_params=ev.costs[0].lora_params,
-                    summary=summarise(problem, ev), limited_by=memory_limited(problem, choices))
+    """The optimiser's homogeneous baseline, by the method it would use."""
+    return homogeneous_choices(problem, choose_method(problem, options.method),
+                               options.solver or default_solver(), options.time_limit)
 
 
 def heuristic(name: str, summary: str, rule: Callable[[Problem, SolveOptions], list[Choice]]) -> Strategy:
@@ -87,7 +65,7 @@ def heuristic(name: str, summary: str, rule: Callable[[Problem, SolveOptions], l
         if infeasible:
             raise FedpipeError("no plan fits: some servers cannot run even the smallest "
                                "configuration", infeasible)
-        baseline = baseline_report(problem, baseline_choices(problem, options))
+        baseline = baseline_block(problem, baseline_choices(problem, options))
         start = time.perf_counter()
         choices = rule(problem, options)
         elapsed = time.perf_counter() - start
