@@ -193,6 +193,9 @@ def run(
     truncate_rank: Annotated[int | None, typer.Option(help="Keep at most this many components of the "
                                                       "global update per module (flexlora, flora).")
                              ] = None,
+    error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="Carry "
+                                                 "what a lossy upload dropped into the next round "
+                                                 "(fedit, hetlora; in-process).")] = True,
     backend: Annotated[str, typer.Option(help="inprocess (every server in this process) or flower "
                                          "(one SuperNode per server; docs/flower.md).")] = "inprocess",
     superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
@@ -233,7 +236,8 @@ def run(
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm,
                     truncate_energy=truncate_energy, truncate_rank=truncate_rank, cohort=cohort,
                     stratify=stratify)
-    spec = RunSpec.resolve(plan_file, **overrides, **settings)  # every argument checked before anything heavy
+    spec = RunSpec.resolve(plan_file, **overrides, **settings,  # every argument checked before anything heavy
+                           error_feedback=error_feedback)
     if spec.data_warning:
         console(stderr=True).print(f"[bold yellow]warning:[/] {spec.data_warning}", highlight=False,
                                    soft_wrap=True)

@@ -30,7 +30,7 @@ class InProcessTransport(Transport):
         tokenizer = load_tokenizer(model_dir)
         shards, _ = plan_data(plan, spec.eval_samples)
         members = plan.training_members()
-        feedback = rule_traits(spec.rule).keeps_factor_coordinates
+        feedback = spec.error_feedback and rule_traits(spec.rule).keeps_factor_coordinates
         self.trainers = {m: EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
                                         task.learning_rate, task.seed, feedback) for m, entry in members}
         self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)

@@ -76,6 +76,8 @@ class RunFingerprint(_Strict):
     truncate_rank: int | None
     cohort: int | None = Field(None, description="Servers sampled per round (null: all of them).")
     stratify: bool = False
+    error_feedback: bool = Field(True, description="Upload residuals carried to later rounds (rules "
+                                 "that keep factor coordinates, in-process).")
 
     def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
         """(field, this value, the other's) for every field that differs."""

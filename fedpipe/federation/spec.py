@@ -47,6 +47,7 @@ class RunSpec(BaseModel):
     communication: dict[str, float | str] = {}  # --upload/--download-density/-precision overrides
     truncate_energy: float | None = None  # keep this share of the global update's energy (FLoRIST's tau)
     truncate_rank: int | None = None  # and at most this many components per module
+    error_feedback: bool = True  # carry upload residuals where the rule keeps factor coordinates
     device: str = "cpu"
     completed_rounds: int = 0  # rounds the run folder already holds (a resume)
     data_warning: str | None = None  # the data file is reused across shards (task.reuse_samples)
@@ -61,7 +62,7 @@ class RunSpec(BaseModel):
                 norm_bound: float | None = None, clip_norm: float | None = None,
                 truncate_energy: float | None = None, truncate_rank: int | None = None,
                 cohort: str | int | float | None = None, stratify: bool | None = None,
-                device: str = "cpu") -> RunSpec:
+                error_feedback: bool = True, device: str = "cpu") -> RunSpec:
         """The run's settings; None takes the plan's value, and a norm setting of 0 turns it off."""
         plan_path = Path(plan_path)
         communication = {k: v for k, v in (("upload_density", upload_density),
@@ -95,7 +96,8 @@ class RunSpec(BaseModel):
                    min_participation=count_or_fraction("min_participation", min_participation, size),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
                    clip_norm=clip_norm, communication=communication, truncate_energy=truncate_energy,
-                   truncate_rank=truncate_rank, device=device, data_warning=data_warning)
+                   truncate_rank=truncate_rank, error_feedback=error_feedback, device=device,
+                   data_warning=data_warning)
         if resume and folder.holds_run():
             state = folder.read_state()
             differences = state.fingerprint.differences(spec.fingerprint())
@@ -115,6 +117,7 @@ class RunSpec(BaseModel):
                               data=data_fingerprint(self.plan), norm_bound=self.norm_bound,
                               clip_norm=self.clip_norm, truncate_energy=self.truncate_energy,
                               truncate_rank=self.truncate_rank, stratify=self.stratify,
+                              error_feedback=self.error_feedback,
                               cohort=None if self.cohort == everyone else self.cohort)
 
 
