@@ -28,8 +28,10 @@ seed) result is its own file under --out, so variants split by --only run as par
 and re-running skips what is done (an interrupted run resumes); the process that completes the set
 writes the report (or `--report` rebuilds it from the files).
 
-    python benchmarks/bench_bytes.py --only fp32,bf16,... &  python benchmarks/bench_bytes.py --only ...
-    python benchmarks/bench_bytes.py --report                       # the table from the files
+    python benchmarks/bench_bytes.py --only base,fp32,bf16,int8,nf4,int8-d4,nf4-d4 > a.log 2>&1 &
+    python benchmarks/bench_bytes.py --only nf4-d16,nf4-d4-noef,nf4-d16-noef,flora,flora-rank8,planner \
+        > b.log 2>&1; wait
+    python benchmarks/bench_bytes.py --report     # benchmarks/results/bytes-cpu.{txt,json}
     python benchmarks/bench_bytes.py --rounds 1 --seeds 0 --only base,fp32,nf4-d16 \\
         --out runs/bench-bytes-smoke --results /tmp/bytes-smoke    # smoke run
 """
