@@ -193,8 +193,10 @@ def run(
     truncate_rank: Annotated[int | None, typer.Option(help="Keep at most this many components of the "
                                                       "global update per module (flexlora, flora).")
                              ] = None,
-    backend: Annotated[str, typer.Option(help="inprocess (every server in this process) or flower "
-                                         "(one SuperNode per server; docs/flower.md).")] = "inprocess",
+    backend: Annotated[str, typer.Option(help="inprocess (every server in this process), flower "
+                                         "(one SuperNode per server; docs/flower.md) or simulation "
+                                         "(Flower's Simulation Engine: a virtual SuperNode per "
+                                         "server on this machine, Ray).")] = "inprocess",
     superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
     insecure: Annotated[bool, typer.Option(help="flower: plain HTTP to the SuperLink (trusted "
                                            "networks and tests only).")] = False,
@@ -218,8 +220,8 @@ def run(
                                                     "aggregating; 0 = off (default: the plan's).")] = None,
 ) -> None:
     """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
-    if backend not in ("inprocess", "flower"):
-        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
+    if backend not in ("inprocess", "flower", "simulation"):
+        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower, simulation)")
     overrides = dict(upload_density=upload_density, download_density=download_density,
                      upload_precision=upload_precision, download_precision=download_precision)
     if backend == "flower" and any(v is not None for v in overrides.values()):
@@ -246,6 +248,12 @@ def run(
 
         result = launch(plan_file, superlink=superlink, insecure=insecure,
                         root_certificates=root_certificates, **settings)
+    elif backend == "simulation":
+        from fedpipe.federation.simulation import simulate
+        from fedpipe.render import run_progress
+
+        with run_progress() as on_progress:
+            result = simulate(spec, on_progress)
     else:
         from transformers.utils import logging as hf_logging
 
