@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
+from collections.abc import Iterable
 from logging import ERROR
 from pathlib import Path
 
@@ -89,6 +92,30 @@ def simulation_client_app(plan_path: Path, servers: list[str]) -> ClientApp:
     return app
 
 
+class InterruptibleGrid:
+    """The engine's Grid, except that waiting for replies ends once `stop` is set: Ctrl-C stops the
+    engine in the main thread, and the ServerApp thread, waiting up to --round-timeout for
+    replies that will never come, would otherwise keep the process alive."""
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self.grid, self.stop = grid, stop
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+        waiting = set(self.grid.push_messages(messages))
+        replies, end = [], time.monotonic() + timeout
+        while True:
+            arrived = list(self.grid.pull_messages(waiting))
+            replies += arrived
+            waiting -= {msg.metadata.reply_to_message_id for msg in arrived}
+            if not waiting or time.monotonic() >= end:
+                return replies
+            if self.stop.wait(0.1):
+                raise FedpipeError("interrupted")
+
+
 def simulate(spec: RunSpec, on_progress: Progress | None = None) -> RunResult:
     """Run the spec's rounds on Flower's Simulation Engine; the run folder holds the results."""
     if spec.communication:
@@ -101,11 +128,12 @@ def simulate(spec: RunSpec, on_progress: Progress | None = None) -> RunResult:
     from flwr.simulation import run_simulation  # 3 s to import: only when simulating
 
     servers = node_servers(spec.plan)
-    server_app, rows = ServerApp(), []
+    server_app, rows, stop = ServerApp(), [], threading.Event()
 
     @server_app.main()
     def coordinate(grid: Grid, context: Context) -> None:
-        rows.extend(run_federation(spec, FlowerTransport(grid, spec), on_progress).rows)
+        transport = FlowerTransport(InterruptibleGrid(grid, stop), spec)
+        rows.extend(run_federation(spec, transport, on_progress).rows)
 
     config = backend_config(len(servers), machine_cores())
     with tempfile.TemporaryDirectory(prefix="fedpipe-ray-") as tmp:
@@ -113,7 +141,11 @@ def simulate(spec: RunSpec, on_progress: Progress | None = None) -> RunResult:
         try:
             run_simulation(server_app, simulation_client_app(spec.plan_path, servers), len(servers),
                            backend_config=config)
+        except KeyboardInterrupt:
+            raise FedpipeError(f"interrupted: {spec.folder.path} holds the completed rounds; continue "
+                               "with --resume") from None
         finally:
+            stop.set()
             if ray.is_initialized():  # the engine shuts Ray down itself once its actor pool exists
                 ray.shutdown()
     return RunResult(spec.folder.path, spec.plan, rows)

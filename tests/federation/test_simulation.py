@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -142,6 +143,24 @@ def test_a_node_silent_at_first_is_asked_again(tmp_path, tiny_model_dir):
     grid.silent.clear()
     roster.refresh()
     assert roster.node_of["edge-1"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_run_stops_waiting_for_replies():
+    """After Ctrl-C the engine is gone: the ServerApp thread must not wait out --round-timeout."""
+
+    class SilentGrid:  # nodes that never reply
+        def push_messages(self, messages):
+            return ["sent"]
+
+        def pull_messages(self, ids):
+            return []
+
+    stop = threading.Event()
+    assert simulation.InterruptibleGrid(SilentGrid(), stop).send_and_receive([], timeout=0.3) == []
+    stop.set()
+    with pytest.raises(FedpipeError, match="interrupted"):
+        simulation.InterruptibleGrid(SilentGrid(), stop).send_and_receive([], timeout=3600)
 
 
 def test_actors_share_the_cores_and_no_gpu():
