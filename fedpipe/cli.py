@@ -219,7 +219,8 @@ def run(
     clip_norm: Annotated[float | None, typer.Option(help="Clip every update to this norm before "
                                                     "aggregating; 0 = off (default: the plan's).")] = None,
 ) -> None:
-    """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
+    """Run the plan's federated rounds, in this process, on Flower SuperNodes (--backend flower) or on
+    Flower's Simulation Engine (--backend simulation)."""
     if backend not in ("inprocess", "flower", "simulation"):
         raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower, simulation)")
     overrides = dict(upload_density=upload_density, download_density=download_density,

@@ -29,7 +29,6 @@ from fedpipe.plan import load_plan, save_plan
 from fedpipe.planning.strategies import make_plan
 
 simulation = pytest.importorskip("fedpipe.federation.simulation", exc_type=FedpipeError)
-pytest.importorskip("ray")
 
 EVAL_SAMPLES = 4
 RUN_ARGS = ["--cohort", "2", "--local-steps", "1", "--eval-samples", str(EVAL_SAMPLES)]
@@ -74,6 +73,7 @@ def test_simulation_matches_in_process_and_leaves_no_ray_process(tmp_path, tiny_
     """Same plan, seed and data: the same cohorts, rows and global adapter as in-process (flora,
     a cohort of 2 of 4 servers: round 2 trains a server that sat out round 1, which first catches
     up on the merge it missed from its node state)."""
+    pytest.importorskip("ray")
     plan_path = fleet_plan(tmp_path, tiny_model_dir)
     reference = run_plan(plan_path, out=tmp_path / "inprocess", cohort="2", local_steps=1,
                          eval_samples=EVAL_SAMPLES)
@@ -170,7 +170,7 @@ def test_actors_share_the_cores_and_no_gpu():
 
 
 def test_bad_arguments_exit_2_before_ray_starts(tmp_path, tiny_model_dir, monkeypatch):
-    import ray
+    ray = pytest.importorskip("ray")
 
     def started(*args, **kwargs):
         raise AssertionError("Ray was started")
