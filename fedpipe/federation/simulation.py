@@ -65,6 +65,7 @@ def backend_config(nodes: int, cores: int) -> dict:
 
 
 def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's share)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
