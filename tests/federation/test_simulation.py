@@ -68,7 +68,7 @@ def processes_with(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow  # about 3 minutes on a loaded 2-core box (Ray start, one actor per core)
+@pytest.mark.slow  # 3-5 minutes on the shared 2-core box (Ray start, one actor per core)
 def test_simulation_matches_in_process_and_leaves_no_ray_process(tmp_path, tiny_model_dir):
     """Same plan, seed and data: the same cohorts, rows and global adapter as in-process (flora,
     a cohort of 2 of 4 servers: round 2 trains a server that sat out round 1, which first catches
