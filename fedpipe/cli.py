@@ -196,8 +196,10 @@ def run(
     error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="Carry "
                                                  "what a lossy upload dropped into the next round "
                                                  "(fedit, hetlora; in-process).")] = True,
-    backend: Annotated[str, typer.Option(help="inprocess (every server in this process) or flower "
-                                         "(one SuperNode per server; docs/flower.md).")] = "inprocess",
+    backend: Annotated[str, typer.Option(help="inprocess (every server in this process), flower "
+                                         "(one SuperNode per server; docs/flower.md) or simulation "
+                                         "(Flower's Simulation Engine: a virtual SuperNode per "
+                                         "server on this machine, Ray).")] = "inprocess",
     superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
     insecure: Annotated[bool, typer.Option(help="flower: plain HTTP to the SuperLink (trusted "
                                            "networks and tests only).")] = False,
@@ -220,9 +222,10 @@ def run(
     clip_norm: Annotated[float | None, typer.Option(help="Clip every update to this norm before "
                                                     "aggregating; 0 = off (default: the plan's).")] = None,
 ) -> None:
-    """Run the plan's federated rounds, in this process or on Flower SuperNodes (--backend flower)."""
-    if backend not in ("inprocess", "flower"):
-        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower)")
+    """Run the plan's federated rounds, in this process, on Flower SuperNodes (--backend flower) or on
+    Flower's Simulation Engine (--backend simulation)."""
+    if backend not in ("inprocess", "flower", "simulation"):
+        raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower, simulation)")
     overrides = dict(upload_density=upload_density, download_density=download_density,
                      upload_precision=upload_precision, download_precision=download_precision)
     if backend == "flower" and any(v is not None for v in overrides.values()):
@@ -250,6 +253,12 @@ def run(
 
         result = launch(plan_file, superlink=superlink, insecure=insecure,
                         root_certificates=root_certificates, **settings)
+    elif backend == "simulation":
+        from fedpipe.federation.simulation import simulate
+        from fedpipe.render import run_progress
+
+        with run_progress() as on_progress:
+            result = simulate(spec, on_progress)
     else:
         from transformers.utils import logging as hf_logging
 

@@ -146,8 +146,10 @@ class Roster:
         self.asked |= set(new)
         queries = {n: Message(RecordDict(), dst_node_id=n, message_type="query", ttl=self.timeout)
                    for n in new}
-        replies = self.grid.send_and_receive(list(queries.values()), timeout=self.timeout)
-        for node, reply in replies_by_sender(queries, replies).items():
+        replies = replies_by_sender(queries, self.grid.send_and_receive(list(queries.values()),
+                                                                         timeout=self.timeout))
+        self.asked -= set(new) - set(replies)  # silent so far (still starting): asked again next refresh
+        for node, reply in replies.items():
             if reply.has_error():
                 log(WARNING, "fedpipe: SuperNode %s did not identify itself: %s", node, reply.error.reason)
                 self.asked.discard(node)
