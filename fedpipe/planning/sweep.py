@@ -252,7 +252,7 @@ def _memory_free_key(profile: ClusterProfile, problem: Problem) -> list[str]:
     for k, cls in enumerate(problem.classes):
         rep = cls.rep
         need = max(server_cost(problem.cost, rep, q, b, everything, by_name, 0).memory_gib
-                   for q, b in {(q, b) for q, b, _ in problem.configs(k)})
+                   for q, b in {(q, b) for q, b, _, _ in problem.configs(k)})
         if need > rep.memory_gib:
             return []
     raw = profile.model_dump(mode="json")
