@@ -347,8 +347,8 @@ def _dinkelbach(problem: Problem, model: _Model, solver: str,
 
 def _makespan_floor(problem: Problem) -> float:
     """No plan's round is shorter than the slowest class's fastest no-adapter round."""
-    return max(min(problem.base_compute_s(q, b, c.rep) for q, b, _, _ in problem.configs(k))
-               for k, c in enumerate(problem.classes))
+    return max(min(problem.base_compute_s(q, b, c.rep) for q, b in problem.base_configs(c.rep))
+               for c in problem.classes)
 
 
 # ---------------------------------------------------------------- homogeneous baseline

@@ -129,8 +129,8 @@ def baseline_block(problem: Problem, choices: list[Choice] | None) -> Baseline |
     (their makespan, or with no common configuration the slowest no-adapter round), so every
     strategy's objective is on the optimiser's scale."""
     if choices is None:
-        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _, _ in problem.configs(k))
-                            for k, c in enumerate(problem.classes))
+        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b in problem.base_configs(c.rep))
+                            for c in problem.classes)
         return None
     ev = evaluate(problem, choices)
     problem.t_ref = max(ev.makespan, 1e-9)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar
 
 from fedpipe.importance import ImportanceReport, depth_prior
@@ -137,11 +138,14 @@ class Problem:
         return self.configs_for(self.classes[k].rep)
 
     def configs_for(self, server: Server) -> list[tuple[int, int, float, str]]:
-        c = self.profile.candidates
-        return [(q, b, d, p) for q in self.profile.allowed_bits(server) for b in c.batch_sizes
-                for d, p in self.wire_options]
+        return [(q, b, d, p) for q, b in self.base_configs(server) for d, p in self.wire_options]
 
-    @property
+    def base_configs(self, server: Server) -> list[tuple[int, int]]:
+        """The server's (bits, batch) choices: what fixed memory and base compute depend on."""
+        return [(q, b) for q in self.profile.allowed_bits(server)
+                for b in self.profile.candidates.batch_sizes]
+
+    @cached_property
     def wire_options(self) -> list[tuple[float, str]]:
         """The (density, precision) pairs worth choosing from the two ladders. Memory and compute
         do not depend on them, so a pair that sends at least as many bytes up and down as another
@@ -290,9 +294,9 @@ def diagnose_infeasible(problem: Problem) -> list[str]:
     """Servers that cannot fit even the smallest configuration, and by how much."""
     problems = []
     deadline = problem.profile.objective.deadline_s
-    for k, cls in enumerate(problem.classes):
+    for cls in problem.classes:
         rep = cls.rep
-        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b, _, _ in problem.configs(k)}
+        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b in problem.base_configs(rep)}
         (q, b), need = min(fixed.items(), key=lambda kv: kv[1])
         names = ", ".join(s.name for s in cls.servers)
         if need > rep.memory_gib:
