@@ -155,9 +155,9 @@ class Objective(_Strict):
     precision_quality: dict[WirePrecision, float] = Field(
         {"fp32": 1.0, "fp16": 0.999, "bf16": 0.998, "int8": 0.99, "nf4": 0.9, "fp4": 0.85},
         description="Quality kept at each wire precision, multiplied with density_quality: priors "
-        "until measured (ordered by the update error benchmarks/bench_wire.py measures: bf16 0.0017, "
-        "int8 0.0095, nf4 0.092, fp4 0.122, before error feedback); every candidate precision needs "
-        "an entry.")
+        "until measured (ordered by the update error benchmarks/bench_wire.py measures: fp16 "
+        "0.0002, bf16 0.0017, int8 0.0095, nf4 0.092, fp4 0.122, before error feedback); every "
+        "candidate precision needs an entry.")
 
 
 class Server(_Strict):
