@@ -109,7 +109,7 @@ def _milp_worker(n: int, t_ref: float, limit: float, queue) -> None:
         wall = time.perf_counter() - start
         queue.put({"wall": wall, "report": report.model_dump(),
                    "choices": None if choices is None else
-                   [(c.bits, c.batch, c.ranks) for c in choices]})
+                   [(c.bits, c.batch, c.ranks, c.density, c.precision) for c in choices]})
     except MemoryError:
         queue.put({"error": f"out of memory (> {MILP_MEMORY_GIB} GiB) building/solving the MILP"})
 
@@ -162,7 +162,7 @@ def side_by_side(sizes: list[int], limit: float, cache: Path | None = None) -> l
         row = {"n": n, "classes": len(problem.classes), "dec_time": dec_time, "dec_obj": dec_obj,
                "dec_status": rep.status, "dec_gap": rep.gap, "milp_wall": milp["wall"]}
         if milp.get("choices"):
-            mc = [Choice(b, bs, r) for b, bs, r in milp["choices"]]
+            mc = [Choice(*c) for c in milp["choices"]]
             row.update(milp_obj=evaluate(problem, mc).objective, milp_status=milp["report"]["status"],
                        milp_gap=milp["report"]["gap"], milp_solve=milp["report"]["solve_time_s"])
             row["rel_diff"] = (dec_obj - row["milp_obj"]) / abs(row["milp_obj"])
