@@ -1,4 +1,5 @@
-r"""The MILP: which matrices each server adapts, at what rank, on how many bits, with what batch.
+r"""The MILP: which matrices each server adapts, at what rank, on how many bits, with what batch,
+at what communication density and wire precision.
 
 Identical servers (a profile entry with ``count``, or entries with the same hardware and data)
 form a class k with c_k members and n_k samples each; they share one configuration, which is
@@ -6,9 +7,8 @@ optimal because servers couple only through the round time T. Per class k, confi
 j = (bits q_j, batch b_j, communication density d_j, wire precision p_j) from its allowed set J_k
 (the (density, precision) pairs of ``Problem.wire_options``: a pair that sends no fewer bytes
 either way and keeps no more quality than another is left out, which never changes the optimum,
-since memory and compute do not depend on it); candidate
-matrices m with normalised importance w_m (sum 1); rank ladder R (0 = not adapted); gain
-g(r) = log2(1+r)/log2(1+r_max).
+since memory and compute do not depend on it); candidate matrices m with normalised importance
+w_m (sum 1); rank ladder R (0 = not adapted); gain g(r) = log2(1+r)/log2(1+r_max).
 
 Matrices of one type t (q_proj, ...) have one shape, so they cost the same at a given rank: an
 optimal plan gives more important matrices of a type at least the rank of less important ones
@@ -30,9 +30,9 @@ Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T 
     (2) n_kjt1 <= N_t z_kj,  n_kjtl <= n_kjt(l-1)                ranks nest; nothing unless chosen
     (3) G_kjtl <= S_t(a) + w_t(a+1) (n_kjtl - a), a = 0..N_t-1   chords of the concave gain
     (4) sum_j [F_kj z_kj + sum_tl dL_tl(b_j) n_kjtl] <= M_k                     memory (GiB)
-    (5) sum_j [C_kj z_kj + sum_tl (dtau_ktl(b_j) + dU_ktl + dD_ktl) n_kjtl] [+ D / down_k] <= T
+    (5) sum_j [C_kj z_kj + sum_tl (dtau_ktl(b_j) + dU_kjtl + dD_kjtl) n_kjtl] [+ D / down_k] <= T
     (6) T <= deadline                                            when the profile sets one
-    (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl                flora only: everyone downloads the stack
+    (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl    flora only: everyone downloads the stack (fp32)
     (8) sum_t n_kjt1 >= z_kj                                     rate only: every class trains
 
 omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^(1/4)
