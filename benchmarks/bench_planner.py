@@ -12,7 +12,8 @@ count, so nearly every server is its own class in the MILP.
     1000, 10000 servers: median of --repeats runs, ratio to the 10-server time measured in the
     same run, a table and benchmarks/planner_scaling.png.
 
-    python benchmarks/bench_planner.py [--quick]      (--quick: MILP limit 60 s, 3 repeats)
+    python benchmarks/bench_planner.py [--quick] [--skip-milp] [--sizes 10,1000]
+    (--quick: MILP limit 60 s, 3 repeats; --sizes: the server counts of (c))
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def _milp_worker(n: int, t_ref: float, limit: float, queue) -> None:
         wall = time.perf_counter() - start
         queue.put({"wall": wall, "report": report.model_dump(),
                    "choices": None if choices is None else
-                   [(c.bits, c.batch, c.ranks) for c in choices]})
+                   [(c.bits, c.batch, c.ranks, c.density, c.precision) for c in choices]})
     except MemoryError:
         queue.put({"error": f"out of memory (> {MILP_MEMORY_GIB} GiB) building/solving the MILP"})
 
@@ -161,7 +162,7 @@ def side_by_side(sizes: list[int], limit: float, cache: Path | None = None) -> l
         row = {"n": n, "classes": len(problem.classes), "dec_time": dec_time, "dec_obj": dec_obj,
                "dec_status": rep.status, "dec_gap": rep.gap, "milp_wall": milp["wall"]}
         if milp.get("choices"):
-            mc = [Choice(b, bs, r) for b, bs, r in milp["choices"]]
+            mc = [Choice(*c) for c in milp["choices"]]
             row.update(milp_obj=evaluate(problem, mc).objective, milp_status=milp["report"]["status"],
                        milp_gap=milp["report"]["gap"], milp_solve=milp["report"]["solve_time_s"])
             row["rel_diff"] = (dec_obj - row["milp_obj"]) / abs(row["milp_obj"])
@@ -270,6 +271,8 @@ def main() -> None:
     ap.add_argument("--skip-milp", action="store_true")
     ap.add_argument("--milp-cache", type=Path, default=None, help="JSON file reusing MILP results")
     ap.add_argument("--write-profile", action="store_true", help="write profiles/fleet-1000.yaml and exit")
+    ap.add_argument("--sizes", default="10,100,1000,10000",
+                    help="server counts of (c), comma-separated; the plot is written only for the default")
     args = ap.parse_args()
     if args.write_profile:
         print(f"wrote {write_fleet_profile(ROOT / 'profiles' / 'fleet-1000.yaml')}")
@@ -280,8 +283,10 @@ def main() -> None:
     if not args.skip_milp:
         side_by_side([10, 50, 200], limit, args.milp_cache)
         shipped(limit)
-    rows = scaling([10, 100, 1000, 10000], repeats)
-    plot(rows, ROOT / "benchmarks" / "planner_scaling.png")
+    sizes = [int(n) for n in args.sizes.split(",")]
+    rows = scaling(sizes, repeats)
+    if args.sizes == ap.get_default("sizes"):
+        plot(rows, ROOT / "benchmarks" / "planner_scaling.png")
 
 
 if __name__ == "__main__":

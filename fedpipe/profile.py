@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpipe.errors import FedpipeError
+from fedpipe.precision import PRECISIONS, WirePrecision, bytes_per_value
 from fedpipe.rules import AggregationRule, rules_help
 from fedpipe.shapes import CARDS_DIR, MATRIX_TYPES, ModelShapes, load_shapes
 
@@ -80,6 +81,11 @@ class Candidates(_Strict):
         description="Communication density ladder (share of each factor's entries sent, top-k; "
         "1 = dense). The planner picks one per server: it applies to the upload and, except "
         "under flora (whose stack is broadcast dense), to the download.")
+    precisions: list[WirePrecision] = Field(
+        ["fp32", "bf16", "int8", "nf4"], min_length=1,
+        description=f"Wire precision ladder of the adapter values ({', '.join(PRECISIONS)}; "
+        "fedpipe.precision). The planner picks one per server with its density: it applies to the "
+        "upload and, except under flora (whose stack is broadcast exact), to the download.")
 
     @field_validator("targets")
     @classmethod
@@ -119,6 +125,12 @@ class Candidates(_Strict):
             raise ValueError("densities must lie in (0, 1]")
         return sorted(set(v), reverse=True)
 
+    @field_validator("precisions")
+    @classmethod
+    def _widest_first(cls, v: list[str]) -> list[str]:
+        """Most bytes per value first, like the densities: the baseline takes the first."""
+        return sorted(dict.fromkeys(v), key=lambda p: -bytes_per_value(1.0, p))
+
 
 class Objective(_Strict):
     """How the planner trades quality (importance covered) against round time."""
@@ -140,6 +152,12 @@ class Objective(_Strict):
         description="Quality kept at each communication density, a prior measured by "
         "benchmarks/bench_sparse.py (share of dense's loss improvement after 5 rounds on the "
         "bundled model: 0.96 at 1/4, 0.40 at 1/16); every candidate density needs an entry.")
+    precision_quality: dict[WirePrecision, float] = Field(
+        {"fp32": 1.0, "fp16": 0.999, "bf16": 0.998, "int8": 0.99, "nf4": 0.9, "fp4": 0.85},
+        description="Quality kept at each wire precision, multiplied with density_quality: priors "
+        "until measured (ordered by the update error benchmarks/bench_wire.py measures: fp16 "
+        "0.0002, bf16 0.0017, int8 0.0095, nf4 0.092, fp4 0.122, before error feedback); every "
+        "candidate precision needs an entry.")
 
 
 class Server(_Strict):
@@ -196,6 +214,10 @@ class ClusterProfile(_Strict):
         if missing:
             raise ValueError(f"objective.density_quality has no entry for candidates.densities "
                              f"{missing}; it covers {sorted(self.objective.density_quality)}")
+        missing = [p for p in self.candidates.precisions if p not in self.objective.precision_quality]
+        if missing:
+            raise ValueError(f"objective.precision_quality has no entry for candidates.precisions "
+                             f"{missing}; it covers {list(self.objective.precision_quality)}")
         for s in self.servers:
             if s.bits and not set(s.bits) & set(self.candidates.bits):
                 raise ValueError(f"server {s.name!r}: bits {s.bits} share nothing with "

@@ -59,14 +59,16 @@ def plan_table(plan: Plan) -> Group:
     """Per server: configuration, predictions against budgets; then totals and the baseline."""
     t = Table(title=f"plan {plan.profile.name} · {plan.model} · {plan.aggregation} · strategy "
               f"{plan.strategy}", title_justify="left")
-    for col in ("server", "n", "bits", "batch", "density", "matrices", "LoRA params",
+    for col in ("server", "n", "bits", "batch", "density", "precision", "matrices", "LoRA params",
                 "memory / budget", "compute", "upload", "download", "round", "binding"):
         t.add_column(col, justify="left" if col in ("server", "binding") else "right")
     for s in plan.servers:
         p = s.predicted
         density = fraction(s.upload_density) + ("" if s.download_density == s.upload_density
                                                else f" up, {fraction(s.download_density)} down")
-        t.add_row(s.name, str(s.count), str(s.bits), str(s.batch_size), density,
+        precision = s.upload_precision + ("" if s.download_precision == s.upload_precision
+                                          else f" up, {s.download_precision} down")
+        t.add_row(s.name, str(s.count), str(s.bits), str(s.batch_size), density, precision,
                   str(len(s.rank_pattern)), f"{p.lora_params:,}",
                   f"{p.memory_gib:.2f} / {p.memory_budget_gib:g} GiB", seconds(p.compute_s),
                   f"{seconds(p.upload_s)} ({human_bytes(p.upload_bytes)})",
@@ -114,7 +116,8 @@ def _pair(pair, fmt: str | Callable[[object], str] = "{}") -> str:
 def diff_table(d: PlanDiff) -> Group:
     t = Table(title=f"diff {d.a} → {d.b} · strategy {_pair(d.strategy)}", title_justify="left")
     for col in ("server", "status", "bits", "batch", "+matrices", "-matrices", "rank changes",
-                "memory GiB", "round s", "LoRA params", "density up", "density down"):
+                "memory GiB", "round s", "LoRA params", "density up", "density down", "precision up",
+                "precision down"):
         t.add_column(col, justify="left" if col in ("server", "status") else "right")
     for s in d.servers:
         ups = sum(1 for a, b in s.rank_changes.values() if b > a)
@@ -123,7 +126,8 @@ def diff_table(d: PlanDiff) -> Group:
                   f"{ups}↑ {len(s.rank_changes) - ups}↓" if s.rank_changes else "-",
                   _pair(s.memory_gib, "{:.2f}"), _pair(s.round_s, "{:.2f}"),
                   _pair(s.lora_params, "{:,}"), _pair(s.upload_density, fraction),
-                  _pair(s.download_density, fraction))
+                  _pair(s.download_density, fraction), _pair(s.upload_precision),
+                  _pair(s.download_precision))
     totals = Text(
         f"makespan {_pair(d.makespan_s, '{:.2f}')} s · quality {_pair(d.quality, '{:.3f}')} · "
         f"upload/round {_pair(tuple(human_bytes(x) for x in d.upload_bytes))} · download/round "
@@ -311,7 +315,7 @@ def explain_view(e) -> Group:
         n = f" (×{s.count})" if s.count > 1 else ""
         parts.append(Text(""))
         parts.append(Text(f"{s.server}{n}: {s.bits}-bit, batch {s.batch_size}, density "
-                          f"{fraction(s.density)} · binding: "
+                          f"{fraction(s.density)}, wire {s.precision} · binding: "
                           f"{', '.join(s.binding) or 'nothing'}", style="bold cyan"))
         parts += [Text(f"  {line}") for line in s.constraints]
         if s.options:
@@ -326,11 +330,12 @@ def explain_view(e) -> Group:
                           seconds(o.makespan_s), f"{o.d_quality:+.2g}", Text(o.needs, style=style))
             parts.append(t)
         else:
-            parts.append(Text("  already at the top of every choice (precision, batch, density, rank)"))
+            parts.append(Text("  already at the top of every choice (bits, batch, density, wire "
+                              "precision, rank)"))
         parts.append(Text(
             f"  importance covered {s.covered:.3f}, forgone {s.forgone:.3f}: {s.forgone_unadapted:.3f} on "
-            f"unadapted matrices, {s.forgone_lower_rank:.3f} on ranks below the top; precision, batch and "
-            f"density keep {s.config_factor:.3f} of the quality"))
+            f"unadapted matrices, {s.forgone_lower_rank:.3f} on ranks below the top; bits, batch, density "
+            f"and wire precision keep {s.config_factor:.3f} of the quality"))
         lacking = [c for c in s.by_type if c.forgone > 1e-9]
         if lacking:
             t = Table(show_edge=False, box=None, padding=(0, 2))

@@ -82,6 +82,28 @@ def test_diff_between_budgets_table_and_json(tmp_path):
     assert set(data) >= {"makespan_s", "quality", "upload_bytes", "download_bytes"}
 
 
+def test_show_diff_and_explain_print_the_wire_precision(tmp_path):
+    """The edge's 10 Mbit/s uplink sets the round: with the default precision ladder it sends
+    int8 instead of fp32, and show, diff and explain say so beside the density."""
+    raw = yaml.safe_load((DATA / "small.yaml").read_text())
+    raw["candidates"]["precisions"] = ["fp32"]
+    a, b = tmp_path / "a.plan.yaml", tmp_path / "b.plan.yaml"
+    assert runner.invoke(app, ["plan", str(_write(tmp_path, raw)), "-o", str(a)]).exit_code == 0
+    assert runner.invoke(app, ["plan", str(DATA / "small.yaml"), "-o", str(b)]).exit_code == 0
+    edge = load_plan(b).server("edge")
+    assert edge.upload_precision == edge.download_precision != "fp32"
+    shown = runner.invoke(app, ["show", str(b)])
+    assert shown.exit_code == 0 and "precision" in shown.output and edge.upload_precision in shown.output
+    table = runner.invoke(app, ["diff", str(a), str(b)])
+    assert table.exit_code == 0 and f"fp32 → {edge.upload_precision}" in table.output
+    data = json.loads(runner.invoke(app, ["diff", str(a), str(b), "--json"]).output)
+    diff = next(s for s in data["servers"] if s["name"] == "edge")
+    assert diff["upload_precision"] == diff["download_precision"] == ["fp32", edge.upload_precision]
+    why = runner.invoke(app, ["explain", str(b), "--server", "edge"])
+    assert why.exit_code == 0 and f"wire {edge.upload_precision}" in why.output
+    assert f"(now {edge.upload_precision})" in why.output  # the next wider precision, priced
+
+
 def test_diff_rejects_non_plan(tmp_path):
     bad = _write(tmp_path, {"schema_version": 1, "profile": {}, "servers": [{"name": "phone"}]})
     result = runner.invoke(app, ["diff", str(bad), str(bad)])

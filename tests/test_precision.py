@@ -127,13 +127,6 @@ def test_value_bytes_by_hand():
     assert bytes_per_value(0.25, "fp32") == 1.125
 
 
-@pytest.mark.parametrize("density", [1.0, 0.25, 1 / 16, 1 / 64, 0.01])
-def test_bytes_per_value_at_fp32_is_the_planners(density):
-    from fedpipe.planning.cost import bytes_per_value as planner_bytes_per_value
-
-    assert bytes_per_value(density, "fp32") == planner_bytes_per_value(density)
-
-
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("density", [1.0, 0.25, 1 / 16, 1 / 200])
 def test_counted_bytes_equal_predicted_up_to_the_header(precision, density):

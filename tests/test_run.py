@@ -23,12 +23,14 @@ WIRE_HEADER_SLACK = 64 * 1024  # safetensors header and layout JSON on top of th
 
 
 def tiny_plan(tmp_path: Path, model_dir: Path, rule: str = "flexlora", rounds: int = 2) -> Path:
-    """Plan the tiny model for two servers, then pin them to different bits and ranks."""
+    """Plan the tiny model for two servers, then pin them to different bits and ranks. Values
+    travel at fp32 (the planner's choice of density only); test_planned_precision_runs covers a
+    planned precision."""
     profile = {
         "name": "tiny", "model": str(model_dir), "aggregation": rule,
         "task": {"seq_len": 48, "local_steps": 2, "rounds": rounds, "eval_samples": 12,
                  "learning_rate": 1e-3},
-        "candidates": {"ranks": [0, 2, 8], "bits": [4, 16], "batch_sizes": [2]},
+        "candidates": {"ranks": [0, 2, 8], "bits": [4, 16], "batch_sizes": [2], "precisions": ["fp32"]},
         "calibration": {"runtime_overhead_gib": 0.0},
         "servers": [
             {"name": "edge", "memory_gib": 1, "tflops": 1, "uplink_mbps": 10, "downlink_mbps": 10,
@@ -79,6 +81,24 @@ def test_tiny_run_end_to_end(tmp_path, tiny_model_dir):
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
         merged = peft_model.merge_and_unload()(ids).logits
         assert torch.allclose(merged, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_planned_precision_runs(tmp_path, tiny_model_dir):
+    """The planner's own (density, precision) choice, run as planned: the 10 Mbit/s edge sends
+    lossy values, and every upload counted on its payload is the predicted bytes plus a header of
+    under 1 KiB per matrix."""
+    tiny_plan(tmp_path, tiny_model_dir, rule="fedit", rounds=2)
+    profile = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    del profile["candidates"]["precisions"]  # the default ladder
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(profile))
+    plan = make_plan(tmp_path / "tiny.yaml")
+    assert plan.server("edge").upload_precision != "fp32" and plan.server("hub").upload_precision == "fp32"
+    result = run_plan(save_plan(plan, tmp_path / "tiny.plan.yaml"), out=tmp_path / "run")
+    for row in result.rows:
+        assert torch.isfinite(torch.tensor(row["eval"]["loss"]))
+        for s in row["servers"]:
+            matrices = len(plan.server(s["server"]).rank_pattern)
+            assert 0 <= s["upload_bytes"] - s["predicted_upload_bytes"] <= 1024 * matrices, s
 
 
 @pytest.mark.parametrize("rule", ["fedit", "hetlora", "flora"])

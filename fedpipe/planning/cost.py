@@ -19,12 +19,15 @@ forward + backward ~ 2 x forward = 4 FLOPs per linear parameter per token):
               + 6 * sum_m r_m (d_out + d_in)
   compute_s   = local_steps * b * S * flops/token / (TFLOP/s * 1e12 * utilisation) * dequant_time[q]
                 (the dequantization factor applies to the base part only)
-Bytes per round (float32 values on the wire, P(r) = sum_m r_m (d_out + d_in)):
-  upload = v(d) * P(r_s); download = v(d) * P(r_s), except flora: 4 * sum over all servers of P(r)
-  (the stack is broadcast dense), with d the server's communication density and v(d) the bytes
-  per adapter value: 4 dense; below 1, 4d for the top-k values plus min(1/8, 4d) for the mask
-  (a bitmask, or int32 indices where fewer: fedpipe.wire's encoding, uint16 indices on small
-  tensors ignored, so this is an upper bound up to ceil(d n) rounding and the header).
+Bytes per round (P(r) = sum_m r_m (d_out + d_in) adapter values):
+  upload = v(d, p) * P(r_s); download = v(d, p) * P(r_s), except flora: 4 * sum over all servers
+  of P(r) (the stack is broadcast dense in float32), with d the server's communication density,
+  p its wire precision and v(d, p) = fedpipe.precision.bytes_per_value(d, p) the bytes per
+  adapter value: the precision's bytes per value (4 fp32, 2 bf16/fp16, 1 + 4/64 blockwise int8,
+  0.5 + 4/64 blockwise 4-bit: codes plus one float32 scale per 64 values) dense; below 1, d times
+  that for the top-k values plus min(1/8, 4d) for the mask (a bitmask, or int32 indices where
+  fewer: fedpipe.wire's encoding, uint16 indices on small tensors ignored, so this is an upper
+  bound up to ceil(d n) and block rounding and the header).
   upload_s = upload * 8 / (uplink_mbps * 1e6); likewise download.
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedpipe.precision import bytes_per_value
 from fedpipe.profile import Calibration, ClusterProfile, Server, Task
 from fedpipe.shapes import Matrix, ModelShapes
 
@@ -39,8 +43,7 @@ GIB = float(2**30)
 LORA_STATE_BYTES = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + double-quantized block scales
 LOGIT_BYTES = 12  # fp32 logits, their log-softmax and gradient per vocabulary entry
-WIRE_BYTES_PER_VALUE = 4  # adapters travel as float32
-INDEX_BYTES = 4  # int32 flat indices, the sparse mask's alternative to a bitmask
+WIRE_BYTES_PER_VALUE = bytes_per_value(1.0, "fp32")  # flora's stack travels dense in float32
 
 
 def compute_bytes(device: str) -> int:
@@ -106,15 +109,9 @@ class CostModel:
 
     # ---- bytes ----
     @staticmethod
-    def wire_bytes(m: Matrix, rank: int, density: float = 1.0) -> float:
-        return bytes_per_value(density) * m.lora_params(rank)
-
-
-def bytes_per_value(density: float) -> float:
-    """v(d) of the module docstring: wire bytes per adapter value at communication density d."""
-    if density >= 1.0:
-        return WIRE_BYTES_PER_VALUE
-    return WIRE_BYTES_PER_VALUE * density + min(1 / 8, INDEX_BYTES * density)
+    def wire_bytes(m: Matrix, rank: int, density: float = 1.0, precision: str = "fp32") -> float:
+        """v(d, p) P(r) of the module docstring: one matrix's adapter on the wire."""
+        return bytes_per_value(density, precision) * m.lora_params(rank)
 
 
 @dataclass(frozen=True)
@@ -135,9 +132,10 @@ class ServerCost:
 
 
 def server_cost(cost: CostModel, server: Server, bits: int, batch: int, ranks: dict[str, int],
-                matrices: dict[str, Matrix], download_bytes: float, density: float = 1.0) -> ServerCost:
+                matrices: dict[str, Matrix], download_bytes: float, density: float = 1.0,
+                precision: str = "fp32") -> ServerCost:
     """Evaluate the formulas for one concrete configuration (the planner's check and report);
-    `density` is the upload's, `download_bytes` already reflects the download's.
+    `density` and `precision` are the upload's, `download_bytes` already reflects the download's.
 
     Every adapter cost is linear in the rank and depends on the matrix only through
     d_out + d_in, so ranks are summed per d_out + d_in first (a few terms, not one per matrix)."""
@@ -152,7 +150,7 @@ def server_cost(cost: CostModel, server: Server, bits: int, batch: int, ranks: d
         cost.lora_memory_gib(m, r, batch, server.device) for m, r in adapted)
     compute = cost.base_compute_s(bits, batch, server) + sum(
         cost.lora_compute_s(m, r, batch, server) for m, r in adapted)
-    up = round(sum(cost.wire_bytes(m, r, density) for m, r in adapted))
+    up = round(sum(cost.wire_bytes(m, r, density, precision) for m, r in adapted))
     return ServerCost(
         memory_gib=memory,
         compute_s=compute,

@@ -17,11 +17,14 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      a multiple-choice knapsack solved exactly once by dynamic programming over its matrices
      (independent of servers and configurations; rebuilt by traceback).
 
-(D3) Class subproblem. For group h, configuration j = (bits, batch, density) and time budget T:
+(D3) Class subproblem. For group h, configuration j = (bits, batch, density, wire precision) and
+     time budget T:
          P_hj(T) = max sum_g H_g(R_g)  s.t.  sum_g m_jg R_g <= M_h - F_hj          (memory, GiB)
                                              sum_g t_hjg R_g <= T - C_hj [- D/down_h]   (time, s)
-     with m_jg, t_hjg the memory and time of u rank units on a matrix of set g (the density
-     scales the transfer part of t_hjg, cost.bytes_per_value). Q_h(T) =
+     with m_jg, t_hjg the memory and time of u rank units on a matrix of set g (the density and
+     precision scale the transfer part of t_hjg by v(d, p), fedpipe.precision.bytes_per_value;
+     (density, precision) pairs that send no fewer bytes either way and keep no more quality
+     than another are left out, Problem.wire_options: they never change the optimum). Q_h(T) =
      max_j f_j P_hj(T) is a nondecreasing step function of T.
 
 (D4) Bounds for (D3). Replacing H_g by its concave envelope (the LP relaxation of the chord
@@ -75,7 +78,8 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      F(lambda) = max q - lambda T is solved by the rate optimum).
 
 (D7) The homogeneous baseline is (D3) without the time row: one configuration for all, memory
-     rows of the tightest cuda and the tightest cpu server.
+     rows of the tightest cuda and the tightest cpu server; it communicates at the densest
+     density and the widest precision of the ladders (quality only, no time to save).
 
 Status is "optimal" when the proven gap is at most OPTIMAL_GAP (HiGHS's own tolerance in the
 MILP, gapRel 1e-4), else "feasible" with that gap.
@@ -454,6 +458,7 @@ class Pairs:
     bits: np.ndarray
     batch: np.ndarray
     density: np.ndarray
+    precision: list[str]
     f: np.ndarray  # quality factor of the configuration
     base_s: np.ndarray  # C_hj: base compute
     down_mbps: np.ndarray
@@ -471,12 +476,12 @@ def build_pairs(problem: Problem, tables: Tables, reps: list[Server]) -> Pairs:
     time_shape = np.array([m.lora_params(unit) for m in grp_rep], dtype=float)
     mem_keys: dict[tuple, int] = {}
     mem_shapes: list[np.ndarray] = []
-    rows: dict[str, list] = {k: [] for k in ("h", "bits", "batch", "d", "f", "base", "down", "ts",
-                                             "mi", "mb")}
+    rows: dict[str, list] = {k: [] for k in ("h", "bits", "batch", "d", "p", "f", "base", "down",
+                                             "ts", "mi", "mb")}
     m0 = grp_rep[0]
     p0 = m0.lora_params(unit)
     for h, rep in enumerate(reps):
-        for q, b, d in problem.configs_for(rep):
+        for q, b, d, pr in problem.configs_for(rep):
             fixed = problem.fixed_memory_gib(q, b, rep.device)
             if fixed > rep.memory_gib:
                 continue
@@ -485,15 +490,17 @@ def build_pairs(problem: Problem, tables: Tables, reps: list[Server]) -> Pairs:
                 mem_keys[key] = len(mem_shapes)
                 mem_shapes.append(np.array([cost.lora_memory_gib(m, unit, b, rep.device)
                                             for m in grp_rep]))
+            down = 0.0 if stack else cost.wire_bytes(m0, unit, problem.down_density(d),
+                                                      problem.down_precision(pr))
             per_param = (cost.lora_compute_s(m0, unit, b, rep)
-                         + cost.transfer_s(cost.wire_bytes(m0, unit, d), rep.uplink_mbps)
-                         + (0.0 if stack else cost.transfer_s(cost.wire_bytes(m0, unit, d),
-                                                              rep.downlink_mbps))) / p0
+                         + cost.transfer_s(cost.wire_bytes(m0, unit, d, pr), rep.uplink_mbps)
+                         + cost.transfer_s(down, rep.downlink_mbps)) / p0
             rows["h"].append(h)
             rows["bits"].append(q)
             rows["batch"].append(b)
             rows["d"].append(d)
-            rows["f"].append(problem.config_factor(q, b, d))
+            rows["p"].append(pr)
+            rows["f"].append(problem.config_factor(q, b, d, pr))
             rows["base"].append(problem.base_compute_s(q, b, rep))
             rows["down"].append(rep.downlink_mbps)
             rows["ts"].append(per_param)
@@ -501,7 +508,7 @@ def build_pairs(problem: Problem, tables: Tables, reps: list[Server]) -> Pairs:
             rows["mb"].append((rep.memory_gib - fixed) * (1 - 1e-9))
     arr = {k: np.array(v) for k, v in rows.items()}
     return Pairs(arr["h"].astype(np.int64), arr["bits"], arr["batch"], arr["d"].astype(float),
-                 arr["f"].astype(float),
+                 rows["p"], arr["f"].astype(float),
                  arr["base"].astype(float), arr["down"].astype(float), arr["ts"].astype(float),
                  arr["mi"].astype(np.int64), arr["mb"].astype(float),
                  np.array(mem_shapes) if mem_shapes else np.zeros((0, len(grp_rep))), time_shape)
@@ -721,7 +728,7 @@ def _hardware(problem: Problem) -> tuple[list[Server], np.ndarray, np.ndarray]:
 def _choices(tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -> list[Choice]:
     """One Choice object per hardware group, shared by its classes (evaluate costs it once)."""
     per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]), tables.ranks_for(point.units[h]),
-                        float(pairs.density[j]))
+                        float(pairs.density[j]), str(pairs.precision[j]))
                  for h, j in enumerate(point.pair)]
     return [per_group[h] for h in of_class]
 
@@ -840,7 +847,8 @@ def solve_baseline_decomposed(problem: Problem) -> list[Choice] | None:
             exhaustive = exhaustive_possible(tables)
             centre = None if exhaustive else lp_bound(tables, rows)[1]
             v, R = integer_solve(tables, rows, centre, exhaustive)
-            value = problem.config_factor(q, b, problem.densest) * v[0]
+            value = problem.config_factor(q, b, problem.densest, problem.widest) * v[0]
             if value > best_value + 1e-15:
-                best, best_value = Choice(q, b, tables.ranks_for(R[0]), problem.densest), value
+                best = Choice(q, b, tables.ranks_for(R[0]), problem.densest, problem.widest)
+                best_value = value
     return None if best is None else [best] * len(problem.classes)

@@ -26,6 +26,8 @@ class ServerDiff(BaseModel):
     lora_params: tuple[int | None, int | None]
     upload_density: tuple[float | None, float | None]
     download_density: tuple[float | None, float | None]
+    upload_precision: tuple[str | None, str | None]
+    download_precision: tuple[str | None, str | None]
 
 
 class PlanDiff(BaseModel):
@@ -48,7 +50,8 @@ def _server_diff(a: ServerPlan | None, b: ServerPlan | None) -> ServerDiff:
 
     same = a is not None and b is not None and (
         a.bits == b.bits and a.batch_size == b.batch_size and ra == rb
-        and a.upload_density == b.upload_density and a.download_density == b.download_density)
+        and a.upload_density == b.upload_density and a.download_density == b.download_density
+        and a.upload_precision == b.upload_precision and a.download_precision == b.download_precision)
     return ServerDiff(
         name=(a or b).name,
         status="added" if a is None else "removed" if b is None else "unchanged" if same else "changed",
@@ -59,6 +62,8 @@ def _server_diff(a: ServerPlan | None, b: ServerPlan | None) -> ServerDiff:
         lora_params=pair(lambda s: s.predicted.lora_params),
         upload_density=pair(lambda s: s.upload_density),
         download_density=pair(lambda s: s.download_density),
+        upload_precision=pair(lambda s: s.upload_precision),
+        download_precision=pair(lambda s: s.download_precision),
     )
 
 

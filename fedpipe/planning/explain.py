@@ -8,6 +8,8 @@ the objective the solver maximised: quality − time_weight × makespan / refere
 Next-better options for one server, each with every other server kept as planned:
   - the next higher base precision, same batch and ranks;
   - the next larger batch size, same precision and ranks;
+  - the next denser communication density, and the next wider wire precision (more bytes per
+    value), the rest unchanged;
   - per matrix type, its most important matrix below the top rank, raised one step on the
     rank ladder (0 -> the lowest rank = adapting it).
 Each option is priced against the budgets: memory over the server's budget ("+1.30 GiB would
@@ -22,6 +24,7 @@ normalised importance) and matrices at a rank below the top of the ladder (impor
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -31,6 +34,7 @@ from fedpipe.errors import FedpipeError
 from fedpipe.importance import depth_prior, load_report
 from fedpipe.plan import BUILTIN_PRIOR_SOURCE, Plan
 from fedpipe.planning.problem import Choice, Evaluation, Problem, build_problem, evaluate
+from fedpipe.precision import bytes_per_value
 from fedpipe.profile import ObjectiveKind, load_profile_and_shapes, with_objective
 
 RELATIVE_TOLERANCE = 1e-6
@@ -39,7 +43,7 @@ RELATIVE_TOLERANCE = 1e-6
 class Option(BaseModel):
     """One step up from the server's configuration and what it would cost."""
 
-    kind: str = Field(description="bits, batch, density or rank")
+    kind: str = Field(description="bits, batch, density, precision or rank")
     label: str
     memory_gib: float
     memory_budget_gib: float
@@ -70,7 +74,9 @@ class ServerExplanation(BaseModel):
     bits: int
     batch_size: int
     density: float = Field(1.0, description="Communication density of the upload.")
-    config_factor: float = Field(description="Quality kept by the precision, batch size and density.")
+    precision: str = Field("fp32", description="Wire precision of the upload's values.")
+    config_factor: float = Field(description="Quality kept by the base precision, batch size, "
+                                 "density and wire precision.")
     binding: list[str]
     constraints: list[str] = Field(description="Each budget and how close the plan is to it.")
     covered: float
@@ -133,7 +139,8 @@ def plan_problem_context(plan: Plan, profile_path: str | Path | None = None,
     choices = []
     for cls in problem.classes:
         s = plan.server(cls.servers[0].name)
-        choices.append(Choice(s.bits, s.batch_size, dict(s.rank_pattern), s.upload_density))
+        choices.append(Choice(s.bits, s.batch_size, dict(s.rank_pattern), s.upload_density,
+                              s.upload_precision))
     return problem, choices, warnings
 
 
@@ -164,15 +171,20 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
     higher = [q for q in p.allowed_bits(rep) if q > ch.bits]
     if higher:
         candidates.append(("bits", f"{higher[0]}-bit base (now {ch.bits}-bit), same batch and ranks",
-                           Choice(higher[0], ch.batch, ch.ranks, ch.density)))
+                           replace(ch, bits=higher[0])))
     larger = [b for b in p.candidates.batch_sizes if b > ch.batch]
     if larger:
         candidates.append(("batch", f"batch {larger[0]} (now {ch.batch}), same precision and ranks",
-                           Choice(ch.bits, larger[0], ch.ranks, ch.density)))
+                           replace(ch, batch=larger[0])))
     denser = [d for d in p.candidates.densities if d > ch.density]
     if denser:
         candidates.append(("density", f"communication density {denser[-1]:g} (now {ch.density:g}), "
-                           "same configuration otherwise", Choice(ch.bits, ch.batch, ch.ranks, denser[-1])))
+                           "same configuration otherwise", replace(ch, density=denser[-1])))
+    wider = [q for q in p.candidates.precisions
+             if bytes_per_value(1.0, q) > bytes_per_value(1.0, ch.precision)]
+    if wider:
+        candidates.append(("precision", f"wire precision {wider[-1]} (now {ch.precision}), same "
+                           "configuration otherwise", replace(ch, precision=wider[-1])))
     ladder = problem.ranks
     seen: set[str] = set()
     for m in sorted(problem.matrices, key=lambda m: -problem.weights[m.name]):
@@ -182,7 +194,7 @@ def _options(problem: Problem, choices: list[Choice], k: int, ev: Evaluation) ->
         seen.add(m.kind)
         up = ladder[ladder.index(r) + 1]
         what = f"adapt {m.name} at rank {up}" if r == 0 else f"{m.name}: rank {r} -> {up}"
-        candidates.append(("rank", what, Choice(ch.bits, ch.batch, {**ch.ranks, m.name: up}, ch.density)))
+        candidates.append(("rank", what, replace(ch, ranks={**ch.ranks, m.name: up})))
 
     deadline = p.objective.deadline_s
     out = []
@@ -256,7 +268,8 @@ def explain_plan(plan: Plan, plan_name: str = "plan", server: str | None = None,
             rows, unadapted, lower = _coverage(problem, ch)
             entries.append(ServerExplanation(
                 server=s.name, count=s.count, bits=ch.bits, batch_size=ch.batch, density=ch.density,
-                config_factor=problem.config_factor(ch.bits, ch.batch, ch.density),
+                precision=ch.precision,
+                config_factor=problem.config_factor(ch.bits, ch.batch, ch.density, ch.precision),
                 binding=list(sp.binding),
                 constraints=_constraints(problem, k, ev, sp.binding), covered=ev.covered[k],
                 forgone=max(0.0, 1 - ev.covered[k]), forgone_unadapted=max(0.0, unadapted),

@@ -1,11 +1,14 @@
-r"""The MILP: which matrices each server adapts, at what rank, on how many bits, with what batch.
+r"""The MILP: which matrices each server adapts, at what rank, on how many bits, with what batch,
+at what communication density and wire precision.
 
 Identical servers (a profile entry with ``count``, or entries with the same hardware and data)
 form a class k with c_k members and n_k samples each; they share one configuration, which is
 optimal because servers couple only through the round time T. Per class k, configurations
-j = (bits q_j, batch b_j, communication density d_j) from its allowed set J_k; candidate
-matrices m with normalised importance w_m (sum 1); rank ladder R (0 = not adapted); gain
-g(r) = log2(1+r)/log2(1+r_max).
+j = (bits q_j, batch b_j, communication density d_j, wire precision p_j) from its allowed set J_k
+(the (density, precision) pairs of ``Problem.wire_options``: a pair that sends no fewer bytes
+either way and keeps no more quality than another is left out, which never changes the optimum,
+since memory and compute do not depend on it); candidate matrices m with normalised importance
+w_m (sum 1); rank ladder R (0 = not adapted); gain g(r) = log2(1+r)/log2(1+r_max).
 
 Matrices of one type t (q_proj, ...) have one shape, so they cost the same at a given rank: an
 optimal plan gives more important matrices of a type at least the rank of less important ones
@@ -27,19 +30,21 @@ Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T 
     (2) n_kjt1 <= N_t z_kj,  n_kjtl <= n_kjt(l-1)                ranks nest; nothing unless chosen
     (3) G_kjtl <= S_t(a) + w_t(a+1) (n_kjtl - a), a = 0..N_t-1   chords of the concave gain
     (4) sum_j [F_kj z_kj + sum_tl dL_tl(b_j) n_kjtl] <= M_k                     memory (GiB)
-    (5) sum_j [C_kj z_kj + sum_tl (dtau_ktl(b_j) + dU_ktl + dD_ktl) n_kjtl] [+ D / down_k] <= T
+    (5) sum_j [C_kj z_kj + sum_tl (dtau_ktl(b_j) + dU_kjtl + dD_kjtl) n_kjtl] [+ D / down_k] <= T
     (6) T <= deadline                                            when the profile sets one
-    (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl                flora only: everyone downloads the stack
+    (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl    flora only: everyone downloads the stack (fp32)
     (8) sum_t n_kjt1 >= z_kj                                     rate only: every class trains
 
 omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^(1/4)
-density_quality[d_j] (quality per round grows sublinearly with the samples seen; top-k
-communication keeps most, not all, of a dense round's progress); dg_l = g(r_l) - g(r_(l-1)) with
-g(r) = log2(1+r) / log2(1+r_max); d* are the increments of each cost from r_(l-1) to r_l.
-F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time; U, D: transfer times,
-at v(d_j) bytes per value (cost.bytes_per_value: 4 dense, about 16 d + 1/8 sparse; flora's stack
-is broadcast dense). So a sparse density is chosen exactly when a server's link makes the time
-it saves worth more than the quality it costs. T_ref is the homogeneous baseline's makespan, so lambda is
+density_quality[d_j] precision_quality[p_j] (quality per round grows sublinearly with the
+samples seen; top-k and lossy values keep most, not all, of an exact round's progress);
+dg_l = g(r_l) - g(r_(l-1)) with g(r) = log2(1+r) / log2(1+r_max); d* are the increments of each
+cost from r_(l-1) to r_l. F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time;
+U, D: transfer times, at v(d_j, p_j) bytes per value up (fedpipe.precision.bytes_per_value: 4
+at fp32 dense, 0.5625 at nf4 dense, d v + min(1/8, 4d) sparse) and the same down, except where
+the rule allows no lossy download (flora: its stack is (7), dense fp32). So a sparse density or
+a lower precision is chosen exactly when a server's link makes the time it saves worth more than
+the quality it costs. T_ref is the homogeneous baseline's makespan, so lambda is
 "quality given up per baseline-round of time" (the weighted objective).
 
 (R) The rate objective (``objective.kind: rate``, ``fedpipe.planning.problem``) maximises
@@ -69,8 +74,9 @@ import pulp
 
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import SolverReport
-from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE, bytes_per_value
+from fedpipe.planning.cost import WIRE_BYTES_PER_VALUE
 from fedpipe.planning.problem import Choice, Problem, evaluate, memory_limited
+from fedpipe.precision import bytes_per_value
 from fedpipe.shapes import Matrix
 
 OBJECTIVE_SCALE = 1000.0
@@ -241,8 +247,8 @@ class _Model:
         for k in range(len(problem.classes)):
             (_, j), blk = max(((key, b) for key, b in self.blocks.items() if key[0] == k),
                               key=lambda kb: kb[1].z.value() or 0)
-            q, b, d = problem.configs(k)[j]
-            out.append(Choice(q, b, _ranks_from_counts(blk, self.groups, problem.ranks), d))
+            q, b, d, p = problem.configs(k)[j]
+            out.append(Choice(q, b, _ranks_from_counts(blk, self.groups, problem.ranks), d, p))
         return out
 
 
@@ -258,7 +264,7 @@ def _build(problem: Problem) -> _Model:
     for k, cls in enumerate(problem.classes):
         rep = cls.rep
         memory, timing[k] = [], []
-        for j, (q, b, d) in enumerate(problem.configs(k)):
+        for j, (q, b, d, pr) in enumerate(problem.configs(k)):
             fixed = problem.fixed_memory_gib(q, b, rep.device)
             if fixed > rep.memory_gib:
                 continue  # this configuration cannot fit whatever the ranks
@@ -266,12 +272,14 @@ def _build(problem: Problem) -> _Model:
             blocks[k, j] = blk = _block(prob, f"{k}_{j}", problem, groups, z)
             if problem.every_server_trains:  # (8) at least one matrix at rank >= r_1
                 prob += pulp.lpSum(blk.n[t, 0] for t in range(len(groups))) >= z, f"c8_{k}_{j}"
-            quality.append(problem.omega[k] * problem.config_factor(q, b, d) * blk.gain)
+            quality.append(problem.omega[k] * problem.config_factor(q, b, d, pr) * blk.gain)
             mem = _increments(groups, problem.ranks,
                               lambda m, r, b=b, d=rep.device: cost.lora_memory_gib(m, r, b, d))
             tau = _increments(groups, problem.ranks, lambda m, r, b=b, s=rep: cost.lora_compute_s(m, r, b, s))
-            up = bytes_per_value(d) / WIRE_BYTES_PER_VALUE
-            down = 0.0 if problem.rule.broadcasts_stack else up  # the stack's download is (7)
+            up = bytes_per_value(d, pr) / WIRE_BYTES_PER_VALUE  # `wire` is at fp32, dense
+            down = (0.0 if problem.rule.broadcasts_stack  # the stack's download is (7)
+                    else bytes_per_value(problem.down_density(d), problem.down_precision(pr))
+                    / WIRE_BYTES_PER_VALUE)
             memory += [(z, fixed)] + [(blk.n[key], c) for key, c in mem.items()]
             timing[k] += [(z, problem.base_compute_s(q, b, rep))] + [
                 (blk.n[key], tau[key] + cost.transfer_s(up * wire[key], rep.uplink_mbps)
@@ -339,15 +347,15 @@ def _dinkelbach(problem: Problem, model: _Model, solver: str,
 
 def _makespan_floor(problem: Problem) -> float:
     """No plan's round is shorter than the slowest class's fastest no-adapter round."""
-    return max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
-               for k, c in enumerate(problem.classes))
+    return max(min(problem.base_compute_s(q, b, c.rep) for q, b in problem.base_configs(c.rep))
+               for c in problem.classes)
 
 
 # ---------------------------------------------------------------- homogeneous baseline
 def solve_baseline(problem: Problem, solver: str,
                    time_limit: float | None) -> tuple[list[Choice], list[str]] | None:
     """Every server on one common configuration: the best one the weakest can run (quality only,
-    so dense communication)."""
+    so the densest density and the widest precision)."""
     p, cost = problem.profile, problem.cost
     common_bits = [q for q in p.candidates.bits
                    if all(q in p.allowed_bits(c.rep) for c in problem.classes)]
@@ -370,12 +378,14 @@ def solve_baseline(problem: Problem, solver: str,
             memory += [(blk.z, problem.fixed_memory_gib(q, b, cls.rep.device))]
             memory += [(blk.n[key], c) for key, c in mem.items()]
         prob += _affine(memory) <= cls.rep.memory_gib, f"mem_{k}"
-    prob += OBJECTIVE_SCALE * pulp.lpSum(problem.config_factor(q, b, problem.densest) * blk.gain
+    prob += OBJECTIVE_SCALE * pulp.lpSum(problem.config_factor(q, b, problem.densest, problem.widest)
+                                         * blk.gain
                                          for (q, b), blk in zip(configs, blocks, strict=True))
     if _solve(prob, solver, time_limit).status not in ("optimal", "feasible"):
         return None
     j = max(range(len(configs)), key=lambda j: blocks[j].z.value() or 0)
-    choice = Choice(*configs[j], _ranks_from_counts(blocks[j], groups, problem.ranks), problem.densest)
+    choice = Choice(*configs[j], _ranks_from_counts(blocks[j], groups, problem.ranks), problem.densest,
+                    problem.widest)
     choices = [choice] * len(problem.classes)
     return choices, memory_limited(problem, choices)
 

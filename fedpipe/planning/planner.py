@@ -91,6 +91,7 @@ def _server_plans(problem: Problem, choices: list[Choice], ev: Evaluation) -> li
                 device=s.device, bits=ch.bits, batch_size=ch.batch,
                 rank_pattern=dict(sorted(ch.ranks.items(), key=lambda kv: order[kv[0]])),
                 upload_density=ch.density, download_density=problem.down_density(ch.density),
+                upload_precision=ch.precision, download_precision=problem.down_precision(ch.precision),
                 lora_alpha_ratio=problem.profile.candidates.lora_alpha_ratio,
                 importance_covered=round(cov, 6),
                 predicted=Prediction(
@@ -128,8 +129,8 @@ def baseline_block(problem: Problem, choices: list[Choice] | None) -> Baseline |
     (their makespan, or with no common configuration the slowest no-adapter round), so every
     strategy's objective is on the optimiser's scale."""
     if choices is None:
-        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b, _ in problem.configs(k))
-                            for k, c in enumerate(problem.classes))
+        problem.t_ref = max(min(problem.base_compute_s(q, b, c.rep) for q, b in problem.base_configs(c.rep))
+                            for c in problem.classes)
         return None
     ev = evaluate(problem, choices)
     problem.t_ref = max(ev.makespan, 1e-9)

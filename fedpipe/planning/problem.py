@@ -4,8 +4,8 @@ Identical servers (a profile entry with ``count``, or entries with the same hard
 form a class with its members and sample share omega_k; every solver (``fedpipe.planning.milp``,
 ``fedpipe.planning.decompose``) returns one ``Choice`` per class, and ``evaluate`` is the ground
 truth both are checked against: costs from ``fedpipe.planning.cost``, quality = sample-weighted
-importance covered (gain g(r) = log2(1+r)/log2(1+r_max) per matrix) times what the precision,
-batch and communication density keep (``Problem.config_factor``).
+importance covered (gain g(r) = log2(1+r)/log2(1+r_max) per matrix) times what the base
+precision, batch, communication density and wire precision keep (``Problem.config_factor``).
 
 The objective of a plan with quality q and makespan T (``Problem.score``), by the profile's
 ``objective.kind``:
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar
 
 from fedpipe.importance import ImportanceReport, depth_prior
@@ -28,9 +29,9 @@ from fedpipe.planning.cost import (
     WIRE_BYTES_PER_VALUE,
     CostModel,
     ServerCost,
-    bytes_per_value,
     server_cost,
 )
+from fedpipe.precision import bytes_per_value
 from fedpipe.profile import ClusterProfile, Server
 from fedpipe.rules import RuleTraits, rule_traits
 from fedpipe.shapes import Matrix, ModelShapes
@@ -71,7 +72,8 @@ class Choice:
     bits: int
     batch: int
     ranks: dict[str, int] = field(hash=False)  # only adapted matrices (rank > 0)
-    density: float = 1.0  # communication density of the upload (and download, where sparse)
+    density: float = 1.0  # communication density of the upload (and download, where lossy may be)
+    precision: str = "fp32"  # wire precision of the upload's values (likewise)
 
 
 @dataclass
@@ -131,33 +133,70 @@ class Problem:
     def ranks(self) -> list[int]:
         return self.profile.candidates.ranks
 
-    def configs(self, k: int) -> list[tuple[int, int, float]]:
-        """Class k's (bits, batch, density) choices."""
+    def configs(self, k: int) -> list[tuple[int, int, float, str]]:
+        """Class k's (bits, batch, density, precision) choices."""
         return self.configs_for(self.classes[k].rep)
 
-    def configs_for(self, server: Server) -> list[tuple[int, int, float]]:
+    def configs_for(self, server: Server) -> list[tuple[int, int, float, str]]:
+        return [(q, b, d, p) for q, b in self.base_configs(server) for d, p in self.wire_options]
+
+    def base_configs(self, server: Server) -> list[tuple[int, int]]:
+        """The server's (bits, batch) choices: what fixed memory and base compute depend on."""
+        return [(q, b) for q in self.profile.allowed_bits(server)
+                for b in self.profile.candidates.batch_sizes]
+
+    @cached_property
+    def wire_options(self) -> list[tuple[float, str]]:
+        """The (density, precision) pairs worth choosing from the two ladders. Memory and compute
+        do not depend on them, so a pair that sends at least as many bytes up and down as another
+        and keeps no more quality is never needed (ties keep the earlier, wider one): left out,
+        it leaves every solver's optimum unchanged and shrinks the search."""
         c = self.profile.candidates
-        return [(q, b, d) for q in self.profile.allowed_bits(server) for b in c.batch_sizes
-                for d in c.densities]
+        every = [(d, p) for d in c.densities for p in c.precisions]
+        cost = [(bytes_per_value(d, p), bytes_per_value(self.down_density(d), self.down_precision(p)),
+                 -self.wire_factor(d, p)) for d, p in every]
+
+        def dominated(i: int) -> bool:
+            return any(all(x <= y for x, y in zip(cost[j], cost[i], strict=True))
+                       and (cost[j] != cost[i] or j < i) for j in range(len(every)) if j != i)
+
+        return [pair for i, pair in enumerate(every) if not dominated(i)]
 
     def gain(self, r: int) -> float:
         return math.log2(1 + r) / math.log2(1 + max(self.ranks))
 
-    def config_factor(self, bits: int, batch: int, density: float = 1.0) -> float:
+    def wire_factor(self, density: float, precision: str) -> float:
+        """Quality a round keeps at this communication density and wire precision (the profile's
+        priors, one factor each)."""
+        o = self.profile.objective
+        return o.density_quality.get(density, 1.0) * o.precision_quality.get(precision, 1.0)
+
+    def config_factor(self, bits: int, batch: int, density: float = 1.0,
+                      precision: str = "fp32") -> float:
         o = self.profile.objective
         b_max = max(self.profile.candidates.batch_sizes)
         return (o.bits_quality.get(bits, 1.0) * (batch / b_max) ** BATCH_EXPONENT
-                * o.density_quality.get(density, 1.0))
+                * self.wire_factor(density, precision))
 
     def down_density(self, density: float) -> float:
-        """The download's density for an upload density: dense where the rule allows no sparse
+        """The download's density for an upload density: dense where the rule allows no lossy
         download (flora merges its stack into the base)."""
         return density if self.rule.sparse_download else 1.0
+
+    def down_precision(self, precision: str) -> str:
+        """The download's precision for an upload precision: fp32 where the rule allows no lossy
+        download (`fedpipe.plan.check_densities`)."""
+        return precision if self.rule.sparse_download else "fp32"
 
     @property
     def densest(self) -> float:
         """The homogeneous baseline's density: it maximises quality, so the densest allowed."""
         return self.profile.candidates.densities[0]
+
+    @property
+    def widest(self) -> str:
+        """The homogeneous baseline's wire precision: the most bytes per value allowed."""
+        return self.profile.candidates.precisions[0]
 
     @property
     def rule(self) -> RuleTraits:
@@ -225,13 +264,15 @@ def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
         rep = cls.rep
         key = (id(ch), hardware_key(rep))
         if key not in memo:
-            down = bytes_per_value(ch.density) * own[id(ch)] if stack is None else stack
+            down = (bytes_per_value(problem.down_density(ch.density),
+                                    problem.down_precision(ch.precision)) * own[id(ch)]
+                    if stack is None else stack)
             memo[key] = (server_cost(problem.cost, rep, ch.bits, ch.batch, ch.ranks, by_name, down,
-                                     ch.density),
+                                     ch.density, ch.precision),
                          sum(problem.weights[n] * gain[r] for n, r in ch.ranks.items()))
         costs.append(memo[key][0])
         covered.append(memo[key][1])
-    quality = sum(o * problem.config_factor(ch.bits, ch.batch, ch.density) * cov
+    quality = sum(o * problem.config_factor(ch.bits, ch.batch, ch.density, ch.precision) * cov
                   for o, ch, cov in zip(problem.omega, choices, covered, strict=True))
     makespan = max(c.round_s for c in costs)
     objective = problem.score(quality, makespan)
@@ -253,9 +294,9 @@ def diagnose_infeasible(problem: Problem) -> list[str]:
     """Servers that cannot fit even the smallest configuration, and by how much."""
     problems = []
     deadline = problem.profile.objective.deadline_s
-    for k, cls in enumerate(problem.classes):
+    for cls in problem.classes:
         rep = cls.rep
-        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b, _ in problem.configs(k)}
+        fixed = {(q, b): problem.fixed_memory_gib(q, b, rep.device) for q, b in problem.base_configs(rep)}
         (q, b), need = min(fixed.items(), key=lambda kv: kv[1])
         names = ", ".join(s.name for s in cls.servers)
         if need > rep.memory_gib:
@@ -281,10 +322,11 @@ def _cannot_train(problem: Problem) -> list[str]:
     for k, cls in enumerate(problem.classes):
         rep, names = cls.rep, ", ".join(s.name for s in cls.servers)
         trials = []
-        for q, b, d in problem.configs(k):
+        for q, b, d, p in problem.configs(k):
             for m in problem.matrices:
-                down = bytes_per_value(problem.down_density(d)) * m.lora_params(r1)
-                trials.append(server_cost(problem.cost, rep, q, b, {m.name: r1}, by_name, down, d))
+                down = (bytes_per_value(problem.down_density(d), problem.down_precision(p))
+                        * m.lora_params(r1))
+                trials.append(server_cost(problem.cost, rep, q, b, {m.name: r1}, by_name, down, d, p))
         fitting = [c for c in trials if c.memory_gib <= rep.memory_gib]
         if not fitting:
             need = min(c.memory_gib for c in trials)

@@ -249,10 +249,10 @@ def _memory_free_key(profile: ClusterProfile, problem: Problem) -> list[str]:
     differs only by more memory is the same problem and reuses this solution. [] otherwise."""
     by_name = {m.name: m for m in problem.matrices}
     everything = dict.fromkeys(by_name, max(problem.ranks))
-    for k, cls in enumerate(problem.classes):
+    for cls in problem.classes:
         rep = cls.rep
         need = max(server_cost(problem.cost, rep, q, b, everything, by_name, 0).memory_gib
-                   for q, b in {(q, b) for q, b, _ in problem.configs(k)})
+                   for q, b in problem.base_configs(rep))
         if need > rep.memory_gib:
             return []
     raw = profile.model_dump(mode="json")

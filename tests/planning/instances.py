@@ -8,6 +8,7 @@ import numpy as np
 from fedpipe.importance import ImportanceReport
 from fedpipe.planning.cost import server_cost
 from fedpipe.planning.problem import Choice, build_problem, evaluate
+from fedpipe.precision import bytes_per_value
 from fedpipe.profile import parse_profile
 from fedpipe.shapes import shapes_from_config
 
@@ -17,7 +18,8 @@ SHAPES = shapes_from_config({"hidden_size": 4096, "intermediate_size": 11008, "n
 
 
 def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: str = "hetlora",
-                    kind: str = "weighted"):
+                    kind: str = "weighted", precisions: list[str] | None = None):
+    """`precisions`: the wire precision ladder (default fp32 only, the instances' original size)."""
     rng = random.Random(seed)
     servers = [{"name": f"s{i}", "memory_gib": rng.choice([2.0, 2.6, 3.0, 4.0, 8.0]),
                 "tflops": rng.choice([0.5, 2.0, 10.0]), "uplink_mbps": rng.choice([5, 50, 500]),
@@ -27,12 +29,21 @@ def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: st
         "model": "tiny-wide", "aggregation": aggregation,
         "task": {"seq_len": 256, "local_steps": 2},
         "candidates": {"targets": ["q_proj", "down_proj"], "ranks": ranks, "bits": [4, 16],
-                       "batch_sizes": [1, 2], "densities": [1.0, 0.25]},
+                       "batch_sizes": [1, 2], "densities": [1.0, 0.25],
+                       "precisions": precisions or ["fp32"]},
         "objective": {"kind": kind, "time_weight": rng.choice([0.05, 0.3, 1.0])},
         "servers": servers,
     })
     scores = {m.name: rng.random() for m in SHAPES.matrices}
     return build_problem(profile, SHAPES, ImportanceReport(scorer="test", model="tiny-wide", scores=scores))
+
+
+def all_configs(problem, k):
+    """Every (bits, batch, density, precision) of the profile's ladders for class k, including the
+    (density, precision) pairs `Problem.wire_options` leaves out as dominated."""
+    c = problem.profile.candidates
+    return list(itertools.product(problem.profile.allowed_bits(problem.classes[k].rep), c.batch_sizes,
+                                  c.densities, c.precisions))
 
 
 def per_server_options(problem, k, allow_idle=False):
@@ -41,15 +52,16 @@ def per_server_options(problem, k, allow_idle=False):
     cls, names = problem.classes[k], [m.name for m in problem.matrices]
     by_name = {m.name: m for m in problem.matrices}
     out = []
-    for q, b, d in problem.configs(k):
+    for q, b, d, p in all_configs(problem, k):
+        v_down = bytes_per_value(problem.down_density(d), problem.down_precision(p))
         for ranks in itertools.product(problem.ranks, repeat=len(names)):
             pattern = {n: r for n, r in zip(names, ranks, strict=True) if r > 0}
-            down = sum(problem.cost.wire_bytes(by_name[n], r, d) for n, r in pattern.items())
-            c = server_cost(problem.cost, cls.rep, q, b, pattern, by_name, down, d)
+            down = sum(v_down * by_name[n].lora_params(r) for n, r in pattern.items())
+            c = server_cost(problem.cost, cls.rep, q, b, pattern, by_name, down, d, p)
             if c.memory_gib <= cls.rep.memory_gib and (pattern or allow_idle
                                                       or not problem.every_server_trains):
                 cov = sum(problem.weights[n] * problem.gain(r) for n, r in pattern.items())
-                out.append((problem.omega[k] * problem.config_factor(q, b, d) * cov, c.round_s))
+                out.append((problem.omega[k] * problem.config_factor(q, b, d, p) * cov, c.round_s))
     return np.array(out)
 
 
@@ -68,8 +80,8 @@ def enumerated_optimum(problem) -> float:
     """The best objective (weighted or rate, as the profile says) over every combination of every
     server's choices, by `evaluate` (so couplings such as flora's stacked download are exact)."""
     names = [m.name for m in problem.matrices]
-    options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0}, d)
-                for q, b, d in problem.configs(k)
+    options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0}, d, p)
+                for q, b, d, p in all_configs(problem, k)
                 for rs in itertools.product(problem.ranks, repeat=len(names))
                 if any(rs) or not problem.every_server_trains]
                for k in range(len(problem.classes))]

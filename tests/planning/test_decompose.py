@@ -50,6 +50,29 @@ def test_decomposed_matches_brute_force_three_servers(seed):
     assert report.objective == pytest.approx(ev.objective)
 
 
+@pytest.mark.parametrize("kind", ["weighted", "rate"])
+@pytest.mark.parametrize("seed", range(6))
+def test_decomposed_matches_brute_force_with_wire_precisions(seed, kind):
+    """Precision in the choice set (brute force over the full ladders, dominated pairs included);
+    across these instances both lower precisions and sparse densities get chosen."""
+    problem = random_instance(300 + seed, 2, [0, 16], kind=kind,
+                              precisions=["fp32", "bf16", "int8", "nf4"])
+    choices, ev, report, _ = plan_problem(problem, method="decomposed")
+    assert report.status == "optimal"
+    assert ev.objective == pytest.approx(brute_force_objective(problem), rel=1e-6, abs=1e-9)
+
+
+def test_wire_precisions_get_chosen_in_the_brute_force_instances():
+    """The instances above are not all fp32: the comparison covers real precision choices."""
+    chosen = set()
+    for seed, kind in itertools.product(range(6), ["weighted", "rate"]):
+        problem = random_instance(300 + seed, 2, [0, 16], kind=kind,
+                                  precisions=["fp32", "bf16", "int8", "nf4"])
+        chosen |= {(c.density, c.precision) for c in plan_problem(problem, method="decomposed")[0]}
+    assert {p for _, p in chosen} == {"fp32", "bf16", "int8", "nf4"}
+    assert {d for d, _ in chosen} == {1.0, 0.25}
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_lp_window_path_bound_is_valid_and_plan_close(seed, monkeypatch):
     """Forcing the LP-guided search (no exhaustive enumeration): the proven bound really bounds

@@ -21,6 +21,27 @@ def test_milp_matches_brute_force_three_servers(seed):
     assert ev.objective == pytest.approx(brute_force_objective(problem), rel=2e-4, abs=1e-6)
 
 
+WIRE_LADDER = ["fp32", "bf16", "int8", "nf4"]
+
+
+@pytest.mark.parametrize("kind", ["weighted", "rate"])
+@pytest.mark.parametrize("seed", range(3))
+def test_milp_matches_brute_force_with_wire_precisions(seed, kind):
+    """Precision in the choice set: brute force enumerates every (density, precision) of the
+    ladders, including the pairs the model leaves out as dominated."""
+    problem = random_instance(300 + seed, 2, [0, 16], kind=kind, precisions=WIRE_LADDER)
+    assert len(problem.wire_options) < 2 * len(WIRE_LADDER)  # some pairs are dominated
+    choices, ev, report, _ = plan_problem(problem, method="milp", solver="highs", time_limit=60)
+    assert report.status == "optimal"
+    assert ev.objective == pytest.approx(brute_force_objective(problem), rel=2e-4, abs=1e-6)
+
+
+def test_flora_with_wire_precisions_matches_enumeration():
+    problem = random_instance(5, 2, [0, 16], aggregation="flora", precisions=["fp32", "nf4"])
+    choices, ev, _, _ = plan_problem(problem, method="milp", solver="highs", time_limit=60)
+    assert ev.objective == pytest.approx(enumerated_optimum(problem), rel=2e-4, abs=1e-6)
+
+
 def test_cbc_agrees_with_highs():
     problem = random_instance(7, 2, [0, 8, 16])
     _, ev_h, _, _ = plan_problem(problem, solver="highs", time_limit=60)

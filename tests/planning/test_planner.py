@@ -6,13 +6,17 @@ import pytest
 import yaml
 from instances import SHAPES, random_instance
 from peft import LoraConfig
+from typer.testing import CliRunner
 
+from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
 from fedpipe.plan import load_plan, save_plan
 from fedpipe.planning.planner import plan_problem
 from fedpipe.planning.problem import build_problem
 from fedpipe.planning.strategies import make_plan
+from fedpipe.precision import bytes_per_value
 from fedpipe.profile import parse_profile
+from fedpipe.shapes import load_shapes
 
 ROOT = Path(__file__).parents[2]
 
@@ -88,12 +92,16 @@ def test_shipped_profiles_plan(name):
     assert all(s.predicted.memory_gib <= s.predicted.memory_budget_gib for s in plan.servers)
 
 
-def _link_profile(mbps: float, densities: list[float] | None = None, **objective):
-    """One server whose links we vary next to a fast hub: which density does the planner pick?"""
+def _link_profile(mbps: float, densities: list[float] | None = None,
+                  precisions: list[str] | None = None, **objective):
+    """One server whose links we vary next to a fast hub: which density and wire precision does
+    the planner pick?"""
     candidates = {"targets": ["q_proj", "v_proj"], "ranks": [0, 4, 8], "bits": [16],
                   "batch_sizes": [4]}
     if densities is not None:
         candidates["densities"] = densities
+    if precisions is not None:
+        candidates["precisions"] = precisions
     return {"model": "smollm2-135m", "task": {"seq_len": 64, "local_steps": 5},
             "candidates": candidates, "objective": objective,
             "servers": [{"name": "edge", "memory_gib": 4, "tflops": 5, "uplink_mbps": mbps,
@@ -111,8 +119,8 @@ def _plan_for(tmp_path, raw: dict, method: str = "auto"):
 @pytest.mark.parametrize("method", ["milp", "decomposed"])
 def test_density_chosen_only_where_bandwidth_binds(tmp_path, method):
     # a fast uplink: dense, the full quality; a slow one: sparse, and bytes shrink with it
-    fast = _plan_for(tmp_path, _link_profile(1000), method)
-    slow = _plan_for(tmp_path, _link_profile(2), method)
+    fast = _plan_for(tmp_path, _link_profile(1000, precisions=["fp32"]), method)
+    slow = _plan_for(tmp_path, _link_profile(2, precisions=["fp32"]), method)
     assert fast["edge"].upload_density == fast["edge"].download_density == 1.0
     assert slow["edge"].upload_density < 1.0
     assert slow["edge"].download_density == slow["edge"].upload_density  # not flora: both ways
@@ -123,10 +131,64 @@ def test_density_chosen_only_where_bandwidth_binds(tmp_path, method):
 
 
 def test_dense_only_ladder_and_flora_download(tmp_path):
-    only_dense = _plan_for(tmp_path, _link_profile(2, densities=[1.0]))
-    assert only_dense["edge"].upload_density == 1.0
+    only_dense = _plan_for(tmp_path, _link_profile(2, densities=[1.0], precisions=["fp32"]))
+    assert only_dense["edge"].upload_density == 1.0 and only_dense["edge"].upload_precision == "fp32"
     flora = _plan_for(tmp_path, {**_link_profile(2), "aggregation": "flora"})
-    assert flora["edge"].upload_density < 1.0 and flora["edge"].download_density == 1.0
+    edge = flora["edge"]
+    assert edge.upload_density < 1.0 or edge.upload_precision != "fp32"
+    # flora merges its stack into every base: downloaded exact, whatever the upload
+    assert edge.download_density == 1.0 and edge.download_precision == "fp32"
+
+
+WIRE_LADDER = ["fp32", "bf16", "int8", "nf4"]
+
+
+@pytest.mark.parametrize("method", ["milp", "decomposed"])
+def test_wire_precision_is_lower_where_the_uplink_is_tight(tmp_path, method):
+    slow = _plan_for(tmp_path, _link_profile(2, densities=[1.0], precisions=WIRE_LADDER), method)
+    fast = _plan_for(tmp_path, _link_profile(1000, densities=[1.0], precisions=WIRE_LADDER), method)
+    width = {p: bytes_per_value(1.0, p) for p in WIRE_LADDER}
+    # the 2 Mbit/s edge sends fewer bytes per value than the 500 Mbit/s hub beside it, and than
+    # itself on a fat link
+    assert width[slow["edge"].upload_precision] < width[slow["hub"].upload_precision]
+    assert width[slow["edge"].upload_precision] < width[fast["edge"].upload_precision]
+    assert slow["hub"].upload_precision == "fp32"  # the hub's link is never the bottleneck
+    assert slow["edge"].download_precision == slow["edge"].upload_precision  # not flora: both ways
+
+
+def test_chosen_precision_is_written_into_a_valid_plan_with_bytes_per_value(tmp_path):
+    """The plan carries the (density, precision) the planner chose, reloads as a valid plan, and
+    predicts each entry's bytes as precision.bytes_per_value(d, p) x its adapter's values."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(_link_profile(2, precisions=WIRE_LADDER)))
+    plan = make_plan(path)
+    saved = load_plan(save_plan(plan, tmp_path / "p.plan.yaml"))
+    assert saved.servers == plan.servers
+    assert {s.upload_precision for s in saved.servers} - {"fp32"}  # something below fp32 was chosen
+    by_name = {m.name: m for m in load_shapes("smollm2-135m").matrices}
+    for s in saved.servers:
+        values = [by_name[n].lora_params(r) for n, r in s.rank_pattern.items()]
+        assert s.predicted.lora_params == sum(values)
+        up = bytes_per_value(s.upload_density, s.upload_precision) * sum(values)
+        down = bytes_per_value(s.download_density, s.download_precision) * sum(values)
+        assert s.predicted.upload_bytes == pytest.approx(up, abs=1)
+        assert s.predicted.download_bytes == pytest.approx(down, abs=1)
+
+
+def test_bad_precision_ladder_exits_2_naming_the_field_and_valid_values(tmp_path):
+    runner, out = CliRunner(), tmp_path / "x.plan.yaml"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_link_profile(2, precisions=["fp32", "int4"])))
+    result = runner.invoke(app, ["plan", str(path), "-o", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "candidates.precisions[1]" in result.output and "'int4'" in result.output
+    assert all(p in result.output for p in ("fp32", "bf16", "int8", "nf4", "fp4"))
+    raw = _link_profile(2, precisions=["fp32", "nf4"])
+    raw["objective"]["precision_quality"] = {"fp32": 1.0}
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["plan", str(path), "-o", str(out)])
+    assert result.exit_code == 2 and "precision_quality" in result.output and "nf4" in result.output
+    assert not out.exists()
 
 
 def test_density_without_quality_entry_is_a_clear_error():

@@ -99,7 +99,7 @@ def test_a_server_that_cannot_train_anything_is_named():
     """It fits the no-adapter configuration, not one matrix: fine for weighted, an error for rate."""
     problem = random_instance(0, 2, [0, 16], kind="rate")
     raw = problem.profile.model_dump()
-    need = min(problem.fixed_memory_gib(q, b, "cuda") for q, b, _ in problem.configs(0))
+    need = min(problem.fixed_memory_gib(q, b, "cuda") for q, b in problem.base_configs(problem.classes[0].rep))
     raw["servers"][0]["memory_gib"] = need * 1.0001
     tight = build_problem(parse_profile(raw), problem.shapes, problem.importance)
     with pytest.raises(FedpipeError) as e:

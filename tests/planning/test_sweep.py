@@ -83,12 +83,12 @@ def test_point_plan_equals_make_plan_on_its_profile(memory_sweep):
 
 
 def test_deadlines_reuse_looser_plans_exactly(tmp_path):
-    r = run_sweep(SMALL, {"deadline": ["none", "0.8x", "100"], "servers": ["1", "2"]}, out_dir=tmp_path)
+    r = run_sweep(SMALL, {"deadline": ["none", "0.9x", "100"], "servers": ["1", "2"]}, out_dir=tmp_path)
     by = {p.name: p for p in r.points}
     free = by["n1-dnone"]
     assert by["n1-d100"].reused_from == "n1-dnone" and by["n1-d100"].quality == free.quality
-    tight = by["n1-d0.8x"]
-    assert tight.reused_from is None and tight.deadline_s == pytest.approx(0.8 * free.makespan_s)
+    tight = by["n1-d0.9x"]
+    assert tight.reused_from is None and tight.deadline_s == pytest.approx(0.9 * free.makespan_s)
     assert tight.makespan_s <= tight.deadline_s * (1 + 1e-9) and tight.quality < free.quality
     assert load_plan(tight.plan).deadline_s == pytest.approx(tight.deadline_s)
     # the reused point is what a direct solve at that deadline gives

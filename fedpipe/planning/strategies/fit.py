@@ -2,7 +2,7 @@
 
 A rule proposes rank patterns from its ideal down to its smallest; a server takes the first
 pattern that fits at some (bits, batch), preferring the most bits, then the largest batch
-(quality first, as an operator would), and communicates dense (density 1: no rule here trades
+(quality first, as an operator would), and communicates dense in fp32 (no rule here trades
 bytes for quality). A server that fits none is named with its shortfall.
 """
 

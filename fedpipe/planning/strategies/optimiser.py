@@ -13,5 +13,5 @@ def _solve(problem: Problem, options: SolveOptions) -> Solved:
                         method=options.method)
 
 
-STRATEGY = Strategy("fedpipe", "the optimiser: bits, batch, density and a rank per matrix per "
-                    "server, importance against round time (default)", _solve)
+STRATEGY = Strategy("fedpipe", "the optimiser: bits, batch, density, wire precision and a rank per "
+                    "matrix per server, importance against round time (default)", _solve)
