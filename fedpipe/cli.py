@@ -130,8 +130,8 @@ def importance(
 
     request = ScoringRequest.make(profile, scorer, batches=batches, batch_size=batch_size,
                                   seq_len=seq_len, seed=seed)
-    with scoring_progress(request.sample_weights(), batches) as on_batch:
-        result = compute_report(request, use_cache=cache, on_batch=on_batch)
+    with scoring_progress(request.sample_weights(), batches) as progress:
+        result = compute_report(request, use_cache=cache, progress=progress)
     name = request.profile.name or profile.stem
     path = save_report(result.report, output or Path("reports") / f"{name}.{request.scorer.name}.yaml")
     png = save_heatmap(result.report, heatmap or path.with_suffix(".png"))
