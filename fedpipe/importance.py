@@ -11,7 +11,10 @@ federation the way it would run for real:
   would multiply the cost by c.
 - each server scores its own shard on the base model at 16 bits (fp32 on CPU): ``batches``
   calibration batches of ``batch_size`` examples at the profile's ``seq_len``. Only one float per
-  matrix leaves a server, never its data.
+  matrix leaves a server, never its data. Here all servers share one loaded model, and each batch
+  runs as one packed sequence (`fedpipe.gradients.AnswerLoss`: the shared prompt prefix once, no
+  padding, logits only at answer tokens), which gives the plain pass's scores for about half the
+  work.
 - the server combines the vectors weighted by sample counts (`fedpipe.scorers.combine`), so the
   report's scores are shares that sum to 1.
 
@@ -20,7 +23,7 @@ Reports are cached under ``cache_dir()/importance`` keyed by model + data + scor
 weights are missing. ``fedpipe plan`` never scores on its own: by default (``--importance
 auto``) it plans with the latest report ``fedpipe importance`` made for the profile's model and
 data, else with the prior, and the plan records the scorer, digest and source
-(`importance_for_plan`).
+(`importance_for_plan`); the CLI says when it picked up a cached report (`auto_notice`).
 """
 
 from __future__ import annotations
@@ -406,6 +409,20 @@ def compute_report(request: ScoringRequest, *, use_cache: bool = True, set_lates
 
 
 AUTO = "auto"
+
+
+def auto_notice(choice: str | None, report: ImportanceReport | None, source: str | None) -> str | None:
+    """A line for the user when ``--importance auto`` planned with a cached report: whichever
+    ``fedpipe importance`` ran last for this model and data (any scorer, any settings) changes
+    the plan, and a plan that changes with the machine's cache must not do so silently."""
+    if (choice or AUTO).strip().lower() != AUTO or report is None:
+        return None
+    made = report.settings or {}
+    how = (f", {made['batches']} x {made['batch_size']} examples per server, seed {made['seed']}"
+           if {"batches", "batch_size", "seed"} <= set(made) else "")
+    return (f"--importance auto plans with the {report.scorer} report cached at {source}{how} "
+            "(the latest `fedpipe importance` made for this model and data); "
+            "--importance prior plans without it")
 
 
 def importance_for_plan(profile_path: str | Path,

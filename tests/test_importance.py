@@ -335,9 +335,15 @@ def test_plan_records_scorer_digest_and_source(scored, tmp_path, monkeypatch):
     assert plans["prior"].scorer == "prior"
     assert plans[str(report_file)].scorer == "sensitivity"
     assert plans[str(report_file)].digest == result.report.digest()
+    assert "--importance auto plans with" not in run.output  # the prior: nothing to say
     monkeypatch.setenv("FEDPIPE_CACHE", str(cache_root))
     report, source = importance_for_plan(profile, None)  # auto finds the cached default report
     assert report.digest() == result.report.digest() and source == str(result.cache_path)
+    run = runner.invoke(app, ["plan", str(profile), "-o", str(tmp_path / "auto.plan.yaml")])
+    assert run.exit_code == 0, run.output
+    assert "--importance auto plans with the sensitivity report cached at" in run.output
+    assert "2 x 2 examples per server, seed 0" in run.output
+    assert load_plan(tmp_path / "auto.plan.yaml").importance.digest == result.report.digest()
 
 
 def test_plan_refuses_bad_importance(scored, tmp_path, cache):
