@@ -92,14 +92,31 @@ class AnswerLoss:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.shortcut: bool | None = None  # None: not checked yet
+        ends = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                if m is not None}  # embeddings and lm_head (often one tied tensor)
+        self._body = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in ends)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.shortcut is None:
             self.shortcut = self._shortcut_agrees(batch)
-        return self._packed(batch) if self.shortcut else self.model(**batch, use_cache=False).loss
+        if self.shortcut and self.packing_pays(batch):
+            return self._packed(batch)
+        return self.model(**batch, use_cache=False).loss
+
+    def packing_pays(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether the packed sequence costs less than the padded batch. Its attention mask is
+        dense, so attention grows with the square of all rows' tokens together: many long rows
+        are cheaper padded. Cost per token: about the body's weights (multiply-adds) plus
+        2 x layers x hidden x the keys it attends to."""
+        ids = batch["input_ids"]
+        rows, width = ids.shape
+        packed = len(pack_rows(ids, batch["attention_mask"], batch["labels"]).tokens)
+        config = self.model.config
+        per_key = 2 * config.num_hidden_layers * config.hidden_size
+        return packed * (self._body + per_key * packed) < rows * width * (self._body + per_key * width)
 
     def _shortcut_agrees(self, batch: dict[str, torch.Tensor]) -> bool:
-        if not (hasattr(self.model, "get_decoder") and hasattr(self.model, "get_output_embeddings")):
+        if not hasattr(self.model, "get_decoder"):
             return False
         with torch.no_grad():
             plain = self.model(**batch, use_cache=False).loss

@@ -171,6 +171,19 @@ def test_packed_loss_and_gradients_equal_the_plain_pass(tiny_model_dir, tokenize
         assert len(layout.tokens) == real
 
 
+def test_packing_only_where_it_costs_less(tiny_model_dir, tokenizer):
+    """Short prompts with a shared preamble pack; many long rows with nothing shared and no
+    padding stay a padded batch (a packed sequence's attention is quadratic in all its tokens)."""
+    from fedpipe.data import _collate, encode
+
+    loss = AnswerLoss(load_base(tiny_model_dir, 16))
+    assert loss.packing_pays(_collate(encode(builtin_examples(4, 5), tokenizer, 64),
+                                      tokenizer.pad_token_id))
+    ids = torch.randint(5, 1000, (16, 64), generator=torch.Generator().manual_seed(0))
+    assert not loss.packing_pays({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                  "labels": ids})
+
+
 def test_shared_scoring_equals_per_server_plain_scoring(scored, tiny_model_dir, tokenizer, monkeypatch):
     """One model and packed batches for all servers give the scores that each server scoring
     alone, on its own copy of the model, with the plain loss, gives (up to float noise)."""
