@@ -6,12 +6,15 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedpipe.errors import FedpipeError
 from fedpipe.rules import rules_help
+
+if TYPE_CHECKING:
+    from fedpipe.importance import ImportanceReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run federated LoRA fine-tuning across heterogeneous edge servers.")
@@ -52,6 +55,16 @@ def main(
 
 def default_plan_path(name: str) -> Path:
     return Path("plans") / f"{name}.plan.yaml"
+
+
+def _say_auto_importance(choice: str, report: ImportanceReport | None, source: str | None) -> None:
+    """On stderr, when `--importance auto` picked up a cached report (`importance.auto_notice`)."""
+    from fedpipe.importance import auto_notice
+    from fedpipe.render import console
+
+    notice = auto_notice(choice, report, source)
+    if notice:
+        console(stderr=True).print(f"[bold yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -95,6 +108,7 @@ def plan(
     if warning:
         console(stderr=True).print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     report, source = importance_for_plan(profile, importance)
+    _say_auto_importance(importance, report, source)
     result = make_plan(profile, chosen.name, solver=solver, time_limit=time_limit, method=method,
                        importance=report, importance_source=source, objective=objective)
     name = result.profile.name if chosen.name == DEFAULT else f"{result.profile.name}.{chosen.name}"
@@ -130,8 +144,8 @@ def importance(
 
     request = ScoringRequest.make(profile, scorer, batches=batches, batch_size=batch_size,
                                   seq_len=seq_len, seed=seed)
-    with scoring_progress(request.sample_weights(), batches) as on_batch:
-        result = compute_report(request, use_cache=cache, on_batch=on_batch)
+    with scoring_progress(request.sample_weights(), batches) as progress:
+        result = compute_report(request, use_cache=cache, progress=progress)
     name = request.profile.name or profile.stem
     path = save_report(result.report, output or Path("reports") / f"{name}.{request.scorer.name}.yaml")
     png = save_heatmap(result.report, heatmap or path.with_suffix(".png"))
@@ -359,6 +373,7 @@ def sweep(
     from fedpipe.importance import importance_for_plan
 
     report, source = importance_for_plan(profile, importance)
+    _say_auto_importance(importance, report, source)
     total = 1
     for values in axes.values():
         total *= len(values)

@@ -1,20 +1,22 @@
 """How an importance report is shown: a ranked table, a layers x matrix-types heat map (PNG),
-and a progress bar while servers score. Formatting only; the numbers come from the report."""
+a progress bar and a line per server while servers score. Formatting only; the numbers come from
+the report."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from fedpipe.atomic import write_atomic_with
-from fedpipe.importance import ImportanceReport
+from fedpipe.importance import ImportanceReport, ScoringProgress
 from fedpipe.shapes import MATRIX_TYPES
 
 _SITE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
@@ -87,14 +89,28 @@ def save_heatmap(report: ImportanceReport, path: str | Path) -> Path:
     return write_atomic_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+class _ScoringBar:
+    """A `ScoringProgress` on stderr: a bar over every server's calibration batches, and a line
+    per server as it finishes (server, batches, seconds), which stays when the bar goes."""
+
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def batch_done(self, server: str) -> None:
+        self.bar.update(self.task, advance=1, description=f"scoring on {server}")
+
+    def server_done(self, server: str, batches: int, seconds: float) -> None:
+        self.bar.console.print(f"scored {server}: {batches} batches in {seconds:.1f} s",
+                               highlight=False)
+
+
 @contextlib.contextmanager
-def scoring_progress(servers: dict[str, int], batches: int) -> Iterator[Callable[[str], None]]:
-    """A progress bar over every server's calibration batches; yields the per-batch callback."""
+def scoring_progress(servers: dict[str, int], batches: int) -> Iterator[ScoringProgress]:
+    """Progress of `compute_report` on stderr (`_ScoringBar`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedpipe.render import console
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console(stderr=True), transient=True) as bar:
-        task = bar.add_task("scoring", total=len(servers) * batches)
-        yield lambda server: bar.update(task, advance=1, description=f"scoring on {server}")
+        yield _ScoringBar(bar, bar.add_task("scoring", total=len(servers) * batches))

@@ -18,7 +18,13 @@ from typer.testing import CliRunner
 
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
-from fedpipe.gradients import FisherAccumulator, SensitivityAccumulator, score_server
+from fedpipe.gradients import (
+    AnswerLoss,
+    FisherAccumulator,
+    SensitivityAccumulator,
+    pack_rows,
+    score_server,
+)
 from fedpipe.importance import (
     ImportanceReport,
     ScoringRequest,
@@ -131,6 +137,96 @@ def test_score_server_uses_true_gradients_of_candidates_only(tiny_model_dir, tok
     assert scores[names[0]] == pytest.approx(float(weight.grad.pow(2).sum()), rel=1e-4)
 
 
+def _candidate_grads(model, loss_of, batch, names) -> tuple[float, dict[str, torch.Tensor]]:
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    loss = loss_of(batch)
+    loss.backward()
+    grads = {n: w.grad.clone() for n, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(False)
+        w.grad = None
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("rows, left", [(4, False), (4, True), (1, False)])
+def test_packed_loss_and_gradients_equal_the_plain_pass(tiny_model_dir, tokenizer, rows, left):
+    """Shared prefix once, no padding, logits only at answers: the same function of the weights."""
+    from fedpipe.data import _collate, encode
+
+    model = load_base(tiny_model_dir, 16).eval()
+    batch = _collate(encode(builtin_examples(rows, 5), tokenizer, 64), tokenizer.pad_token_id, left)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    plain = _candidate_grads(model, lambda b: model(**b, use_cache=False).loss, batch, names)
+    packed = _candidate_grads(model, AnswerLoss(model)._packed, batch, names)
+    assert packed[0] == pytest.approx(plain[0], rel=1e-5)
+    for name in names:
+        torch.testing.assert_close(packed[1][name], plain[1][name], rtol=1e-4, atol=1e-7)
+    layout = pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    real = int(batch["attention_mask"].sum())
+    if rows > 1 and not left:  # the chat template's preamble is shared and sent once
+        assert len(layout.tokens) < real - (rows - 1) * 10
+    else:
+        assert len(layout.tokens) == real
+
+
+def test_packing_only_where_it_costs_less(tiny_model_dir, tokenizer):
+    """Short prompts with a shared preamble pack; many long rows with nothing shared and no
+    padding stay a padded batch (a packed sequence's attention is quadratic in all its tokens)."""
+    from fedpipe.data import _collate, encode
+
+    loss = AnswerLoss(load_base(tiny_model_dir, 16))
+    assert loss.packing_pays(_collate(encode(builtin_examples(4, 5), tokenizer, 64),
+                                      tokenizer.pad_token_id))
+    ids = torch.randint(5, 1000, (16, 64), generator=torch.Generator().manual_seed(0))
+    assert not loss.packing_pays({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                  "labels": ids})
+
+
+def test_shared_scoring_equals_per_server_plain_scoring(scored, tiny_model_dir, tokenizer, monkeypatch):
+    """One model and packed batches for all servers give the scores that each server scoring
+    alone, on its own copy of the model, with the plain loss, gives (up to float noise)."""
+    profile, result, _ = scored
+    request = ScoringRequest.make(profile, batches=2, batch_size=2)
+    shards, weights = server_shards(request), request.sample_weights()
+    packed_calls = []
+    real_packed = AnswerLoss._packed
+    monkeypatch.setattr(AnswerLoss, "_packed", lambda self, b: packed_calls.append(1) or real_packed(self, b))
+    settings = dict(batches=2, batch_size=2, seq_len=64, seed=0)
+    shared = score_shards(load_base(tiny_model_dir, 16), tokenizer, shards, weights,
+                          request.candidates, request.scorer, **settings)
+    assert len(packed_calls) == 1 + 2 * len(shards)  # the first batch's check, then every batch
+    assert shared == pytest.approx(result.report.scores, rel=1e-6)
+
+    monkeypatch.setattr(AnswerLoss, "_shortcut_agrees", lambda self, batch: False)
+    alone = {server: score_shards(load_base(tiny_model_dir, 16), tokenizer, {server: shard},
+                                  {server: 1}, request.candidates, request.scorer, **settings)
+             for server, shard in shards.items()}
+    assert len(packed_calls) == 1 + 2 * len(shards)  # the plain pass did all of that
+    reference = combine(alone, weights)
+    assert shared == pytest.approx(reference, rel=1e-4, abs=1e-9)
+    assert max(shared, key=shared.get) == max(reference, key=reference.get)
+
+
+def test_progress_hears_every_batch_and_a_line_per_server(tiny_model_dir, cache, tmp_path):
+    class Record:
+        def __init__(self):
+            self.batches, self.servers = [], []
+
+        def batch_done(self, server):
+            self.batches.append(server)
+
+        def server_done(self, server, batches, seconds):
+            self.servers.append((server, batches))
+            assert seconds > 0
+
+    record = Record()
+    compute_report(ScoringRequest.make(_profile(tmp_path, str(tiny_model_dir)), "fisher", batches=2,
+                                       batch_size=2), progress=record)
+    assert record.batches == ["a", "a", "b", "b"] and record.servers == [("a", 2), ("b", 2)]
+
+
 # ----------------------------------------------------------------------------- federation
 
 
@@ -217,7 +313,8 @@ def test_cli_importance_prints_table_writes_report_and_heatmap(tmp_path, tiny_mo
     result = runner.invoke(app, ["importance", str(profile), "--scorer", "fisher", "-o", str(out),
                                  "--top", "3", *FAST])
     assert result.exit_code == 0, result.output
-    for word in ("rank", "share", "share per type", "computed in", "digest"):
+    for word in ("rank", "share", "share per type", "computed in", "digest",
+                 "scored a: 2 batches in", "scored b: 2 batches in"):
         assert word in result.output
     report = load_report(out)
     assert report.scorer == "fisher" and out.with_suffix(".png").is_file()
@@ -251,9 +348,15 @@ def test_plan_records_scorer_digest_and_source(scored, tmp_path, monkeypatch):
     assert plans["prior"].scorer == "prior"
     assert plans[str(report_file)].scorer == "sensitivity"
     assert plans[str(report_file)].digest == result.report.digest()
+    assert "--importance auto plans with" not in run.output  # the prior: nothing to say
     monkeypatch.setenv("FEDPIPE_CACHE", str(cache_root))
     report, source = importance_for_plan(profile, None)  # auto finds the cached default report
     assert report.digest() == result.report.digest() and source == str(result.cache_path)
+    run = runner.invoke(app, ["plan", str(profile), "-o", str(tmp_path / "auto.plan.yaml")])
+    assert run.exit_code == 0, run.output
+    assert "--importance auto plans with the sensitivity report cached at" in run.output
+    assert "2 x 2 examples per server, seed 0" in run.output
+    assert load_plan(tmp_path / "auto.plan.yaml").importance.digest == result.report.digest()
 
 
 def test_plan_refuses_bad_importance(scored, tmp_path, cache):
