@@ -194,49 +194,57 @@ class LoopbackGrid:
     a node in `silent` never replies (as a killed one), one in `failing` answers training with an
     error (as a crashed ClientApp)."""
 
-    def __init__(self, plan_path: Path, servers: dict[int, str]) -> None:
+    def __init__(self, plan_path: Path, servers: dict[int, str], run_id: int = 1,
+                 node_config: dict | None = None) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # Message() reads them
-        self.plan_path = plan_path
+        self.plan_path, self.run_id, self.node_config = plan_path, run_id, node_config or {}
         self.contexts = {}
         self.silent: set[int] = set()
         self.failing: set[int] = set()
         self.poisoned: set[int] = set()
+        self.replies: dict = {}
         for node, server in servers.items():
             self.add(node, server)
 
     def add(self, node: int, server: str) -> None:
         from flwr.app import Context, RecordDict
 
-        self.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                                      node_config={"server": server, "plan": str(self.plan_path)})
+        self.contexts[node] = Context(run_id=self.run_id, node_id=node, state=RecordDict(), run_config={},
+                                      node_config={"server": server, "plan": str(self.plan_path)}
+                                      | self.node_config.get(server, {}))
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages) -> list[str]:
+        """Each node answers at once; its reply waits to be pulled."""
         from flwr.app import Message
         from flwr.app.error import Error
 
-        replies = []
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Grid.push_messages does
+            ids.append(msg.object_id)
             node = msg.metadata.dst_node_id
             if node in self.silent:
                 continue
             if node in self.failing and msg.metadata.message_type == "train":
-                replies.append(Message(Error(code=0, reason="ClientApp crashed"), reply_to=msg))
+                self.replies[msg.object_id] = Message(Error(code=0, reason="ClientApp crashed"), reply_to=msg)
                 continue
             handler = {"query": flower_app.identify, "train": flower_app.train}[msg.metadata.message_type]
             try:
                 reply = handler(msg, self.contexts[node])
                 if node in self.poisoned and msg.metadata.message_type == "train":
                     poison(reply)
-                replies.append(reply)
             except FedpipeError as e:
-                replies.append(Message(Error(code=0, reason=str(e)), reply_to=msg))
-        return replies
+                reply = Message(Error(code=0, reason=str(e)), reply_to=msg)
+            self.replies[msg.object_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids) -> list:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def poison(reply) -> None:
