@@ -14,9 +14,10 @@ per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_preci
   so it aggregates exactly the factors the server sent. What top-k and rounding drop is carried to
   the next round by error feedback (`fedpipe.feedback`) where a residual in factor coordinates
   still means something a round later: under fedit and hetlora (``keeps_factor_coordinates``), on a
-  trainer that lives across rounds (in-process), reset whenever the round's start is not the
-  continuation of the last. Not under flexlora (the global is re-based by an SVD) or flora (a
-  fresh random A every round), nor on a Flower node (no trainer between rounds): there it is lost.
+  trainer that lives across rounds (in-process, a Flower node's resident trainer), reset whenever
+  the round's start is not the continuation of the last. Not under flexlora (the global is
+  re-based by an SVD) or flora (a fresh random A every round), nor on a Flower node that loads
+  per message (`fedpipe node --no-resident`): there it is lost.
 * Download: top-k of the change of the ``init/`` factors since the previous broadcast, as the
   server holds it (reconstructed, not exact), so what one round drops is still in the next
   round's difference (error compensation for free). flexlora's start is re-based by an SVD every

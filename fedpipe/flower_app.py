@@ -453,9 +453,12 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
     try:
         command = supernode(folder.path if folder else None)  # checks the plan, server, data and model
         if folder is not None:
+            from transformers.utils import logging as hf_logging
+
             from fedpipe.plan import load_plan
             from fedpipe.resident import NodeTrainer, handler
 
+            hf_logging.disable_progress_bar()  # one line says what was loaded and how long it took
             node = NodeTrainer(server, plan_path, node_device(load_plan(plan_path).server(server), device))
             echo(f"fedpipe node {server}: {node.entry.bits}-bit base with its LoRA loaded in "
                  f"{node.load_s:.1f} s; it stays loaded for every round")

@@ -43,10 +43,12 @@ class NodeTrainer:
         self.load()
 
     def load(self) -> None:
-        """Read the plan and load its tokenizer and this server's base (the slow part)."""
+        """Read the plan and load its tokenizer and this server's base (the slow part). What was
+        held goes first (a node may have memory for one base only); a failed load leaves nothing
+        held, and the next message tries again."""
         start = time.perf_counter()
-        self.plan_sha256 = file_sha256(self.plan_path)
-        plan = load_plan(self.plan_path)
+        self.plan_sha256, self.adapted = None, None
+        sha256, plan = file_sha256(self.plan_path), load_plan(self.plan_path)
         if self.server not in dict(plan.training_members()):
             raise FedpipeError(f"server {self.server}: it trains nothing in this plan")
         self.plan: Plan = plan
@@ -57,6 +59,7 @@ class NodeTrainer:
         self.shards: dict[int, list] = {}  # eval_samples -> this server's shard
         self.trainer: EdgeTrainer | None = None
         self.run: tuple | None = None  # what the trainer was started for: (run id, eval_samples, rule)
+        self.plan_sha256 = sha256  # last: only a complete load counts
         self.load_s = time.perf_counter() - start  # what the last load took
         self.loads += 1
 

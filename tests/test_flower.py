@@ -135,6 +135,7 @@ def test_flower_run_matches_in_process(federation):
                                    round_timeout=300, echo=lines.append)
         reference = in_process.result()
     assert any("fedpipe-done" in line for line in lines), federation.logs()
+    assert_resident(lines, rounds=[1, 2])
 
     diff = max_abs_diff(read_global(federation.root / "flower"), read_global(federation.root / "inprocess"))
     print(f"\nmax abs difference of the global ΔW, Flower vs in-process: {diff:.3g}")
@@ -151,6 +152,33 @@ def test_flower_run_matches_in_process(federation):
         assert (federation.root / "flower" / name).is_file(), name
     state = json.loads((federation.root / "flower" / "checkpoint" / "state.json").read_text())
     assert state["round"] == 2 and state["rule"] == "flora"
+
+
+def assert_resident(lines: list[str], rounds: list[int]) -> None:
+    """Every node's reply in these rounds came from its resident trainer, whose base was loaded
+    once (when `fedpipe node` started), not for the message."""
+    for server in ("edge", "hub"):
+        for r in rounds:
+            said = [line for line in lines if f"fedpipe: round {r}: {server} trained" in line]
+            assert len(said) == 1 and said[0].endswith("(resident trainer, base loaded 1x)"), lines
+
+
+@pytest.mark.slow
+def test_nodes_keep_their_model_across_rounds_and_runs(federation):
+    """Two runs on the same SuperNodes: round 2 of each, and the second run, reuse the base each
+    node loaded at its start (one load line in its log); the second run starts from the original
+    base, not the first run's merges, so both give the same global adapter."""
+    lines: list[str] = []
+    for out in ("first", "second"):
+        flower_app.launch(federation.plan_path, superlink=federation.superlink, insecure=True,
+                          out=federation.root / out, eval_samples=EVAL_SAMPLES, round_timeout=300,
+                          echo=lines.append)
+        assert_resident(lines, rounds=[1, 2])
+        lines.clear()
+    assert max_abs_diff(read_global(federation.root / "first"), read_global(federation.root / "second")) == 0
+    for server in ("edge", "hub"):
+        log = (federation.root / f"node-{server}.log").read_text()
+        assert log.count("loaded in") == 1, log[-3000:]
 
 
 @pytest.mark.slow
