@@ -26,8 +26,8 @@ per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_preci
   The first broadcast after a fresh start or a resume is dense (nothing held). flora's ``base/``
   update is merged into the base for good, so it always travels dense (`plan.check_densities`
   refuses download_density < 1 there). A sparse broadcast names the round it is relative to
-  (``reference_round``); a trainer that does not hold that round's broadcast (e.g. a Flower node,
-  which starts fresh every round) refuses it.
+  (``reference_round``); a trainer that does not hold that round's broadcast (e.g. on a Flower node
+  that loads per message, `fedpipe node --no-resident`) refuses it.
 * Rules: all four take sparse uploads: they aggregate the rebuilt factors, which are ordinary
   factors (fedit/hetlora average them, hetlora's norm weights and flexlora's SVD and flora's stack
   use their products); top-k keeps the largest entries, so those norms shrink only slightly.
@@ -128,7 +128,8 @@ class EdgeTrainer:
                 raise FedpipeError(
                     f"server {self.name}: the broadcast is a sparse delta against round {wanted}'s, "
                     f"and this trainer holds {holds}; download_density < 1 needs a trainer that "
-                    "lives across rounds (the in-process backend)")
+                    "lives across rounds (the in-process backend, or a Flower node's resident trainer: "
+                    "not `fedpipe node --no-resident`)")
             reference = self.held[1]
         broadcast = read_broadcast(payload, reference=reference)
         self.held = (broadcast.round, broadcast.init)

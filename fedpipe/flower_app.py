@@ -59,6 +59,7 @@ from fedpipe.relay import NodeFolder, ResidentUnavailable, ask, serve
 
 if TYPE_CHECKING:  # torch: imported where a run needs it, so a relaying ClientApp never does
     from fedpipe.federation.spec import RunSpec
+    from fedpipe.plan import ServerPlan
 
 INSTALL_HINT = "pip install 'fedpipe[flower]'"
 try:
@@ -426,7 +427,7 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     return command
 
 
-def node_device(entry, device: str | None) -> str:
+def node_device(entry: ServerPlan, device: str | None) -> str:
     """The device a node trains on: as asked, else the plan's (cpu without CUDA)."""
     if device is not None:
         return device
@@ -448,7 +449,7 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
     import threading
 
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop the SuperNode first
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop the SuperNode
     folder = NodeFolder.create() if resident else None
     try:
         command = supernode(folder.path if folder else None)  # checks the plan, server, data and model
@@ -477,6 +478,7 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
                 proc.wait()
             return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if folder is not None:
             folder.remove()
 
