@@ -1,7 +1,8 @@
 """Round overhead: how much of a federated round is not local training?
 
 Run: ``PYTHONPATH=. python benchmarks/bench_round_overhead.py [--plan plans/cluster.plan.yaml]
-[--local-steps N] [--eval-samples N] [--rounds 1] [--threads N] [--json FILE]``
+[--local-steps N] [--eval-samples N] [--rounds 1] [--threads N] [--json FILE]
+[--backends inprocess,flower,flower-per-message]``
 
 A real `fedpipe run` of the plan (default: the shipped cluster plan on the bundled SmolLM2-135M,
 six servers at 4, 8 and 16 bits, flexlora) in this process, with every phase of
