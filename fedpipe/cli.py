@@ -326,16 +326,19 @@ def node(
                                       "on a machine).")] = 9094,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: the plan's, cpu without "
                                                "CUDA).")] = None,
+    resident: Annotated[bool, typer.Option(help="Keep the base model loaded between rounds (default); "
+                                           "--no-resident loads it for every round, holding no memory "
+                                           "in between.")] = True,
 ) -> None:
     """Serve one edge server of the plan as a Flower SuperNode (runs until stopped)."""
-    import os
+    from fedpipe.flower_app import run_node, supernode_command
 
-    from fedpipe.flower_app import flower_env, supernode_command
+    def command(folder: Path | None) -> list[str]:
+        return supernode_command(plan_file, server, superlink, insecure=insecure,
+                                 root_certificates=root_certificates, auth_key=auth_key, port=port,
+                                 device=device, resident=folder)
 
-    command = supernode_command(plan_file, server, superlink, insecure=insecure,
-                                root_certificates=root_certificates, auth_key=auth_key, port=port,
-                                device=device)
-    os.execvpe(command[0], command, flower_env())  # the SuperNode takes this process (and its PID)
+    raise typer.Exit(run_node(plan_file, server, command, device=device, resident=resident))
 
 
 @app.command()

@@ -14,9 +14,10 @@ per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_preci
   so it aggregates exactly the factors the server sent. What top-k and rounding drop is carried to
   the next round by error feedback (`fedpipe.feedback`) where a residual in factor coordinates
   still means something a round later: under fedit and hetlora (``keeps_factor_coordinates``), on a
-  trainer that lives across rounds (in-process), reset whenever the round's start is not the
-  continuation of the last. Not under flexlora (the global is re-based by an SVD) or flora (a
-  fresh random A every round), nor on a Flower node (no trainer between rounds): there it is lost.
+  trainer that lives across rounds (in-process, a Flower node's resident trainer), reset whenever
+  the round's start is not the continuation of the last. Not under flexlora (the global is
+  re-based by an SVD) or flora (a fresh random A every round), nor on a Flower node that loads
+  per message (`fedpipe node --no-resident`): there it is lost.
 * Download: top-k of the change of the ``init/`` factors since the previous broadcast, as the
   server holds it (reconstructed, not exact), so what one round drops is still in the next
   round's difference (error compensation for free). flexlora's start is re-based by an SVD every
@@ -25,8 +26,8 @@ per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_preci
   The first broadcast after a fresh start or a resume is dense (nothing held). flora's ``base/``
   update is merged into the base for good, so it always travels dense (`plan.check_densities`
   refuses download_density < 1 there). A sparse broadcast names the round it is relative to
-  (``reference_round``); a trainer that does not hold that round's broadcast (e.g. a Flower node,
-  which starts fresh every round) refuses it.
+  (``reference_round``); a trainer that does not hold that round's broadcast (e.g. on a Flower node
+  that loads per message, `fedpipe node --no-resident`) refuses it.
 * Rules: all four take sparse uploads: they aggregate the rebuilt factors, which are ordinary
   factors (fedit/hetlora average them, hetlora's norm weights and flexlora's SVD and flora's stack
   use their products); top-k keeps the largest entries, so those norms shrink only slightly.
@@ -127,7 +128,8 @@ class EdgeTrainer:
                 raise FedpipeError(
                     f"server {self.name}: the broadcast is a sparse delta against round {wanted}'s, "
                     f"and this trainer holds {holds}; download_density < 1 needs a trainer that "
-                    "lives across rounds (the in-process backend)")
+                    "lives across rounds (the in-process backend, or a Flower node's resident trainer: "
+                    "not `fedpipe node --no-resident`)")
             reference = self.held[1]
         broadcast = read_broadcast(payload, reference=reference)
         self.held = (broadcast.round, broadcast.init)

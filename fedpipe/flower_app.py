@@ -7,23 +7,30 @@ Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
                                                       (`fedpipe.federation.loop`) over this
                                                       transport (started by the SuperLink)
                           `fedpipe run --backend flower` submits the run (`flwr run`), streams its log
-    each edge machine     `fedpipe node PLAN --server NAME` = flower-supernode with node config
-                          plan=PATH server=NAME; one ClientApp process per message, `train_node`
+    each edge machine     `fedpipe node PLAN --server NAME`: the resident trainer (`fedpipe.resident`:
+                          base loaded once, shard, EdgeTrainer, merged base), and as its child
+                          └─ flower-supernode         node config plan=PATH server=NAME resident=DIR
+                             └─ one ClientApp process per message (Flower's design): `train` relays
+                                the round's bytes to the resident trainer (`fedpipe.relay`, a Unix
+                                socket with a key), never importing torch
 
 Messages carry the wire payloads unchanged (a uint8 array in an ArrayRecord), so bytes counted are
 the wire bytes: ``query`` (who are you: server name, plan digest), ``train`` (broadcast payload +
-round settings -> update payload + measurements). The ClientApp rebuilds its shard exactly as the
+round settings -> update payload + measurements). The node builds its shard exactly as the
 in-process transport does (`data.plan_data`) and trains with the same `EdgeTrainer`; the
-round loop is the same one, so a run matches the in-process backend.
+round loop is the same one, so a run matches the in-process backend. A ClientApp whose node has
+no resident trainer (`fedpipe node --no-resident`, a plain flower-supernode, a simulation) loads
+the model for its one message (`train_node`), as slow as that is.
 
 A node that fails or times out misses that round only: the round aggregates the replies that
 arrived (weights renormalised), the metrics row names who missed it and why, and the node is
 invited again next round. `min_participation` (a count, or a fraction with a decimal point, of the
 round's cohort) fails the run when too few reply. Rules that merge into the base (flora) need each
-node's base to hold every earlier round's merge: a node keeps its merged update in its Flower node
-state; one that sat out rounds undrawn gets the merges it missed, one that was drawn and did not
-reply (it may have restarted) the cumulative merged update (`protocol`: base ``full``). A node
-restarted while undrawn refuses the merges (its base is behind them) and so misses one round.
+node's base to hold every earlier round's merge: a resident trainer holds it, a node without one
+keeps it in its Flower node state; one that sat out rounds undrawn gets the merges it missed, one
+that was drawn and did not reply (it may have restarted) the cumulative merged update
+(`protocol`: base ``full``). A node restarted while undrawn refuses the merges (its base is behind
+them) and so misses one round.
 """
 
 from __future__ import annotations
@@ -40,17 +47,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedpipe.data import plan_data
 from fedpipe.digest import file_sha256
 from fedpipe.errors import FedpipeError
-from fedpipe.federation.loop import RunResult, run_federation
-from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport, late_reason
 from fedpipe.metrics import read_metrics
-from fedpipe.models import plan_model_dir
+from fedpipe.relay import NodeFolder, ResidentUnavailable, ask, serve
+
+if TYPE_CHECKING:  # torch: imported where a run needs it, so a relaying ClientApp never does
+    from fedpipe.federation.spec import RunSpec
+    from fedpipe.plan import ServerPlan
 
 INSTALL_HINT = "pip install 'fedpipe[flower]'"
 try:
@@ -66,6 +75,7 @@ CONNECTION = "fedpipe"  # the SuperLink connection name in the FLWR_HOME that `l
 ERROR_MARK = "fedpipe-error: "  # the ServerApp's last log line when it fails, read back by `launch`
 DONE_MARK = "fedpipe-done: "
 STATE_BASE, STATE_SYNC = "fedpipe.base", "fedpipe.sync"  # node state records (merged base, round)
+REPLY_POLL_S = 0.2
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -105,6 +115,8 @@ class RunSettings:
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
     def to_spec(self) -> RunSpec:
+        from fedpipe.federation.spec import RunSpec
+
         return RunSpec.resolve(self.plan, rounds=self.rounds or None, out=self.out,
                                aggregation=self.aggregation or None, resume=self.resume,
                                local_steps=self.local_steps or None, eval_samples=self.eval_samples or None,
@@ -116,6 +128,22 @@ class RunSettings:
                                truncate_rank=self.truncate_rank or None,
                                cohort=self.cohort or None,
                                stratify=None if self.stratify < 0 else bool(self.stratify))
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """`Grid.send_and_receive`, asking the SuperLink for replies every REPLY_POLL_S instead of
+    every 3 s: on a round of seconds, Flower's own wait would be a large share of it."""
+    waiting = set(grid.push_messages(messages)) - {None}
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {r.metadata.reply_to_message_id for r in got}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
 
 
 def replies_by_sender(sent: dict, replies) -> dict:
@@ -146,8 +174,8 @@ class Roster:
         self.asked |= set(new)
         queries = {n: Message(RecordDict(), dst_node_id=n, message_type="query", ttl=self.timeout)
                    for n in new}
-        replies = replies_by_sender(queries, self.grid.send_and_receive(list(queries.values()),
-                                                                         timeout=self.timeout))
+        replies = replies_by_sender(queries, send_and_receive(self.grid, list(queries.values()),
+                                                              self.timeout))
         self.asked -= set(new) - set(replies)  # silent so far (still starting): asked again next refresh
         for node, reply in replies.items():
             if reply.has_error():
@@ -204,15 +232,15 @@ class FlowerTransport(Transport):
         messages = {}
         for d in deliveries:
             config = ConfigRecord({"server": d.member, "round": round_index, "local_steps": local_steps,
-                                   "eval_samples": self.spec.eval_samples,
+                                   "eval_samples": self.spec.eval_samples, "rule": self.spec.rule,
                                    "plan_sha256": self.spec.plan_sha256})
             messages[d.member] = Message(RecordDict({"broadcast": bytes_record(d.payload), "config": config}),
                                          dst_node_id=self.roster.node_of[d.member], message_type="train",
                                          ttl=timeout)
             on_sent(d.member)
         replies, missed = {}, {}
-        for member, reply in replies_by_sender(messages, self.grid.send_and_receive(
-                list(messages.values()), timeout=timeout)).items():
+        for member, reply in replies_by_sender(messages, send_and_receive(
+                self.grid, list(messages.values()), timeout)).items():
             if reply.has_error():
                 missed[member] = f"failed: {reply.error.reason}"
                 continue
@@ -220,6 +248,11 @@ class FlowerTransport(Transport):
             replies[member] = Reply(member, record_bytes(reply.content["update"]), float(stats["train_loss"]),
                                     int(stats["steps"]), float(stats["train_s"]), int(stats["tokens"]),
                                     float(stats["memory_gib"]))
+            held = (f"resident trainer, base loaded {int(stats['loads'])}x" if int(stats["resident"])
+                    else "base loaded for this message")
+            log(INFO, "fedpipe: round %d: %s trained %d steps in %.1f s after %.2f s of setup (%s)",
+                round_index, member, int(stats["steps"]), float(stats["train_s"]), float(stats["setup_s"]),
+                held)
         for d in deliveries:
             if d.member in messages and d.member not in replies and d.member not in missed:
                 missed[d.member] = late_reason(d, f"no reply within {timeout:g} s")
@@ -231,6 +264,8 @@ class FlowerTransport(Transport):
 
 def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
     """The ServerApp's run: the shared round loop over the Flower transport."""
+    from fedpipe.federation.loop import run_federation
+
     if file_sha256(settings.plan) != settings.plan_sha256:
         raise FedpipeError(f"{settings.plan} changed since the run was submitted")
     spec = settings.to_spec()
@@ -281,51 +316,66 @@ def identify(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Relay the round to this node's resident trainer (`fedpipe node`), or, without one, train here."""
     server, plan, device = node_settings(context)
-    return Message(train_node(server, plan, device, msg.content, context.state), reply_to=msg)
+    folder = dict(context.node_config).get("resident")
+    if folder:
+        try:
+            return Message(relay_round(str(folder), context.run_id, msg.content, context.state), reply_to=msg)
+        except ResidentUnavailable as e:
+            log(WARNING, "fedpipe: %s; loading the model for this message", e)
+    return Message(train_node(server, plan, device, msg.content, context.state, context.run_id), reply_to=msg)
+
+
+def relay_round(folder: str, run_id: int, content: RecordDict, state: RecordDict) -> RecordDict:
+    """The round's bytes to the resident trainer and its reply back, without importing torch.
+
+    The resident trainer holds the merged base itself, so the node state's copy is dropped: were
+    this node to train without it later, its base would be behind the merges and it would refuse
+    them (and get the cumulative update next) rather than train on a stale base."""
+    header = {"run_id": run_id, "config": dict(content["config"].items())}
+    try:
+        reply, update = ask(folder, header, record_bytes(content["broadcast"]))
+    except ConnectionError as e:
+        raise FedpipeError(str(e)) from None
+    if "error" in reply:
+        raise FedpipeError(reply["error"])
+    for key in (STATE_BASE, STATE_SYNC):
+        state.pop(key, None)
+    stats = MetricRecord(reply["stats"] | {"resident": 1})
+    return RecordDict({"update": bytes_record(update), "stats": stats})
 
 
 def train_node(server: str, plan_path: str, device: str, content: RecordDict,
-               state: RecordDict) -> RecordDict:
-    """One round on this node: rebuild its shard as the in-process transport does, train, reply.
-    The merge into the base (rules that merge) lives in the node state between rounds."""
+               state: RecordDict, run_id: int = 0) -> RecordDict:
+    """One round on a node that keeps no trainer: load the plan's base and shard for this message,
+    train, reply. The merge into the base (rules that merge) lives in the node state between rounds."""
     from fedpipe import wire
-    from fedpipe.client import AdaptedModel, EdgeTrainer
-    from fedpipe.measure import resident_gib
-    from fedpipe.models import apply_base_delta, load_tokenizer
-    from fedpipe.plan import load_plan
+    from fedpipe.models import apply_base_delta
     from fedpipe.protocol import peek_metadata
+    from fedpipe.resident import NodeTrainer, check_server
 
-    config = content["config"]
-    if config["server"] != server:
-        raise FedpipeError(f"this SuperNode serves {server!r}, but was sent {config['server']!r}'s round")
-    if file_sha256(plan_path) != config["plan_sha256"]:
-        raise FedpipeError(f"server {server}: {plan_path} differs from the coordinator's plan")
-    plan = load_plan(plan_path)
-    task, entry = plan.task, plan.server(server)
-    if server not in dict(plan.training_members()):
-        raise FedpipeError(f"server {server}: it trains nothing in this plan")
-    shards, _ = plan_data(plan, int(config["eval_samples"]))
-    model_dir = plan_model_dir(plan)
-    trainer = EdgeTrainer(server, entry, shards[server], load_tokenizer(model_dir), model_dir,
-                          task.seq_len, task.learning_rate, task.seed)
-    adapted = AdaptedModel.load(model_dir, entry, device, task.seed)
+    config = dict(content["config"].items())
+    check_server(server, config)
+    start = time.perf_counter()
+    node = NodeTrainer(server, plan_path, device)
+    node.start_run(run_id, config)
     broadcast = record_bytes(content["broadcast"])
     base = peek_metadata(broadcast).get("base", "none")
+    adapted = node.adapted
     if base == "delta":  # this round's merge goes on top of the ones this node already holds
         adapted.merged_round = int(state[STATE_SYNC]["round"]) if STATE_SYNC in state else 0
         if STATE_BASE in state:
             adapted.merged = wire.decode(record_bytes(state[STATE_BASE]))[0]
-            apply_base_delta(adapted.model, model_dir, adapted.merged)
-    up, stats = trainer.train_round(adapted, broadcast, int(config["local_steps"]))
+            apply_base_delta(adapted.model, node.model_dir, adapted.merged)
+    setup_s = time.perf_counter() - start
+    up, stats = node.train(run_id, config, broadcast)
     if base != "none":
         if adapted.merged:
             state[STATE_BASE] = bytes_record(wire.encode(adapted.merged))
         state[STATE_SYNC] = ConfigRecord({"round": adapted.merged_round})
-    measured = MetricRecord({"train_loss": stats.mean_loss, "steps": stats.steps, "train_s": stats.seconds,
-                             "tokens": stats.tokens,
-                             "memory_gib": resident_gib(adapted.model) + stats.peak_extra_gib})
-    return RecordDict({"update": bytes_record(up), "stats": measured})
+    return RecordDict({"update": bytes_record(up),
+                       "stats": MetricRecord(stats | {"setup_s": setup_s + stats["setup_s"], "resident": 0})})
 
 
 # ------------------------------------------------------------------------------ launching
@@ -349,8 +399,11 @@ def tls_args(insecure: bool, root_certificates: Path | None) -> list[str]:
 
 def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure: bool = False,
                       root_certificates: Path | None = None, auth_key: Path | None = None,
-                      port: int = 9094, device: str | None = None) -> list[str]:
-    """The flower-supernode command line for one edge server of the plan (checked here first)."""
+                      port: int = 9094, device: str | None = None, resident: Path | None = None) -> list[str]:
+    """The flower-supernode command line for one edge server of the plan (checked here first);
+    `resident`: the folder where this node's resident trainer listens (`fedpipe.relay`)."""
+    from fedpipe.data import plan_data
+    from fedpipe.models import plan_model_dir
     from fedpipe.plan import load_plan
 
     plan = load_plan(plan_path)
@@ -365,12 +418,10 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     if auth_key is not None and (insecure or not auth_key.is_file()):
         raise FedpipeError(f"--auth-key {auth_key}: " + ("SuperNode authentication needs TLS (drop "
                            "--insecure)" if insecure else "no such file"))
-    if device is None:
-        import torch
-
-        device = entry.device if entry.device == "cpu" or torch.cuda.is_available() else "cpu"
-    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                           (("server", server), ("plan", str(plan_path.resolve())), ("device", device)))
+    config = [("server", server), ("plan", str(plan_path.resolve())), ("device", node_device(entry, device))]
+    if resident is not None:
+        config.append(("resident", str(resident)))
+    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config)
     command = [flower_command("flower-supernode"), "--superlink", superlink,
                *tls_args(insecure, root_certificates), "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(port)]
@@ -379,9 +430,67 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     return command
 
 
+def node_device(entry: ServerPlan, device: str | None) -> str:
+    """The device a node trains on: as asked, else the plan's (cpu without CUDA)."""
+    if device is not None:
+        return device
+    if entry.device == "cpu":
+        return "cpu"
+    import torch
+
+    return entry.device if torch.cuda.is_available() else "cpu"
+
+
+def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], list[str]], *,
+             device: str | None = None, resident: bool = True,
+             echo: Callable[[str], None] | None = None) -> int:
+    """`fedpipe node`: the SuperNode (`supernode(resident folder)`'s command line) as a child of
+    this process, which, with `resident`, loads the server's base once and trains every round
+    relayed to it. Runs until the SuperNode exits (its status) or this process gets SIGTERM or
+    Ctrl-C (it stops the SuperNode first; 0)."""
+    import signal
+    import threading
+
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop the SuperNode
+    folder = NodeFolder.create() if resident else None
+    try:
+        command = supernode(folder.path if folder else None)  # checks the plan, server, data and model
+        if folder is not None:
+            from transformers.utils import logging as hf_logging
+
+            from fedpipe.plan import load_plan
+            from fedpipe.resident import NodeTrainer, handler
+
+            hf_logging.disable_progress_bar()  # one line says what was loaded and how long it took
+            node = NodeTrainer(server, plan_path, node_device(load_plan(plan_path).server(server), device))
+            echo(f"fedpipe node {server}: {node.entry.bits}-bit base with its LoRA loaded in "
+                 f"{node.load_s:.1f} s; it stays loaded for every round")
+            ready = threading.Event()
+            threading.Thread(target=serve, args=(folder, handler(node), ready), daemon=True).start()
+            ready.wait()
+        proc = subprocess.Popen(command, env=flower_env())
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if folder is not None:
+            folder.remove()
+
+
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The environment for Flower processes: no `uv sync` of app dependencies, no update check."""
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
+    """The environment for Flower processes: no `uv sync` of app dependencies, no update check, and
+    the SuperExec looks for new tasks (a ClientApp or ServerApp to start) every 0.1 s, not 1 s."""
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -431,6 +540,9 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
     The ServerApp runs beside the SuperLink and writes the run folder there (an absolute path from
     here): run this on the SuperLink's machine to read the results back.
     """
+    from fedpipe.federation.loop import RunResult
+    from fedpipe.federation.spec import RunSpec
+
     spec = RunSpec.resolve(plan_path, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
                            local_steps=local_steps, eval_samples=eval_samples, eval_every=eval_every,
                            min_participation=min_participation, round_timeout=round_timeout,

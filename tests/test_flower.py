@@ -135,6 +135,7 @@ def test_flower_run_matches_in_process(federation):
                                    round_timeout=300, echo=lines.append)
         reference = in_process.result()
     assert any("fedpipe-done" in line for line in lines), federation.logs()
+    assert_resident(lines, rounds=[1, 2])
 
     diff = max_abs_diff(read_global(federation.root / "flower"), read_global(federation.root / "inprocess"))
     print(f"\nmax abs difference of the global ΔW, Flower vs in-process: {diff:.3g}")
@@ -151,6 +152,33 @@ def test_flower_run_matches_in_process(federation):
         assert (federation.root / "flower" / name).is_file(), name
     state = json.loads((federation.root / "flower" / "checkpoint" / "state.json").read_text())
     assert state["round"] == 2 and state["rule"] == "flora"
+
+
+def assert_resident(lines: list[str], rounds: list[int]) -> None:
+    """Every node's reply in these rounds came from its resident trainer, whose base was loaded
+    once (when `fedpipe node` started), not for the message."""
+    for server in ("edge", "hub"):
+        for r in rounds:
+            said = [line for line in lines if f"fedpipe: round {r}: {server} trained" in line]
+            assert len(said) == 1 and said[0].endswith("(resident trainer, base loaded 1x)"), lines
+
+
+@pytest.mark.slow
+def test_nodes_keep_their_model_across_rounds_and_runs(federation):
+    """Two runs on the same SuperNodes: round 2 of each, and the second run, reuse the base each
+    node loaded at its start (one load line in its log); the second run starts from the original
+    base, not the first run's merges, so both give the same global adapter."""
+    lines: list[str] = []
+    for out in ("first", "second"):
+        flower_app.launch(federation.plan_path, superlink=federation.superlink, insecure=True,
+                          out=federation.root / out, eval_samples=EVAL_SAMPLES, round_timeout=300,
+                          echo=lines.append)
+        assert_resident(lines, rounds=[1, 2])
+        lines.clear()
+    assert max_abs_diff(read_global(federation.root / "first"), read_global(federation.root / "second")) == 0
+    for server in ("edge", "hub"):
+        log = (federation.root / f"node-{server}.log").read_text()
+        assert log.count("loaded in") == 1, log[-3000:]
 
 
 @pytest.mark.slow
@@ -194,49 +222,57 @@ class LoopbackGrid:
     a node in `silent` never replies (as a killed one), one in `failing` answers training with an
     error (as a crashed ClientApp)."""
 
-    def __init__(self, plan_path: Path, servers: dict[int, str]) -> None:
+    def __init__(self, plan_path: Path, servers: dict[int, str], run_id: int = 1,
+                 node_config: dict | None = None) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # Message() reads them
-        self.plan_path = plan_path
+        self.plan_path, self.run_id, self.node_config = plan_path, run_id, node_config or {}
         self.contexts = {}
         self.silent: set[int] = set()
         self.failing: set[int] = set()
         self.poisoned: set[int] = set()
+        self.replies: dict = {}
         for node, server in servers.items():
             self.add(node, server)
 
     def add(self, node: int, server: str) -> None:
         from flwr.app import Context, RecordDict
 
-        self.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                                      node_config={"server": server, "plan": str(self.plan_path)})
+        self.contexts[node] = Context(run_id=self.run_id, node_id=node, state=RecordDict(), run_config={},
+                                      node_config={"server": server, "plan": str(self.plan_path)}
+                                      | self.node_config.get(server, {}))
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages) -> list[str]:
+        """Each node answers at once; its reply waits to be pulled."""
         from flwr.app import Message
         from flwr.app.error import Error
 
-        replies = []
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Grid.push_messages does
+            ids.append(msg.object_id)
             node = msg.metadata.dst_node_id
             if node in self.silent:
                 continue
             if node in self.failing and msg.metadata.message_type == "train":
-                replies.append(Message(Error(code=0, reason="ClientApp crashed"), reply_to=msg))
+                self.replies[msg.object_id] = Message(Error(code=0, reason="ClientApp crashed"), reply_to=msg)
                 continue
             handler = {"query": flower_app.identify, "train": flower_app.train}[msg.metadata.message_type]
             try:
                 reply = handler(msg, self.contexts[node])
                 if node in self.poisoned and msg.metadata.message_type == "train":
                     poison(reply)
-                replies.append(reply)
             except FedpipeError as e:
-                replies.append(Message(Error(code=0, reason=str(e)), reply_to=msg))
-        return replies
+                reply = Message(Error(code=0, reason=str(e)), reply_to=msg)
+            self.replies[msg.object_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids) -> list:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def poison(reply) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Iterable
 from logging import ERROR
 from pathlib import Path
@@ -94,7 +93,7 @@ def simulation_client_app(plan_path: Path, servers: list[str]) -> ClientApp:
 
 
 class InterruptibleGrid:
-    """The engine's Grid, except that waiting for replies ends once `stop` is set: Ctrl-C stops the
+    """The engine's Grid, except that asking for replies fails once `stop` is set: Ctrl-C stops the
     engine in the main thread, and the ServerApp thread, waiting up to --round-timeout for
     replies that will never come, would otherwise keep the process alive."""
 
@@ -104,17 +103,13 @@ class InterruptibleGrid:
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-        waiting = set(self.grid.push_messages(messages))
-        replies, end = [], time.monotonic() + timeout
-        while True:
-            arrived = list(self.grid.pull_messages(waiting))
-            replies += arrived
-            waiting -= {msg.metadata.reply_to_message_id for msg in arrived}
-            if not waiting or time.monotonic() >= end:
-                return replies
-            if self.stop.wait(0.1):
-                raise FedpipeError("interrupted")
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        if self.stop.is_set():
+            raise FedpipeError("interrupted")
+        return self.grid.pull_messages(message_ids)
 
 
 def simulate(spec: RunSpec, on_progress: Progress | None = None) -> RunResult:

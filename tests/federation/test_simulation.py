@@ -156,11 +156,14 @@ def test_an_interrupted_run_stops_waiting_for_replies():
         def pull_messages(self, ids):
             return []
 
+    from fedpipe.flower_app import send_and_receive
+
     stop = threading.Event()
-    assert simulation.InterruptibleGrid(SilentGrid(), stop).send_and_receive([], timeout=0.3) == []
+    grid = simulation.InterruptibleGrid(SilentGrid(), stop)
+    assert send_and_receive(grid, [], timeout=0.3) == []
     stop.set()
     with pytest.raises(FedpipeError, match="interrupted"):
-        simulation.InterruptibleGrid(SilentGrid(), stop).send_and_receive([], timeout=3600)
+        send_and_receive(grid, [], timeout=3600)
 
 
 def test_actors_share_the_cores_and_no_gpu():
