@@ -56,7 +56,7 @@ class Candidate:
 
 CANDIDATES = {
     "default": Candidate("glibc defaults (the untouched allocator)"),
-    "mmap-1m": Candidate("M_MMAP_THRESHOLD 1 MiB (fedpipe before)", [(M_MMAP_THRESHOLD, MIB)]),
+    "mmap-1m": Candidate("M_MMAP_THRESHOLD 1 MiB (fedpipe on glibc)", [(M_MMAP_THRESHOLD, MIB)]),
     "trim": Candidate("glibc defaults + malloc_trim(0) after every step", trim_each_step=True),
     "trim-fwd": Candidate("glibc defaults + malloc_trim(0) between forward and backward",
                           trim_before_backward=True),
@@ -70,8 +70,8 @@ CANDIDATES = {
                              [(M_MMAP_THRESHOLD, MIB)], env={"THP_MEM_ALLOC_ENABLE": "1"}),
     "jemalloc": Candidate("jemalloc 5.3 preloaded (LD_PRELOAD), its defaults",
                           env={"LD_PRELOAD": JEMALLOC}),
-    "jemalloc-keep": Candidate("jemalloc 5.3 preloaded, never purging "
-                               "(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)",
+    "jemalloc-keep": Candidate("jemalloc 5.3 preloaded, decay off (MALLOC_CONF=dirty_decay_ms:-1,"
+                               "muzzy_decay_ms:-1; fedpipe on jemalloc sets the same at load)",
                                env={"LD_PRELOAD": JEMALLOC,
                                     "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
 }
@@ -227,11 +227,13 @@ def report(rows: list[dict], setup) -> None:
                 "memory error in-sample", "leave-one-out", "peak spread", "setting"):
         summary.add_column(col, justify="left" if col in ("candidate", "setting") else "right")
     for name in names:
-        if not all((name, c) in cells for c in configs):
-            continue
-        errors = _memory_rows(setup, cells, name, configs)
+        have = [c for c in configs if (name, c) in cells]
+        errors = _memory_rows(setup, cells, name, configs) if have == configs else None
         cpu, wall, mem, spread, texts = [], [], [], [], []
         for c in configs:
+            if c not in have:
+                texts.append("-")
+                continue
             x, base = cells[name, c], cells.get(("default", c))
             cpu.append(x["cpu"] / base["cpu"] if base else float("nan"))
             wall.append(x["wall"] / base["wall"] if base else float("nan"))
@@ -247,11 +249,12 @@ def report(rows: list[dict], setup) -> None:
                        default=float("nan"))
         worst_loo = max((abs(r.error(r.loo_gib, r.measured_gib)) for r in (errors or {}).values()),
                         default=float("nan"))
+        repeated = [v for v, c in zip(spread, have, strict=True) if len(cells[name, c]["peaks"]) > 1]
         summary.add_row(name, f"{statistics.median(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f})",
                         f"{statistics.median(wall):.2f}", f"{statistics.median(mem):.2f}",
-                        f"{worst_in:.1%}", f"{worst_loo:.1%}",
-                        f"{max(spread):.1%}" if len(cells[name, configs[0]]["peaks"]) > 1 else "-",
-                        CANDIDATES[name].what)
+                        f"{worst_in:.1%}" if errors else "-", f"{worst_loo:.1%}" if errors else "-",
+                        f"{max(repeated):.1%}" if repeated else "-",
+                        f"{CANDIDATES[name].what} [{len(have)}/{len(configs)} configurations]")
     console.print(detail)
     console.print(summary)
 

@@ -4,10 +4,10 @@ Peak memory on a CPU is predictable (the cost model within ±10%) only when free
 buffers do not pile up in the allocator's heap. Measured on SmolLM2-135M, LoRA r=8, one thread
 (``benchmarks/bench_allocator.py``; README 'Calibration'):
 
-- glibc malloc as it comes keeps them: its peak is about 1.5x the live memory, still climbing
-  after three steps and different between processes of the same configuration;
+- glibc malloc as it comes keeps them: its peak is 1.4-2x jemalloc's, still climbing after three
+  steps and up to 27% apart between processes of the same configuration;
 - glibc with ``M_MMAP_THRESHOLD`` = 1 MiB hands them back on free: predictable, but every step
-  page-faults its activations afresh (about 4x the page faults, 1.3x the step time);
+  page-faults its activations afresh (3-4x the page faults, 1.15-1.3x the CPU time per step);
 - jemalloc reuses them without piling them up: the lowest peak, the same from process to process.
   Told never to return freed pages to the system (dirty and muzzy decay off), it also takes a
   third of glibc's page faults per step, and its peak no longer depends on how fast the steps run.
