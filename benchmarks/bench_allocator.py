@@ -51,6 +51,7 @@ class Candidate:
     mallopt: list[tuple[int, int]] = field(default_factory=list)
     trim_each_step: bool = False
     trim_before_backward: bool = False
+    fedpipe_sets: bool = False  # fedpipe.allocator.prepare_for_training runs (at load_base) as in training
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,6 +75,8 @@ CANDIDATES = {
                                "muzzy_decay_ms:-1; fedpipe on jemalloc sets the same at load)",
                                env={"LD_PRELOAD": JEMALLOC,
                                     "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
+    "fedpipe-jemalloc": Candidate("jemalloc 5.3 preloaded, fedpipe's own setting (decay off at load)",
+                                  fedpipe_sets=True, env={"LD_PRELOAD": JEMALLOC}),
 }
 
 
@@ -97,7 +100,7 @@ def measure_here(spec: dict) -> dict:
     from fedpipe.measure import rss_bytes
 
     candidate = CANDIDATES[spec["candidate"]]
-    fedpipe.allocator._prepared = True  # the candidate alone decides the allocator's settings
+    fedpipe.allocator._prepared = not candidate.fedpipe_sets  # else the candidate alone decides
     libc = ctypes.CDLL("libc.so.6")
     for option, value in candidate.mallopt:
         assert libc.mallopt(option, value) == 1, (option, value)

@@ -36,19 +36,21 @@ _prepared = False
 
 
 def running() -> Allocator:
-    """The allocator serving malloc in this process: jemalloc if it is loaded (preloaded, it
-    replaces malloc process-wide), else glibc where glibc is the C library, else other."""
+    """The allocator serving malloc in this process: jemalloc where it has replaced malloc
+    process-wide (preloaded), else glibc where glibc is the C library, else other."""
+    process = ctypes.CDLL(None)
     try:
-        with open("/proc/self/maps") as f:
-            if "libjemalloc" in f.read():
-                return "jemalloc"
-    except OSError:
-        pass
-    try:
-        ctypes.CDLL("libc.so.6").gnu_get_libc_version  # noqa: B018 - only glibc has it
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
     except (OSError, AttributeError):
-        return "other"
-    return "glibc"
+        libc = None
+    if hasattr(process, "mallctl") and (libc is None or _address(process.malloc) != _address(libc.malloc)):
+        return "jemalloc"
+    return "glibc" if libc is not None else "other"
+
+
+def _address(function: Callable[..., object]) -> int | None:
+    return ctypes.cast(function, ctypes.c_void_p).value
 
 
 def jemalloc_library() -> str | None:

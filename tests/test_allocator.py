@@ -53,3 +53,4 @@ def test_preloaded_jemalloc_is_recognised_and_keeps_its_pages():
     before, prepared_as, after = proc.stdout.split("\n")[:3]
     assert before != "(-1, -1)"  # jemalloc's defaults return freed pages after a while
     assert (prepared_as, after) == ("jemalloc", "(-1, -1)")
+
