@@ -23,11 +23,14 @@ What is measured, and held against the *whole* prediction (runtime overhead incl
   memory. The allocator's peak allocated memory is recorded too.
   On a CPU two things outside the formulas used to show up here, and `models.load_base` now
   removes both: glibc kept freed activation buffers (below its 32 MiB mmap threshold) in the
-  heap, so the resident set was about twice the live activations (the mmap threshold is set to
-  1 MiB for CPU training, at a measured step-time cost); and transformers kept the fp32
-  checkpoint's memory map alive after quantizing, so 4- and 8-bit processes held about the
-  16-bit weights in file-backed pages too (the unquantized tensors now get their own copies).
-  See benchmarks/results/predictions-cpu.txt.
+  heap, so the resident set was about twice the live activations and erratic (see
+  `fedpipe.allocator`: under jemalloc nothing is needed, under glibc the mmap threshold is set to
+  1 MiB, at a measured step-time cost); and transformers kept the fp32 checkpoint's memory map
+  alive after quantizing, so 4- and 8-bit processes held about the 16-bit weights in
+  file-backed pages too (the unquantized tensors now get their own copies). The measuring
+  processes inherit this process's environment, so they run with the allocator fedpipe was
+  started with (LD_PRELOAD), as training does; each records which one it ran with.
+  See benchmarks/results/predictions-cpu.txt and benchmarks/results/allocator-cpu.txt.
 - runtime: the process before the model is loaded (RSS after imports on a CPU, the context on
   CUDA), recorded for reference and as the fallback overhead.
 
@@ -141,6 +144,7 @@ class Measurement:
     resident_gib: float
     allocated_gib: float | None = None
     file_gib: float | None = None  # CPU: file-backed part of the resident set after training
+    allocator: str | None = None  # CPU: fedpipe.allocator.running() in the measuring process
     step_times: list[float] = field(default_factory=list, compare=False)
     losses: list[float] = field(default_factory=list, compare=False)
     grad_norms: list[float] = field(default_factory=list, compare=False)  # LoRA gradients, per step
@@ -401,6 +405,7 @@ def measure_here(spec: dict) -> Measurement:
     """The body of one measuring subprocess (see `measure`)."""
     import torch
 
+    from fedpipe import allocator
     from fedpipe.measure import PeakMemory, resident_gib, rss_bytes
     from fedpipe.models import attach_lora, load_base
 
@@ -440,12 +445,13 @@ def measure_here(spec: dict) -> Measurement:
         losses.append(loss.item())
         norms.append(norm.item())  # not finite if any LoRA gradient is not
         times.append(time.perf_counter() - start)
-    allocated = file = None
+    allocated = file = malloc = None
     if cuda:
         peak = runtime + torch.cuda.max_memory_reserved() / GIB
         allocated = torch.cuda.max_memory_allocated() / GIB
     else:
         file = _status_bytes("RssFile") / GIB
+        malloc = allocator.running()
         if sampler is None:
             peak = _status_bytes("VmHWM") / GIB
         else:
@@ -453,8 +459,8 @@ def measure_here(spec: dict) -> Measurement:
             peak = entry_gib + sampler.peak_gib
     return Measurement(bits=spec["bits"], batch=spec["batch"], step_s=statistics.median(times[1:]),
                        peak_gib=peak, runtime_gib=runtime, resident_gib=resident,
-                       allocated_gib=allocated, file_gib=file, step_times=times, losses=losses,
-                       grad_norms=norms)
+                       allocated_gib=allocated, file_gib=file, allocator=malloc, step_times=times,
+                       losses=losses, grad_norms=norms)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -520,6 +526,10 @@ def calibration_yaml(result: CalibrationResult, command: str) -> str:
              f"# utilisation is relative to the {s.server.tflops:g} TFLOP/s declared for server "
              f"{s.server.name!r}",
              "# Paste this block at the top level of the cluster profile (replacing any calibration:)."]
+    allocators = sorted({m.allocator for m in result.measurements if m.allocator})
+    if allocators:
+        lines.append(f"# CPU allocator while measuring: {', '.join(allocators)} (memory holds for "
+                     "training started with the same one; see fedpipe/allocator.py)")
     for r in result.rows:
         lines.append(f"#   {r.bits:>2}-bit batch {r.batch:>3}: step {r.measured_s:.3f} s "
                      f"(predicted {r.after_s:.3f}), peak {r.measured_gib:.3f} GiB "

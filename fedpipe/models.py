@@ -11,7 +11,6 @@ cached Hugging Face folder) or a local Hugging Face folder with safetensors weig
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import hashlib
 import importlib.util
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedpipe import allocator
 from fedpipe.cache import BUNDLED, cache_dir, weights_dir
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import GlobalAdapter, LoraFactors
@@ -293,35 +293,6 @@ def _guard_cpu_repacking(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-_malloc_tuned = False
-
-
-def _return_freed_buffers_to_os() -> None:
-    """Once per process, for CPU training: glibc serves allocations of 1 MiB and more with mmap.
-
-    By default glibc's mmap threshold climbs to 32 MiB, so freed activation buffers stay in its
-    heap and the resident set counts them long after they are dead (peak RSS about twice the live
-    activations). M_MMAP_THRESHOLD = 1 MiB hands them back on free. A no-op where there is no
-    glibc `mallopt` (macOS, musl).
-
-    A trade, measured on SmolLM2-135M (fp32, batch 4 x 128, one thread): peak RSS 2.6-2.8 ->
-    2.0 GiB, but step time 5.8 -> 8.3 s (each step page-faults its activations afresh: 3.4M vs
-    0.9M minor faults). Thresholds of 2 MiB and more saved no memory. The calibrated cost model
-    absorbs the time either way; with glibc's default the peak varies too erratically to predict
-    within 15% (benchmarks/results/predictions-cpu.txt).
-    """
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h), bytes
-
-
 def _own_unquantized_tensors(model: torch.nn.Module) -> None:
     """Give every non-quantized parameter and buffer its own memory.
 
@@ -353,9 +324,9 @@ def load_base(model_dir: str | Path, bits: Literal[4, 8, 16], *, device: str = "
     quantization (`Linear4bit`); the non-linear parts (embeddings, norms, lm_head) stay in the
     compute dtype. `model_dir` may also be the bundled model's name.
 
-    On a CPU two things keep the process's memory to what training needs: glibc is told to hand
-    freed buffers back (`_return_freed_buffers_to_os`), and after a 4/8-bit load the unquantized
-    tensors get their own memory so the checkpoint's memory map is released
+    On a CPU two things keep the process's memory to what training needs: freed buffers do not
+    linger in the allocator (`fedpipe.allocator.prepare_for_training`), and after a 4/8-bit load
+    the unquantized tensors get their own memory so the checkpoint's memory map is released
     (`_own_unquantized_tensors`).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -365,7 +336,7 @@ def load_base(model_dir: str | Path, bits: Literal[4, 8, 16], *, device: str = "
     folder = _as_dir(model_dir)
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:
-        _return_freed_buffers_to_os()
+        allocator.prepare_for_training()
     dtype = compute_dtype or (torch.float32 if on_cpu else torch.bfloat16)
     kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}}
     if bits == 8:

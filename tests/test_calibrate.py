@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from fedpipe import allocator
 from fedpipe.calibrate import Measurement, compare, error_summary, fit_calibration, make_setup, terms
 from fedpipe.cli import app
 from fedpipe.errors import FedpipeError
@@ -182,3 +183,16 @@ def test_measurement_is_finite_and_counts_the_whole_process(random_model_profile
     assert all(math.isfinite(v) for v in m.losses + m.grad_norms)
     # the peak holds the interpreter and libraries (runtime) plus the model
     assert m.peak_gib > m.runtime_gib + m.resident_gib > 0.05
+
+
+@pytest.mark.skipif(allocator.jemalloc_library() is None, reason="libjemalloc2 not installed")
+def test_measuring_process_runs_with_the_allocator_fedpipe_was_started_with(random_model_profile,
+                                                                          monkeypatch):
+    from fedpipe.calibrate import measure, model_weights
+
+    setup = make_setup(random_model_profile, device="cpu")
+    folder, _ = model_weights(setup.profile, random_model_profile.parent,
+                              random_model_profile.parent / "work")
+    assert measure(folder, setup, 16, 2, steps=1, threads=1).allocator == allocator.running()
+    monkeypatch.setenv("LD_PRELOAD", allocator.jemalloc_library())
+    assert measure(folder, setup, 16, 2, steps=1, threads=1).allocator == "jemalloc"

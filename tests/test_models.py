@@ -199,39 +199,6 @@ def test_quantized_cpu_load_releases_the_checkpoint_map(tiny_model_dir, tmp_path
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
-def test_malloc_tuning_once_and_optional(monkeypatch):
-    """glibc's mmap threshold is set to 1 MiB once per process; no libc.so.6 is no error."""
-    calls = []
-
-    class FakeMallopt:  # settable argtypes / restype, like a ctypes function
-        def __call__(self, *args):
-            calls.append(args)
-            return 1
-
-    class FakeLibc:
-        mallopt = FakeMallopt()
-
-    monkeypatch.setattr(models, "_malloc_tuned", False)
-    monkeypatch.setattr(models.ctypes, "CDLL", lambda name: FakeLibc())
-    models._return_freed_buffers_to_os()
-    models._return_freed_buffers_to_os()
-    assert calls == [(-3, 1 << 20)]
-
-    def missing(name):
-        raise OSError(f"{name}: cannot open shared object file")
-
-    monkeypatch.setattr(models, "_malloc_tuned", False)
-    monkeypatch.setattr(models.ctypes, "CDLL", missing)
-    models._return_freed_buffers_to_os()  # no error (macOS, musl)
-
-    class NoMallopt:
-        pass
-
-    monkeypatch.setattr(models, "_malloc_tuned", False)
-    monkeypatch.setattr(models.ctypes, "CDLL", lambda name: NoMallopt())
-    models._return_freed_buffers_to_os()
-
-
 def test_load_tokenizer_has_pad(tokenizer):
     assert tokenizer.pad_token is not None
     assert len(tokenizer) == 49152
