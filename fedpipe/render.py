@@ -142,7 +142,7 @@ def run_table(result) -> Group:
         return Group(Text(f"nothing to run: {result.run_dir} already holds every round"))
     t = Table(title=f"run {result.run_dir} · {rows[-1]['rule']} · round {rows[-1]['round']}",
               title_justify="left")
-    for col in ("server", "bits", "batch", "train loss", "memory GiB (model + RSS growth / predicted)",
+    for col in ("server", "bits", "batch", "train loss", "memory GiB (measured peak / predicted)",
                 "up bytes (measured / predicted)", "down bytes (measured / predicted)", "train s"):
         t.add_column(col, justify="left" if col == "server" else "right")
     for s in rows[-1]["servers"]:

@@ -24,10 +24,11 @@ class ServerRow(_Strict):
     steps: int
     train_s: float
     tokens: int
-    memory_gib: float = Field(description="The model's resident bytes plus the growth of the process's "
-                              "resident set while it trained (CUDA: the allocator's peak). On a CPU, "
-                              "after round 1 the allocator reuses what it already holds, so this "
-                              "undercounts; `fedpipe calibrate` measures true peaks in fresh processes.")
+    memory_gib: float = Field(description="Measured peak of this server's training: the model's bytes "
+                              "+ the peak of its working memory (`measure.PeakMemory`: CUDA, the "
+                              "allocator's peak; CPU, anonymous memory above a baseline taken after "
+                              "the free heap went back to the OS) + in process, the process before "
+                              "any model was loaded (the runtime the prediction counts too).")
     predicted_memory_gib: float
     upload_bytes: int = Field(description="Counted on the payload sent, header included.")
     download_bytes: int
