@@ -43,7 +43,6 @@ from fedpipe.data import (
     encode,
     plan_data,
     score_examples,
-    split_holdout,
     summarize,
 )
 from fedpipe.federation.inprocess import run_plan
@@ -103,10 +102,8 @@ def spread(pool, scores, sizes: list[int], draws: int, seed: int) -> list[dict]:
         by_family[ex.family].append(i)
     rng, out = random.Random(seed), []
     for n in sizes:
-        # the family quotas of a held-out split of n (split_holdout's largest-remainder apportioning)
-        quotas = defaultdict(int)
-        for i in split_holdout(pool, n, seed)[1]:
-            quotas[i.family] += 1
+        # each family's share of the pool, as split_holdout draws a held-out set of n
+        quotas = {f: max(1, round(n * len(ids) / len(pool))) for f, ids in by_family.items()}
         losses, accs, halves = [], [], []
         for _ in range(draws):
             members = [i for f, q in quotas.items() for i in rng.choices(by_family[f], k=q)]
@@ -172,6 +169,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-round", action="store_true", help="only the evaluation measurements (the "
                     "timed round is taken from --json when that file holds one)")
+    ap.add_argument("--skip-timing", action="store_true", help="only the spread (the per-example "
+                    "seconds are taken from --json)")
     ap.add_argument("--lr", type=float, default=None, help="of the central training (default: the plan's)")
     ap.add_argument("--json", type=Path, help="write the measurements here, after each phase")
     ap.add_argument("--report", type=Path, help="print the cost table of a saved --json, measure nothing")
@@ -185,8 +184,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     summary: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
-    if args.skip_round and args.json and args.json.is_file():
-        summary["round"] = json.loads(args.json.read_text())["round"]
+    saved = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    if args.skip_round:
+        summary["round"] = saved["round"]
+    if args.skip_timing:
+        summary |= {k: saved[k] for k in ("merge_s", "per_example_s", "budget_disagreements", "fitted_budget",
+                                          "pool")}
 
     def save() -> None:
         if args.json:
@@ -205,21 +208,22 @@ def main() -> None:
     print(f"evaluated model: {args.train_steps} central steps (train loss {stats.mean_loss:.3f} mean, "
           f"{stats.last_loss:.3f} last); merge into the evaluator {merge_s:.1f} s; pool {len(pool)} "
           f"examples, fitted budget {answer_budget(enc)} new tokens (former {FORMER_BUDGET})", flush=True)
-    loss_only, t_loss = timed_scores(model, tokenizer, pool, task.seq_len, accuracy=False)
-    former, t_former = timed_scores(model, tokenizer, pool, task.seq_len, max_new_tokens=FORMER_BUDGET)
     fitted, t_fitted = timed_scores(model, tokenizer, pool, task.seq_len)
-    disagree = sum(a != b for a, b in zip(former.correct, fitted.correct, strict=True))
-    per_example = {"loss": t_loss, "former": t_former, "fitted": t_fitted}
-    whole = summarize(pool, fitted)
-    print(f"seconds per example: loss only {t_loss:.3f}, loss + generation ({FORMER_BUDGET} tokens) "
-          f"{t_former:.3f}, loss + generation (fitted) {t_fitted:.3f}; examples where the budgets "
-          f"disagree on exact match: {disagree}; pool loss {whole['loss']:.3f}, exact match "
-          f"{whole['accuracy']:.3f}", flush=True)
-    assert loss_only.nll == fitted.nll or max(abs(a - b) for a, b in zip(loss_only.nll, fitted.nll,
-                                                                         strict=True)) < 1e-3
-    summary |= {"merge_s": merge_s, "per_example_s": per_example, "budget_disagreements": disagree,
-                "fitted_budget": answer_budget(enc), "pool": {"loss": whole["loss"],
-                                                                "accuracy": whole["accuracy"]}}
+    if not args.skip_timing:
+        loss_only, t_loss = timed_scores(model, tokenizer, pool, task.seq_len, accuracy=False)
+        former, t_former = timed_scores(model, tokenizer, pool, task.seq_len, max_new_tokens=FORMER_BUDGET)
+        disagree = sum(a != b for a, b in zip(former.correct, fitted.correct, strict=True))
+        whole = summarize(pool, fitted)
+        print(f"seconds per example: loss only {t_loss:.3f}, loss + generation ({FORMER_BUDGET} tokens) "
+              f"{t_former:.3f}, loss + generation (fitted) {t_fitted:.3f}; examples where the budgets "
+              f"disagree on exact match: {disagree}; pool loss {whole['loss']:.3f}, exact match "
+              f"{whole['accuracy']:.3f}", flush=True)
+        assert max(abs(a - b) for a, b in zip(loss_only.nll, fitted.nll, strict=True)) < 1e-3
+        per_example = {"loss": t_loss, "former": t_former, "fitted": t_fitted}
+        summary |= {"merge_s": merge_s, "per_example_s": per_example,
+                    "budget_disagreements": disagree, "fitted_budget": answer_budget(enc),
+                    "pool": {"loss": whole["loss"], "accuracy": whole["accuracy"]}}
+        save()
 
     sizes = [int(n) for n in args.sizes.split(",")]
     summary["spread"] = spread(pool, fitted, sizes, args.draws, task.seed)
