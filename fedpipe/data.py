@@ -476,7 +476,7 @@ def score_examples(
     accuracy: bool = True,
 ) -> ExampleScores:
     """The per-example numbers `evaluate` summarises (see there); `accuracy=False` skips greedy
-    generation, most of evaluation's cost, and scores the answer loss alone."""
+    generation and scores the answer loss alone."""
     if not examples:
         raise FedpipeError("evaluate: no held-out examples")
     _check_batching(examples, batch_size)

@@ -8,7 +8,7 @@
 The cohort (`cohort.draw_cohort`) is a function of the seed and the round, so every transport and a
 resumed run train the same servers. The global model (base + global update, exact, in full
 precision) is evaluated on the held-out split every `eval_every` rounds and after the last: the
-answer loss each time, exact match (greedy generation, most of the cost) on every
+answer loss each time, exact match (greedy generation) on every
 `accuracy_every`-th of those and the last (`RunSpec.evaluates`). Under
 a rule that merges into the base, a member behind the global model is sent what it missed
 (`Coordinator.broadcast`): the merges since its last round when it sat out rounds undrawn, the
