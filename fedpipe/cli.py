@@ -191,6 +191,10 @@ def run(
                                                      "(default: the plan's).")] = None,
     eval_every: Annotated[int | None, typer.Option(min=1, help="Evaluate every N rounds, and always the "
                                                    "last (default: the plan's, 1).")] = None,
+    accuracy_every: Annotated[int | None, typer.Option(min=1, help="Of the evaluated rounds, also "
+                                                       "measure exact match (greedy generation) on "
+                                                       "every Nth and the last; the others score the "
+                                                       "loss only (default: the plan's).")] = None,
     upload_density: Annotated[float | None, typer.Option(help="Every server's upload density, top-k "
                                                          "share in (0, 1] (default: the plan's).")] = None,
     download_density: Annotated[float | None, typer.Option(help="Every server's download density "
@@ -249,7 +253,8 @@ def run(
     from fedpipe.render import console, run_table
 
     settings = dict(rounds=rounds, out=out, aggregation=aggregation, resume=resume, local_steps=local_steps,
-                    eval_samples=eval_samples, eval_every=eval_every, min_participation=min_participation,
+                    eval_samples=eval_samples, eval_every=eval_every, accuracy_every=accuracy_every,
+                    min_participation=min_participation,
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm,
                     truncate_energy=truncate_energy, truncate_rank=truncate_rank, cohort=cohort,
                     stratify=stratify)

@@ -17,6 +17,7 @@ import random
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,13 +32,17 @@ from fedpipe.tasks import FAMILIES, Example, builtin_examples
 __all__ = [
     "DEFAULT_BUILTIN_N",
     "Example",
+    "ExampleScores",
+    "answer_budget",
     "batches",
     "cycle_batches",
     "encode",
     "evaluate",
     "load_examples",
     "partition",
+    "score_examples",
     "split_holdout",
+    "summarize",
 ]
 
 log = logging.getLogger(__name__)
@@ -444,31 +449,39 @@ def _first_answer(text: str, answer: str) -> str:
     return (text if "\n" in answer.strip() else text.split("\n", 1)[0]).strip()
 
 
+@dataclass
+class ExampleScores:
+    """Per held-out example, in input order: the answer tokens' summed loss and count, and whether
+    greedy generation matched the reference (None when accuracy was not asked for)."""
+
+    nll: list[float]
+    tokens: list[int]
+    correct: list[bool] | None
+
+
+def answer_budget(encoded: Sequence[dict]) -> int:
+    """New tokens greedy generation needs to reproduce the longest reference answer and end it
+    (its tokens + eos): more only lengthens wrong answers, which exact match rejects anyway."""
+    return max(sum(1 for t in it["labels"] if t != -100) for it in encoded)
+
+
 @torch.no_grad()
-def evaluate(
+def score_examples(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
     max_len: int,
     batch_size: int = 16,
-    max_new_tokens: int = 16,
-) -> dict:
-    """Answer-token loss and exact-match accuracy of greedy generation, overall and per family.
-
-    Loss is the mean cross-entropy over answer tokens (eos included), pooled over tokens as in
-    training. Accuracy compares the generated text, up to eos and the first newline, stripped,
-    with the stripped answer. Works on a base or peft Hugging Face causal LM on any device; the
-    model's train/eval mode is restored afterwards. Examples are batched by length, prompts
-    left-padded and answers right-padded: one forward pass gives the answer loss and, cropped to
-    the prompt, the KV cache that greedy generation continues from, so each prompt is encoded
-    once (on SmolLM2-135M, CPU: 20-35% faster than a loss pass plus a separate generation, with
-    the same loss to 1e-6).
-    Returns {"loss", "accuracy", "n", "per_family": {family: {"loss", "accuracy", "n"}}}.
-    """
+    max_new_tokens: int | None = None,
+    accuracy: bool = True,
+) -> ExampleScores:
+    """The per-example numbers `evaluate` summarises (see there); `accuracy=False` skips greedy
+    generation and scores the answer loss alone."""
     if not examples:
         raise FedpipeError("evaluate: no held-out examples")
     _check_batching(examples, batch_size)
     enc = encode(examples, tokenizer, max_len)
+    budget = answer_budget(enc) if max_new_tokens is None else max_new_tokens
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
@@ -492,7 +505,7 @@ def evaluate(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True,
+                use_cache=accuracy,
                 logits_to_keep=a_len + 1,  # the last prompt position predicts the first answer token
             )
             labels = answer["labels"].to(device)
@@ -502,6 +515,8 @@ def evaluate(
             sums = torch.zeros(len(idx), device=device).index_add_(0, keep.nonzero()[:, 0], token_nll)
             for j, i in enumerate(idx):
                 nll[i], n_tok[i] = sums[j].item(), int(keep[j].sum())
+            if not accuracy:
+                continue
 
             # transformers 5.2x renamed past_key_values to cache (the old name warns on every run)
             cache_name = "cache" if "cache" in out else "past_key_values"
@@ -513,7 +528,7 @@ def evaluate(
                 input_ids=ids[:, :p_len],
                 attention_mask=mask[:, :p_len],
                 **{cache_name: cache},
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=budget,
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=eos,
@@ -525,23 +540,58 @@ def evaluate(
                 correct[i] = _first_answer(text, examples[i].answer) == examples[i].answer.strip()
     finally:
         model.train(was_training)
+    return ExampleScores(nll, n_tok, correct if accuracy else None)
 
-    def summary(members: list[int]) -> dict:
-        tokens = sum(n_tok[i] for i in members)
-        right = sum(correct[i] for i in members)
-        return {
-            "loss": sum(nll[i] for i in members) / max(tokens, 1),
-            "accuracy": right / len(members),
-            "accuracy_ci95": wilson_interval(right, len(members)),
-            "n": len(members),
-        }
+
+def summarize(examples: Sequence[Example], scores: ExampleScores,
+              members: Sequence[int] | None = None) -> dict:
+    """Pooled answer loss and exact match (with its Wilson 95% interval) over `members` (default:
+    all), overall and per family; accuracy keys are None when generation was skipped."""
+    members = range(len(examples)) if members is None else members
+
+    def summary(group: list[int]) -> dict:
+        tokens = sum(scores.tokens[i] for i in group)
+        result = {"loss": sum(scores.nll[i] for i in group) / max(tokens, 1), "accuracy": None,
+                  "accuracy_ci95": None, "n": len(group)}
+        if scores.correct is not None:
+            right = sum(scores.correct[i] for i in group)
+            result |= {"accuracy": right / len(group), "accuracy_ci95": wilson_interval(right, len(group))}
+        return result
 
     families: dict[str, list[int]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        families[ex.family].append(i)
-    result = summary(list(range(len(enc))))
+    for i in members:
+        families[examples[i].family].append(i)
+    result = summary(list(members))
     result["per_family"] = {f: summary(m) for f, m in sorted(families.items())}
     return result
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_len: int,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    accuracy: bool = True,
+) -> dict:
+    """Answer-token loss and exact-match accuracy of greedy generation, overall and per family.
+
+    Loss is the mean cross-entropy over answer tokens (eos included), pooled over tokens as in
+    training. Accuracy compares the generated text, up to eos and the first newline, stripped,
+    with the stripped answer; generation gets `max_new_tokens`, by default the longest reference
+    answer's tokens + eos (`answer_budget`). `accuracy=False` skips generation (loss only; the
+    accuracy keys are None). Works on a base or peft Hugging Face causal LM on any device; the
+    model's train/eval mode is restored afterwards. Examples are batched by length, prompts
+    left-padded and answers right-padded: one forward pass gives the answer loss and, cropped to
+    the prompt, the KV cache that greedy generation continues from, so each prompt is encoded
+    once (on SmolLM2-135M, CPU: 20-35% faster than a loss pass plus a separate generation, with
+    the same loss to 1e-6).
+    Returns {"loss", "accuracy", "accuracy_ci95", "n", "per_family": {family: the same, less
+    per_family}}.
+    """
+    scores = score_examples(model, tokenizer, examples, max_len, batch_size, max_new_tokens, accuracy)
+    return summarize(examples, scores)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

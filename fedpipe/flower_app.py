@@ -101,6 +101,7 @@ class RunSettings:
     local_steps: int = 0  # 0: the plan's
     eval_samples: int = 0  # 0: the plan's
     eval_every: int = 0  # 0: the plan's
+    accuracy_every: int = 0  # 0: the plan's
     round_timeout: float = 3600.0
     min_participation: str = "1"
     norm_bound: float = -1.0  # -1: the plan's; 0: off
@@ -121,6 +122,7 @@ class RunSettings:
                                aggregation=self.aggregation or None, resume=self.resume,
                                local_steps=self.local_steps or None, eval_samples=self.eval_samples or None,
                                eval_every=self.eval_every or None,
+                               accuracy_every=self.accuracy_every or None,
                                min_participation=self.min_participation, round_timeout=self.round_timeout,
                                norm_bound=None if self.norm_bound < 0 else self.norm_bound,
                                clip_norm=None if self.clip_norm < 0 else self.clip_norm,
@@ -273,8 +275,10 @@ def coordinate(grid: Grid, settings: RunSettings) -> list[dict]:
     def report(server: str, round_index: int, done: int, total: int) -> None:
         row = read_metrics(spec.folder.metrics)[-1] if server == "evaluated" else None
         if row is not None and row["eval"] is not None:
-            log(INFO, "fedpipe: round %d/%d: %d servers, eval loss %.4f, accuracy %.3f", round_index,
-                spec.rounds, len(row["servers"]), row["eval"]["loss"], row["eval"]["accuracy"])
+            accuracy = row["eval"]["accuracy"]
+            log(INFO, "fedpipe: round %d/%d: %d servers, eval loss %.4f, accuracy %s", round_index,
+                spec.rounds, len(row["servers"]), row["eval"]["loss"],
+                "not measured" if accuracy is None else f"{accuracy:.3f}")
 
     return run_federation(spec, FlowerTransport(grid, spec), report).rows
 
@@ -530,7 +534,8 @@ def write_app(folder: Path, settings: RunSettings) -> Path:
 def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: bool = False,
            root_certificates: Path | None = None, rounds: int | None = None, out: Path | None = None,
            aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
-           eval_samples: int | None = None, eval_every: int | None = None, round_timeout: float = 3600.0,
+           eval_samples: int | None = None, eval_every: int | None = None,
+           accuracy_every: int | None = None, round_timeout: float = 3600.0,
            min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
            truncate_energy: float | None = None, truncate_rank: int | None = None,
            cohort: str | None = None, stratify: bool | None = None,
@@ -545,6 +550,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
 
     spec = RunSpec.resolve(plan_path, rounds=rounds, out=out, aggregation=aggregation, resume=resume,
                            local_steps=local_steps, eval_samples=eval_samples, eval_every=eval_every,
+                           accuracy_every=accuracy_every,
                            min_participation=min_participation, round_timeout=round_timeout,
                            norm_bound=norm_bound, clip_norm=clip_norm, truncate_energy=truncate_energy,
                            truncate_rank=truncate_rank, cohort=cohort, stratify=stratify)
@@ -552,7 +558,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
     settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
                            rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
                            local_steps=local_steps or 0, eval_samples=eval_samples or 0,
-                           eval_every=eval_every or 0,
+                           eval_every=eval_every or 0, accuracy_every=accuracy_every or 0,
                            round_timeout=float(round_timeout), min_participation=str(min_participation),
                            norm_bound=-1.0 if norm_bound is None else norm_bound,
                            clip_norm=-1.0 if clip_norm is None else clip_norm,

@@ -44,6 +44,10 @@ class Task(_Strict):
     eval_samples: int = Field(200, ge=1, description="Held-out examples for evaluating the global model.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (the last "
                             "round always): evaluation is most of a round's overhead on a CPU.")
+    accuracy_every: int = Field(1, ge=1, description="Of the evaluated rounds, generate answers for "
+                                "exact match on every Nth and the last; the others score the loss only "
+                                "(greedy generation, the slow part where it is latency-bound, as on "
+                                "a GPU).")
     reuse_samples: bool = Field(False, description="Allow a data file smaller than the servers' "
                                 "samples plus eval_samples: examples are then reused across shards "
                                 "(a warning with the numbers); otherwise planning stops with them.")

@@ -146,7 +146,7 @@ def run_table(result) -> Group:
         return Group(Text(f"nothing to run: {result.run_dir} already holds every round"))
     t = Table(title=f"run {result.run_dir} · {rows[-1]['rule']} · round {rows[-1]['round']}",
               title_justify="left")
-    for col in ("server", "bits", "batch", "train loss", "memory GiB (model + RSS growth / predicted)",
+    for col in ("server", "bits", "batch", "train loss", "memory GiB (measured peak / predicted)",
                 "up bytes (measured / predicted)", "down bytes (measured / predicted)", "train s"):
         t.add_column(col, justify="left" if col == "server" else "right")
     for s in rows[-1]["servers"]:
@@ -160,14 +160,20 @@ def run_table(result) -> Group:
         curve.add_column(col, justify="right")
     for r in rows:
         e = r["eval"]
-        lo, hi = e.get("accuracy_ci95", (e["accuracy"], e["accuracy"])) if e else (0, 0)
-        curve.add_row(str(r["round"]), f"{e['loss']:.3f}" if e else "-",
-                      f"{e['accuracy']:.3f} ({lo:.2f}-{hi:.2f})" if e else "-",
+        curve.add_row(str(r["round"]), f"{e['loss']:.3f}" if e else "-", _exact_match(e),
                       f"{r['round_s']:.1f}", f"{r['train_s'] / max(r['round_s'], 1e-9):.0%}")
 
     d = result.run_dir
     return Group(t, curve, Text(f"adapter (peft format): {d / 'adapter'} · metrics: "
                                 f"{d / 'metrics.jsonl'} · curves: {d / 'curves.png'}"))
+
+
+def _exact_match(e: dict | None) -> str:
+    """'0.412 (0.35-0.48)'; '-' on rounds not evaluated or scored on the loss only."""
+    if e is None or e["accuracy"] is None:
+        return "-"
+    lo, hi = e["accuracy_ci95"]
+    return f"{e['accuracy']:.3f} ({lo:.2f}-{hi:.2f})"
 
 
 def export_view(result) -> Text:

@@ -16,6 +16,7 @@ import torch
 
 from fedpipe.data import (
     DEFAULT_BUILTIN_N,
+    answer_budget,
     batches,
     cycle_batches,
     encode,
@@ -521,6 +522,31 @@ def test_evaluate_oracle_and_partial_answers(tok, tiny, monkeypatch):
     partial = evaluate(tiny, tok, ex, max_len=128, batch_size=4)
     assert partial["per_family"]["add"]["accuracy"] == 0.0 and partial["accuracy"] == 0.8
     assert partial["loss"] == pytest.approx(perfect["loss"])  # loss does not depend on generation
+
+
+def test_evaluate_generates_just_enough_and_loss_alone_skips_it(tok, tiny, monkeypatch):
+    """Generation gets the longest reference answer's tokens + eos; accuracy=False never generates
+    and reports the same loss, with the accuracy keys None."""
+    ex = builtin_examples(10, seed=3)
+    enc = encode(ex, tok, 128)
+    longest = max(len(_answer_ids(tok, e)) for e in enc)  # answer tokens + eos
+    assert answer_budget(enc) == longest
+    real, budgets = tiny.generate, []
+
+    def spy(**kw):
+        budgets.append(kw["max_new_tokens"])
+        return real(**kw)
+
+    monkeypatch.setattr(tiny, "generate", spy)
+    full = evaluate(tiny, tok, ex, max_len=128, batch_size=4)
+    assert budgets and set(budgets) == {longest}
+    budgets.clear()
+    loss_only = evaluate(tiny, tok, ex, max_len=128, batch_size=4, accuracy=False)
+    assert budgets == []
+    assert loss_only["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert loss_only["accuracy"] is None and loss_only["accuracy_ci95"] is None
+    assert all(v["accuracy"] is None and v["loss"] == pytest.approx(full["per_family"][f]["loss"], rel=1e-5)
+               for f, v in loss_only["per_family"].items())
 
 
 def test_evaluate_peft_model_and_errors(tok, tiny):

@@ -431,7 +431,8 @@ def test_app_config_round_trips(tmp_path):
     import tomllib
 
     settings = flower_app.RunSettings(plan="/p/a b.yaml", out="/r", plan_sha256="ab", rounds=3,
-                                      round_timeout=12.5, min_participation="0.5", resume=True)
+                                      round_timeout=12.5, min_participation="0.5", resume=True,
+                                      accuracy_every=2)
     folder = flower_app.write_app(tmp_path / "app", settings)
     config = tomllib.loads((folder / "pyproject.toml").read_text())
     assert config["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedpipe.flower_app:server_app"

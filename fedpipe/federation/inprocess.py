@@ -4,6 +4,10 @@ Servers of one plan entry (same bits and adapter shape) share one loaded model, 
 the plan's hardware classes, not its servers; each keeps its own shard and trainer across rounds,
 which is what lets sparse downloads refer to the last broadcast.
 
+A server's measured memory is what it would hold alone: the process before any model was loaded
+(interpreter, libraries, tokenizer, data), its model's bytes, and the peak working memory of its
+training (`measure.PeakMemory`), the same parts the plan's prediction adds up.
+
 The round deadline (`round_timeout`) is judged after the fact: servers train one after another
 here, so a server whose own training took longer than the deadline misses the round.
 """
@@ -18,13 +22,14 @@ from fedpipe.data import plan_data
 from fedpipe.federation.loop import Progress, RunResult, run_federation
 from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport, late_reason
-from fedpipe.measure import resident_gib
+from fedpipe.measure import GIB, resident_gib, rss_bytes
 from fedpipe.models import load_tokenizer, plan_model_dir
 from fedpipe.rules import rule_traits
 
 
 class InProcessTransport(Transport):
     def __init__(self, spec: RunSpec) -> None:
+        self.runtime_gib = rss_bytes() / GIB  # before any model: what every server's process holds too
         plan, task = spec.plan, spec.plan.task
         model_dir = plan_model_dir(plan)
         tokenizer = load_tokenizer(model_dir)
@@ -50,7 +55,7 @@ class InProcessTransport(Transport):
                                                 "training, in-process)")
                 continue
             replies[d.member] = Reply(d.member, up, stats.mean_loss, stats.steps, stats.seconds, stats.tokens,
-                                      resident_gib(adapted.model) + stats.peak_extra_gib)
+                                      self.runtime_gib + resident_gib(adapted.model) + stats.peak_extra_gib)
         return replies, late
 
     def close(self) -> None:

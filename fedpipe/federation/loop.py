@@ -7,7 +7,9 @@
 
 The cohort (`cohort.draw_cohort`) is a function of the seed and the round, so every transport and a
 resumed run train the same servers. The global model (base + global update, exact, in full
-precision) is evaluated on the held-out split every `eval_every` rounds and after the last. Under
+precision) is evaluated on the held-out split every `eval_every` rounds and after the last: the
+answer loss each time, exact match (greedy generation) on every
+`accuracy_every`-th of those and the last (`RunSpec.evaluates`). Under
 a rule that merges into the base, a member behind the global model is sent what it missed
 (`Coordinator.broadcast`): the merges since its last round when it sat out rounds undrawn, the
 cumulative update when its state is unknown (it was drawn and did not reply, or the run was
@@ -60,9 +62,9 @@ class GlobalEvaluator:
     seq_len: int
     model_dir: Path
 
-    def __call__(self, global_adapter: GlobalAdapter) -> dict:
+    def __call__(self, global_adapter: GlobalAdapter, accuracy: bool) -> dict:
         apply_base_delta(self.model, self.model_dir, global_adapter)
-        return evaluate(self.model, self.tokenizer, self.held_out, self.seq_len)
+        return evaluate(self.model, self.tokenizer, self.held_out, self.seq_len, accuracy=accuracy)
 
 
 def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | None = None) -> RunResult:
@@ -170,14 +172,15 @@ def close_round(spec: RunSpec, coordinator: Coordinator, evaluator: GlobalEvalua
     t0 = time.perf_counter()
     global_adapter = coordinator.aggregate([update for update, _, _ in accepted])
     aggregate_s = time.perf_counter() - t0
-    due = global_adapter.round % spec.eval_every == 0 or global_adapter.round == spec.rounds
-    result = evaluator(global_adapter) if due else None
+    evaluated = spec.evaluates(global_adapter.round)
+    result = None if evaluated == "nothing" else evaluator(global_adapter, evaluated == "loss+accuracy")
     eval_s = time.perf_counter() - t0 - aggregate_s
     adapter_file = save_adapter(global_adapter, evaluator.model_dir, spec.folder.adapter)
     spec.folder.save_checkpoint(spec.fingerprint(), global_adapter, coordinator.previous)
     servers = [server_row(reply, delivery) for _, reply, delivery in accepted]
     return RoundRow(round=global_adapter.round, rule=spec.rule, servers=servers,
-                    idle_servers=spec.plan.idle_members(), missed_servers=missed, eval=result,
+                    idle_servers=spec.plan.idle_members(), missed_servers=missed,
+                    evaluated=evaluated, eval=result,
                     aggregate_s=aggregate_s, eval_s=eval_s,
                     global_rank=max((f.rank for f in global_adapter.factors.values()), default=0),
                     truncation=cut_metrics(coordinator.aggregator.cuts),

@@ -6,6 +6,8 @@ row that drifted from the schema fails where it is made, not in a reader later.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -24,10 +26,11 @@ class ServerRow(_Strict):
     steps: int
     train_s: float
     tokens: int
-    memory_gib: float = Field(description="The model's resident bytes plus the growth of the process's "
-                              "resident set while it trained (CUDA: the allocator's peak). On a CPU, "
-                              "after round 1 the allocator reuses what it already holds, so this "
-                              "undercounts; `fedpipe calibrate` measures true peaks in fresh processes.")
+    memory_gib: float = Field(description="Measured peak of this server's training: the model's bytes "
+                              "+ the peak of its working memory (`measure.PeakMemory`: CUDA, the "
+                              "allocator's peak; CPU, anonymous memory above a baseline taken after "
+                              "the free heap went back to the OS) + in process, the process before "
+                              "any model was loaded (the runtime the prediction counts too).")
     predicted_memory_gib: float
     upload_bytes: int = Field(description="Counted on the payload sent, header included.")
     download_bytes: int
@@ -35,6 +38,24 @@ class ServerRow(_Strict):
     predicted_download_bytes: float
     upload_density: float
     download_density: float
+
+
+class FamilyEvaluation(_Strict):
+    """The global model on (part of) the held-out split: `data.evaluate`'s numbers."""
+
+    loss: float = Field(description="Mean cross-entropy over answer tokens (eos included), pooled "
+                        "over tokens.")
+    accuracy: float | None = Field(description="Exact match of greedy generation; None on rounds "
+                                   "that scored the loss only (the accuracy cadence).")
+    accuracy_ci95: tuple[float, float] | None = Field(description="Wilson 95% interval of the "
+                                                      "accuracy; None with it.")
+    n: int = Field(description="Held-out examples scored.")
+
+
+class Evaluation(FamilyEvaluation):
+    """The whole held-out split, and each task family of it."""
+
+    per_family: dict[str, FamilyEvaluation]
 
 
 class RoundRow(_Strict):
@@ -47,8 +68,12 @@ class RoundRow(_Strict):
     servers: list[ServerRow]
     idle_servers: list[str] = Field(description="Plan members that adapt nothing, so never train.")
     missed_servers: dict[str, str] = Field(description="Member -> why its update is not in this round.")
-    eval: dict | None = Field(description="`data.evaluate` of the global model (loss, accuracy, its 95% "
-                              "interval, n, per_family); None on rounds the eval cadence skips.")
+    evaluated: Literal["nothing", "loss", "loss+accuracy"] = Field(description="What this round "
+                                                                     "scored: the eval cadence skips "
+                                                                     "rounds, the accuracy cadence "
+                                                                     "generation.")
+    eval: Evaluation | None = Field(description="`data.evaluate` of the global model; None on rounds "
+                                    "the eval cadence skips.")
     aggregate_s: float
     eval_s: float
     global_rank: int

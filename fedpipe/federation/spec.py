@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +38,8 @@ class RunSpec(BaseModel):
     local_steps: int
     eval_samples: int
     eval_every: int
+    accuracy_every: int = Field(description="Of the evaluated rounds, every Nth and the last also "
+                                "measure exact match.")
     cohort: int = Field(description="Servers sampled to train each round (all: every round).")
     stratify: bool
     min_participation: int = Field(description="Replies a round needs, out of its cohort.")
@@ -56,6 +59,7 @@ class RunSpec(BaseModel):
     def resolve(cls, plan_path: str | Path, *, rounds: int | None = None, out: str | Path | None = None,
                 aggregation: str | None = None, resume: bool = False, local_steps: int | None = None,
                 eval_samples: int | None = None, eval_every: int | None = None,
+                accuracy_every: int | None = None,
                 upload_density: float | None = None, download_density: float | None = None,
                 upload_precision: str | None = None, download_precision: str | None = None,
                 min_participation: str | int | float = "1", round_timeout: float = 3600.0,
@@ -92,6 +96,7 @@ class RunSpec(BaseModel):
                    local_steps=local_steps or plan.task.local_steps,
                    eval_samples=eval_samples or plan.task.eval_samples,
                    eval_every=eval_every or plan.task.eval_every,
+                   accuracy_every=accuracy_every or plan.task.accuracy_every,
                    cohort=size, stratify=plan.task.stratify if stratify is None else stratify,
                    min_participation=count_or_fraction("min_participation", min_participation, size),
                    round_timeout=float(round_timeout), resume=resume, norm_bound=norm_bound,
@@ -108,6 +113,13 @@ class RunSpec(BaseModel):
                                     differences])
             spec = spec.model_copy(update={"completed_rounds": state.round})
         return spec
+
+    def evaluates(self, round_index: int) -> Literal["nothing", "loss", "loss+accuracy"]:
+        """What the round scores: the loss every `eval_every` rounds, exact match too on every
+        `accuracy_every`-th of those; the last round both."""
+        if round_index == self.rounds or round_index % (self.eval_every * self.accuracy_every) == 0:
+            return "loss+accuracy"
+        return "loss" if round_index % self.eval_every == 0 else "nothing"
 
     def fingerprint(self) -> RunFingerprint:
         """What a resume must keep equal (only the number of rounds may grow)."""
