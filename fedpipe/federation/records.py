@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -82,6 +82,15 @@ class RoundRow(_Strict):
     adapter_bytes: int = Field(description="Size of the saved global adapter (adapter_model.safetensors).")
     round_s: float
     train_s: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_rows(cls, row: object) -> object:
+        """Rows written before `evaluated` existed scored the loss and the accuracy, or nothing:
+        reading them keeps a run folder of an earlier version resumable."""
+        if isinstance(row, dict) and "evaluated" not in row:
+            return {**row, "evaluated": "loss+accuracy" if row.get("eval") else "nothing"}
+        return row
 
 
 class RunFingerprint(_Strict):

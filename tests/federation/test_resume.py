@@ -82,3 +82,15 @@ def test_bad_arguments_are_refused_before_a_model_loads(finished, tmp_path, monk
     ):
         result = run(plan_path, *args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_rows_written_before_the_evaluated_field_still_read():
+    """A run folder of an earlier version resumes: its rows say what they scored by their eval."""
+    from fedpipe.federation.records import RoundRow
+
+    row = {"round": 1, "rule": "fedit", "servers": [], "idle_servers": [], "missed_servers": {},
+           "eval": {"loss": 1.0, "accuracy": 0.5, "accuracy_ci95": [0.2, 0.8], "n": 4, "per_family": {}},
+           "aggregate_s": 0.1, "eval_s": 0.2, "global_rank": 8, "truncation": {}, "adapter_bytes": 10,
+           "round_s": 1.0, "train_s": 0.5}
+    assert RoundRow.model_validate(row).evaluated == "loss+accuracy"
+    assert RoundRow.model_validate(row | {"eval": None}).evaluated == "nothing"
