@@ -382,12 +382,13 @@ def arms_table(store: dict) -> list[str]:
     return rows
 
 
-def load_store(path: Path, settings: dict) -> dict:
-    """The arms JSON at `path` (a new one if absent); refuses one measured with other settings."""
+def load_store(path: Path, settings: dict | None) -> dict:
+    """The arms JSON at `path` (a new one if absent); refuses one measured with other settings
+    (None: any settings, to print the table)."""
     if not path.exists():
         return {"settings": settings, "arms": {}}
     store = json.loads(path.read_text())
-    if store["settings"] != settings:
+    if settings is not None and store["settings"] != settings:
         raise SystemExit(f"{path} holds arms measured with {store['settings']}, not {settings}: "
                          "use another --json")
     return store
@@ -395,11 +396,11 @@ def load_store(path: Path, settings: dict) -> dict:
 
 def run_arms(args: argparse.Namespace, settings: dict) -> None:
     """The --arms mode: the named arms, each stored in --json as soon as it is done."""
-    store = load_store(args.json, settings)
     wanted = [a for a in args.arms.split(",") if a != "table"]
     names = []
     for arm in wanted:
         names += ([f"random-{d + 1}" for d in range(settings["draws"])] if arm == "random" else [arm])
+    store = load_store(args.json, settings if names else None)
     if names:
         model_dir = resolve_model_dir(BUNDLED)
         tokenizer = load_tokenizer(model_dir)
