@@ -28,11 +28,14 @@ only prints). Arms: ``base`` (no adapter), ``top-sensitivity``, ``top-fisher``,
 type proportional to the type's summed sensitivity), ``type-random`` (equal counts per type,
 random within each: the control for type-quota), ``per-param`` (top-k of sensitivity per LoRA
 parameter at rank 1, score / (d_in + d_out)), ``layer-spread`` (top-k by sensitivity with at most
-ceil(k / layers) per layer) and ``probe`` (counts per type proportional to the loss drop that
-adapting all of a type's matrices alone gives after --probe-steps steps, the top by sensitivity
-within each type; the probe's cost is reported).
+ceil(k / layers) per layer), ``type-layer-spread`` (both limits at once), ``type-layer-random``
+(both limits, random within: its control), ``balanced`` (top-k of scores rescaled by a factor
+per layer and one per type so that each layer and each type sums the same) and ``probe`` (counts
+per type proportional to the loss drop that adapting all of a type's matrices alone gives after
+--probe-steps steps, the top by sensitivity within each type; the probe's cost is reported).
+The README's figures (one arm per command on a loaded box):
 
-    PYTHONPATH=. python benchmarks/bench_importance.py --threads 1 --steps 40 --batch 4 \
+    PYTHONPATH=. python benchmarks/bench_importance.py --threads 1 --steps 20 --batch 4 \
         --arms random-1 --json benchmarks/results/importance-arms-cpu.json
 
 Another process on the same cores slows everything (the load average is printed): compare rows
@@ -189,15 +192,37 @@ def within_types(order: list[str], counts: dict[str, int], kind: dict[str, str])
     return chosen
 
 
-def layer_spread(order: list[str], k: int, per_layer: int, layer: dict[str, int]) -> list[str]:
-    """The first k names of `order` with at most `per_layer` from any one layer."""
+def layer_spread(order: list[str], k: int, per_layer: int, layer: dict[str, int],
+                 quota: dict[str, int] | None = None, kind: dict[str, str] | None = None) -> list[str]:
+    """The first k names of `order` with at most `per_layer` from any one layer (and, given a
+    `quota` per type, at most that many of each type)."""
     used: dict[int, int] = {}
+    taken: dict[str, int] = {}
     chosen = []
     for n in order:
-        if used.get(layer[n], 0) < per_layer and len(chosen) < k:
+        fits_type = quota is None or taken.get(kind[n], 0) < quota[kind[n]]
+        if used.get(layer[n], 0) < per_layer and fits_type and len(chosen) < k:
             used[layer[n]] = used.get(layer[n], 0) + 1
+            if kind is not None:
+                taken[kind[n]] = taken.get(kind[n], 0) + 1
             chosen.append(n)
     return chosen
+
+
+def balanced(scores: dict[str, float], shapes: dict) -> dict[str, float]:
+    """Scores rescaled (Sinkhorn: a factor per layer and one per type) so that every layer and
+    every type carries the same total: a weighting that spreads the way type-layer-spread does."""
+    layer_f = {m.layer: 1.0 for m in shapes.values()}
+    kind_f = {m.kind: 1.0 for m in shapes.values()}
+    for _ in range(200):
+        for factors, key in ((layer_f, "layer"), (kind_f, "kind")):
+            totals = dict.fromkeys(factors, 0.0)
+            for n, s in scores.items():
+                m = shapes[n]
+                totals[getattr(m, key)] += s * layer_f[m.layer] * kind_f[m.kind]
+            for g in factors:
+                factors[g] /= totals[g] * len(factors)
+    return {n: s * layer_f[shapes[n].layer] * kind_f[shapes[n].kind] for n, s in scores.items()}
 
 
 ARM_LABELS = {
@@ -210,6 +235,11 @@ ARM_LABELS = {
     "type-random": "control: equal count per type, random within",
     "per-param": "top-k by sensitivity per LoRA parameter (score / (d_in + d_out))",
     "layer-spread": "top-k by sensitivity, at most ceil(k / layers) per layer",
+    "type-layer-spread": "top-k by sensitivity, equal count per type and at most ceil(k / layers) "
+                         "per layer",
+    "type-layer-random": "control: equal count per type, at most ceil(k / layers) per layer, "
+                         "random within",
+    "balanced": "top-k of sensitivity rescaled so each layer and each type sums the same",
     "probe": "probe: counts by type's measured loss drop, top by sensitivity within",
 }
 
@@ -238,11 +268,17 @@ def select(arm: str, scores: dict[str, dict[str, float]], shapes: dict, k: int,
         return within_types(ranked(sens), apportion(totals, k, caps), kind)
     if arm == "type-random":
         return within_types(random.Random(0).sample(sorted(sens), len(sens)), equal, kind)
+    if arm == "balanced":
+        return ranked(balanced(sens, shapes))[:k]
     if arm == "per-param":
         return ranked({n: s / (shapes[n].d_in + shapes[n].d_out) for n, s in sens.items()})[:k]
-    if arm == "layer-spread":
+    if arm in ("layer-spread", "type-layer-spread", "type-layer-random"):
         layers = len({m.layer for m in shapes.values()})
-        return layer_spread(ranked(sens), k, -(-k // layers), {n: m.layer for n, m in shapes.items()})
+        quota = None if arm == "layer-spread" else equal
+        order = (random.Random(0).sample(sorted(sens), len(sens)) if arm == "type-layer-random"
+                 else ranked(sens))
+        return layer_spread(order, k, -(-k // layers), {n: m.layer for n, m in shapes.items()},
+                            quota, kind)
     if arm == "probe":
         assert probe_drop is not None
         return within_types(ranked(sens), apportion(probe_drop, k, caps), kind)
