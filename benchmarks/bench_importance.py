@@ -295,8 +295,8 @@ class ArmBench:
     each adapted matrix gets about the same number of LoRA parameters."""
 
     def __init__(self, model_dir: Path, tokenizer, steps: int, batch: int, n_eval: int, lr: float,
-                 device: str = "cpu") -> None:
-        self.model_dir, self.tokenizer, self.device = model_dir, tokenizer, device
+                 device: str = "cpu", seed: int = 0) -> None:
+        self.model_dir, self.tokenizer, self.device, self.seed = model_dir, tokenizer, device, seed
         self.steps, self.batch, self.lr = steps, batch, lr
         self.shapes = {m.name: m for m in load_shapes(str(model_dir)).matrices}
         budget = 4 * max(m.d_in + m.d_out for m in self.shapes.values())
@@ -312,7 +312,7 @@ class ArmBench:
     def adapted(self, names: list[str]) -> torch.nn.Module:
         """A fresh base with LoRA on `names`, trained the arms' way."""
         model = attach_lora(load_base(self.model_dir, 16, device=self.device),
-                            {n: self.ranks[n] for n in names}, seed=0)
+                            {n: self.ranks[n] for n in names}, seed=self.seed)
         cpu = time.process_time()
 
         def progress(step: int, loss: float) -> None:
@@ -320,8 +320,8 @@ class ArmBench:
                 log(f"  step {step + 1}/{self.steps}: loss {loss:.3f}, "
                     f"{time.process_time() - cpu:.0f} s CPU")
 
-        train_steps(model, cycle_batches(self.enc, self.batch, seed=0, pad_id=self.pad), self.steps,
-                    self.lr, on_step=progress)
+        train_steps(model, cycle_batches(self.enc, self.batch, seed=self.seed, pad_id=self.pad),
+                    self.steps, self.lr, on_step=progress)
         return model
 
     def run(self, names: list[str]) -> dict:
@@ -450,7 +450,7 @@ def run_arms(args: argparse.Namespace, settings: dict) -> None:
                                                          device=args.device).report.scores
             write_atomic(args.json, json.dumps(store, indent=1) + "\n")
         bench = ArmBench(model_dir, tokenizer, settings["steps"], settings["batch"],
-                         settings["eval"], settings["lr"], args.device)
+                         settings["eval"], settings["lr"], args.device, settings.get("seed", 0))
         for arm in names:
             if arm == "probe" and "probe" not in store:
                 store["probe"] = bench.probe(args.probe_steps)
@@ -485,6 +485,8 @@ def main() -> None:
                     "docstring); 'table' prints the stored ones")
     ap.add_argument("--json", type=Path, default=ARMS_JSON, help="where --arms results are kept")
     ap.add_argument("--probe-steps", type=int, default=10, help="steps per type of the probe arm")
+    ap.add_argument("--seed", type=int, default=0, help="--arms: training seed (LoRA init, batch "
+                    "order); the held-out set and the scores stay fixed")
     args = ap.parse_args()
     quick = args.quick
     steps = args.steps or (15 if quick else 60)
@@ -498,7 +500,8 @@ def main() -> None:
     if args.arms:
         run_arms(args, {"k": args.k, "steps": steps, "batch": args.batch, "lr": args.lr,
                         "eval": n_eval, "calib_batches": calib_batches, "draws": draws,
-                        "threads": torch.get_num_threads(), "device": args.device})
+                        "threads": torch.get_num_threads(), "device": args.device,
+                        **({"seed": args.seed} if args.seed else {})})
         return
     start = time.perf_counter()
     model_dir = resolve_model_dir(BUNDLED)
