@@ -273,8 +273,8 @@ def run(
         result = launch(plan_file, superlink=superlink, insecure=insecure,
                         root_certificates=root_certificates, **settings)
     elif backend == "simulation":
-        from fedpipe.federation.simulation import simulate
         from fedpipe.render import run_progress
+        from fedpipe.simulation import simulate
 
         with run_progress() as on_progress:
             result = simulate(spec, on_progress)

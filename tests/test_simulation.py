@@ -28,7 +28,7 @@ from fedpipe.federation.records import RoundRow
 from fedpipe.plan import load_plan, save_plan
 from fedpipe.planning.strategies import make_plan
 
-simulation = pytest.importorskip("fedpipe.federation.simulation", exc_type=FedpipeError)
+simulation = pytest.importorskip("fedpipe.simulation", exc_type=FedpipeError)
 
 EVAL_SAMPLES = 4
 RUN_ARGS = ["--cohort", "2", "--local-steps", "1", "--eval-samples", str(EVAL_SAMPLES)]
