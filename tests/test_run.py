@@ -92,7 +92,7 @@ def test_planned_precision_runs(tmp_path, tiny_model_dir):
     del profile["candidates"]["precisions"]  # the default ladder
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(profile))
     plan = make_plan(tmp_path / "tiny.yaml")
-    assert plan.server("edge").upload_precision != "fp32" and plan.server("hub").upload_precision == "fp32"
+    assert plan.server("edge").upload_precision in ("int8", "nf4")  # lossy: 10 Mbit/s binds
     result = run_plan(save_plan(plan, tmp_path / "tiny.plan.yaml"), out=tmp_path / "run")
     for row in result.rows:
         assert torch.isfinite(torch.tensor(row["eval"]["loss"]))

@@ -1,5 +1,7 @@
 """Sparse communication: top-k uploads and downloads through the real client and coordinator."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -205,14 +207,19 @@ def test_old_plans_load_dense_and_diff_shows_density(tmp_path, tiny_model_dir):
     assert "density up" in text and "1 → 1/4" in text
 
 
-def test_planned_density_predicts_counted_bytes():
+def test_planned_density_predicts_counted_bytes(tmp_path):
     """The plan's predicted upload bytes against a real payload at the planned density and wire
     precision: the prediction covers values, block scales and mask; only the header (under 1 KiB
     per matrix) comes on top."""
     from fedpipe.planning.strategies import make_plan
     from fedpipe.shapes import load_shapes
 
-    plan = make_plan("tests/data/small.yaml")
+    # 1/4 density must be worth taking: each narrower precision priced, as before they were measured
+    profile = yaml.safe_load(Path("tests/data/small.yaml").read_text())
+    profile.setdefault("objective", {})["precision_quality"] = {"fp32": 1.0, "bf16": 0.998, "int8": 0.99,
+                                                                "nf4": 0.9}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(profile))
+    plan = make_plan(tmp_path / "small.yaml")
     shapes = {m.name: m for m in load_shapes("smollm2-135m").matrices}
     sparse = [s for s in plan.servers if s.upload_density < 1 and s.upload_precision != "fp32"]
     assert sparse, "the edge server's 10 Mbit/s uplink should make the planner go sparse and lossy"

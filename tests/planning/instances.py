@@ -17,6 +17,11 @@ SHAPES = shapes_from_config({"hidden_size": 4096, "intermediate_size": 11008, "n
                              "num_attention_heads": 32, "vocab_size": 32000}, "tiny-wide")
 
 
+# each narrower precision costs quality (the measured defaults price int8 like fp32, which would
+# leave fp32 and bf16 dominated and the brute-force comparisons without a precision trade-off)
+PRICED_PRECISIONS = {"fp32": 1.0, "fp16": 0.999, "bf16": 0.998, "int8": 0.99, "nf4": 0.9, "fp4": 0.85}
+
+
 def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: str = "hetlora",
                     kind: str = "weighted", precisions: list[str] | None = None):
     """`precisions`: the wire precision ladder (default fp32 only, the instances' original size)."""
@@ -31,7 +36,8 @@ def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: st
         "candidates": {"targets": ["q_proj", "down_proj"], "ranks": ranks, "bits": [4, 16],
                        "batch_sizes": [1, 2], "densities": [1.0, 0.25],
                        "precisions": precisions or ["fp32"]},
-        "objective": {"kind": kind, "time_weight": rng.choice([0.05, 0.3, 1.0])},
+        "objective": {"kind": kind, "time_weight": rng.choice([0.05, 0.3, 1.0]),
+                      "precision_quality": PRICED_PRECISIONS},
         "servers": servers,
     })
     scores = {m.name: rng.random() for m in SHAPES.matrices}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from instances import SHAPES, random_instance
+from instances import PRICED_PRECISIONS, SHAPES, random_instance
 from peft import LoraConfig
 from typer.testing import CliRunner
 
@@ -141,17 +141,14 @@ def test_dense_only_ladder_and_flora_download(tmp_path):
 
 
 WIRE_LADDER = ["fp32", "bf16", "int8", "nf4"]
-# each narrower precision costs some quality, so only the link decides (the measured defaults
-# price int8 as fp32, which would make every server send int8 whatever its link)
-WIRE_QUALITY = {"fp32": 1.0, "bf16": 0.998, "int8": 0.99, "nf4": 0.9}
 
 
 @pytest.mark.parametrize("method", ["milp", "decomposed"])
 def test_wire_precision_is_lower_where_the_uplink_is_tight(tmp_path, method):
     slow = _plan_for(tmp_path, _link_profile(2, densities=[1.0], precisions=WIRE_LADDER,
-                                             precision_quality=WIRE_QUALITY), method)
+                                             precision_quality=PRICED_PRECISIONS), method)
     fast = _plan_for(tmp_path, _link_profile(1000, densities=[1.0], precisions=WIRE_LADDER,
-                                             precision_quality=WIRE_QUALITY), method)
+                                             precision_quality=PRICED_PRECISIONS), method)
     width = {p: bytes_per_value(1.0, p) for p in WIRE_LADDER}
     # the 2 Mbit/s edge sends fewer bytes per value than the 500 Mbit/s hub beside it, and than
     # itself on a fat link
