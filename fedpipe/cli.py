@@ -257,9 +257,8 @@ def run(
                     min_participation=min_participation,
                     round_timeout=round_timeout, norm_bound=norm_bound, clip_norm=clip_norm,
                     truncate_energy=truncate_energy, truncate_rank=truncate_rank, cohort=cohort,
-                    stratify=stratify)
-    spec = RunSpec.resolve(plan_file, **overrides, **settings,  # every argument checked before anything heavy
-                           error_feedback=error_feedback)
+                    stratify=stratify, error_feedback=error_feedback)
+    spec = RunSpec.resolve(plan_file, **overrides, **settings)  # every argument checked before anything heavy
     if spec.data_warning:
         console(stderr=True).print(f"[bold yellow]warning:[/] {spec.data_warning}", highlight=False,
                                    soft_wrap=True)

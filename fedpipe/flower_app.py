@@ -110,6 +110,7 @@ class RunSettings:
     truncate_rank: int = 0  # 0: off
     cohort: str = ""  # "": the plan's
     stratify: int = -1  # -1: the plan's; 0 / 1
+    error_feedback: bool = True
 
     @classmethod
     def from_config(cls, config: dict) -> RunSettings:
@@ -129,7 +130,8 @@ class RunSettings:
                                truncate_energy=self.truncate_energy or None,
                                truncate_rank=self.truncate_rank or None,
                                cohort=self.cohort or None,
-                               stratify=None if self.stratify < 0 else bool(self.stratify))
+                               stratify=None if self.stratify < 0 else bool(self.stratify),
+                               error_feedback=self.error_feedback)
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -235,6 +237,7 @@ class FlowerTransport(Transport):
         for d in deliveries:
             config = ConfigRecord({"server": d.member, "round": round_index, "local_steps": local_steps,
                                    "eval_samples": self.spec.eval_samples, "rule": self.spec.rule,
+                                   "error_feedback": self.spec.carries_residuals,
                                    "plan_sha256": self.spec.plan_sha256})
             messages[d.member] = Message(RecordDict({"broadcast": bytes_record(d.payload), "config": config}),
                                          dst_node_id=self.roster.node_of[d.member], message_type="train",
@@ -538,7 +541,7 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
            accuracy_every: int | None = None, round_timeout: float = 3600.0,
            min_participation: str = "1", norm_bound: float | None = None, clip_norm: float | None = None,
            truncate_energy: float | None = None, truncate_rank: int | None = None,
-           cohort: str | None = None, stratify: bool | None = None,
+           cohort: str | None = None, stratify: bool | None = None, error_feedback: bool = True,
            echo: Callable[[str], None] | None = None):
     """Submit the plan to a running SuperLink, stream the ServerApp's log, return the RunResult.
 
@@ -553,7 +556,8 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
                            accuracy_every=accuracy_every,
                            min_participation=min_participation, round_timeout=round_timeout,
                            norm_bound=norm_bound, clip_norm=clip_norm, truncate_energy=truncate_energy,
-                           truncate_rank=truncate_rank, cohort=cohort, stratify=stratify)
+                           truncate_rank=truncate_rank, cohort=cohort, stratify=stratify,
+                           error_feedback=error_feedback)
     run_dir = spec.folder.path.resolve()
     settings = RunSettings(plan=str(plan_path.resolve()), out=str(run_dir), plan_sha256=spec.plan_sha256,
                            rounds=rounds or 0, aggregation=aggregation or "", resume=resume,
@@ -563,7 +567,8 @@ def launch(plan_path: Path, *, superlink: str = DEFAULT_SUPERLINK, insecure: boo
                            norm_bound=-1.0 if norm_bound is None else norm_bound,
                            clip_norm=-1.0 if clip_norm is None else clip_norm,
                            truncate_energy=truncate_energy or 0.0, truncate_rank=truncate_rank or 0,
-                           cohort=cohort or "", stratify=-1 if stratify is None else int(stratify))
+                           cohort=cohort or "", stratify=-1 if stratify is None else int(stratify),
+                           error_feedback=error_feedback)
     connection = {"address": superlink}
     if insecure:
         connection["insecure"] = True

@@ -31,7 +31,6 @@ from fedpipe.lora import LoraFactors
 from fedpipe.measure import resident_gib
 from fedpipe.models import apply_base_delta, load_tokenizer, plan_model_dir
 from fedpipe.plan import Plan, load_plan
-from fedpipe.rules import RULES
 
 
 class NodeTrainer:
@@ -75,6 +74,7 @@ class NodeTrainer:
     def start_run(self, run_id: int, config: dict) -> None:
         """Begin a Flower run: the original base weights, a new EdgeTrainer on the shard."""
         eval_samples, rule = int(config["eval_samples"]), str(config.get("rule", ""))
+        feedback = bool(config.get("error_feedback", False))  # the coordinator's RunSpec.carries_residuals
         if self.adapted.merged:  # restore the original weights: W0 + 0
             apply_base_delta(self.adapted.model, self.model_dir, {
                 name: LoraFactors(torch.zeros(1, f.A.shape[1]), torch.zeros(f.B.shape[0], 1))
@@ -84,17 +84,17 @@ class NodeTrainer:
         if eval_samples not in self.shards:
             self.shards[eval_samples] = plan_data(self.plan, eval_samples)[0][self.server]
         task = self.plan.task
-        feedback = rule in RULES and RULES[rule].keeps_factor_coordinates
         self.trainer = EdgeTrainer(self.server, self.entry, self.shards[eval_samples], self.tokenizer,
                                    self.model_dir, task.seq_len, task.learning_rate, task.seed, feedback)
-        self.run = (run_id, eval_samples, rule)
+        self.run = (run_id, eval_samples, rule, feedback)
 
     def train(self, run_id: int, config: dict, broadcast: bytes) -> tuple[bytes, dict]:
         """One round: the update payload and what was measured (`setup_s`: the seconds this
         call spent before training, on a reload or a new run's shard and trainer)."""
         start = time.perf_counter()
         self.check(config)
-        if self.run != (run_id, int(config["eval_samples"]), str(config.get("rule", ""))):
+        if self.run != (run_id, int(config["eval_samples"]), str(config.get("rule", "")),
+                        bool(config.get("error_feedback", False))):
             self.start_run(run_id, config)
         setup_s = time.perf_counter() - start
         up, stats = self.trainer.train_round(self.adapted, broadcast, int(config["local_steps"]))

@@ -24,7 +24,6 @@ from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport, late_reason
 from fedpipe.measure import GIB, resident_gib, rss_bytes
 from fedpipe.models import load_tokenizer, plan_model_dir
-from fedpipe.rules import rule_traits
 
 
 class InProcessTransport(Transport):
@@ -35,9 +34,9 @@ class InProcessTransport(Transport):
         tokenizer = load_tokenizer(model_dir)
         shards, _ = plan_data(plan, spec.eval_samples)
         members = plan.training_members()
-        feedback = spec.error_feedback and rule_traits(spec.rule).keeps_factor_coordinates
         self.trainers = {m: EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
-                                        task.learning_rate, task.seed, feedback) for m, entry in members}
+                                        task.learning_rate, task.seed, spec.carries_residuals)
+                         for m, entry in members}
         self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)
                      for _, entry in members}
         self.deadline_s = spec.round_timeout

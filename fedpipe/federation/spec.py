@@ -121,6 +121,12 @@ class RunSpec(BaseModel):
             return "loss+accuracy"
         return "loss" if round_index % self.eval_every == 0 else "nothing"
 
+    @property
+    def carries_residuals(self) -> bool:
+        """Whether servers carry what lossy uploads dropped into later rounds: asked for, and the
+        rule keeps factor coordinates (fedit, hetlora), so a residual still means something."""
+        return self.error_feedback and rule_traits(self.rule).keeps_factor_coordinates
+
     def fingerprint(self) -> RunFingerprint:
         """What a resume must keep equal (only the number of rounds may grow)."""
         task, everyone = self.plan.task, len(self.plan.training_members())
