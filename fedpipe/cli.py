@@ -213,7 +213,8 @@ def run(
                              ] = None,
     error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="Carry "
                                                  "what a lossy upload dropped into the next round "
-                                                 "(fedit, hetlora; in-process).")] = True,
+                                                 "(fedit, hetlora; in process and on resident Flower "
+                                                 "nodes).")] = True,
     backend: Annotated[str, typer.Option(help="inprocess (every server in this process), flower "
                                          "(one SuperNode per server; docs/flower.md) or simulation "
                                          "(Flower's Simulation Engine: a virtual SuperNode per "
