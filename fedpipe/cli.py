@@ -458,8 +458,17 @@ def calibrate(
     rank: Annotated[int, typer.Option(help="LoRA rank on every candidate matrix.")] = 8,
     output: Annotated[Path, typer.Option("-o", "--output", help="YAML file for the `calibration:` "
                                          "block to paste into the profile.")] = Path("calibration.yaml"),
+    quality: Annotated[bool, typer.Option("--quality", help="Measure the quality model instead: "
+                                          "probe runs that fit rank gains, per-type shares, the batch "
+                                          "exponent and what 4/8-bit bases keep (the options above "
+                                          "are for the cost side).")] = False,
+    probe_steps: Annotated[int, typer.Option(help="--quality: training steps per probe.")] = 20,
+    seeds: Annotated[str, typer.Option(help="--quality: seeds to average each probe over, "
+                                       "comma-separated.")] = "0",
+    eval_samples: Annotated[int, typer.Option(help="--quality: held-out examples.")] = 64,
 ) -> None:
-    """Measure step time and peak memory here; fit the cost model's factors; write a calibration block."""
+    """Measure step time and peak memory here; fit the cost model's factors; write a calibration block.
+    With --quality: measure and fit the quality model (fedpipe/quality.py) instead."""
     import sys
 
     from rich.progress import Progress
@@ -467,6 +476,20 @@ def calibrate(
     from fedpipe.calibrate import parse_int_list, result_view, run_calibration, write_calibration
     from fedpipe.render import console
 
+    command = "fedpipe " + " ".join(sys.argv[1:])
+    if quality:
+        from fedpipe.quality import parse_seeds, quality_view, run_quality_probes, write_quality
+
+        with Progress(console=console(stderr=True), transient=True) as bar:
+            task = bar.add_task("probing", total=None)
+            result = run_quality_probes(
+                profile, steps=probe_steps, seeds=parse_seeds(seeds), eval_samples=eval_samples,
+                on_probe=lambda label, i, k: bar.update(task, total=k, completed=i,
+                                                        description=f"probe: {label}"))
+        out = console()
+        out.print(quality_view(result))
+        out.print(f"wrote {write_quality(result, output, command)}")
+        return
     with Progress(console=console(stderr=True), transient=True) as bar:
         task = bar.add_task("measuring", total=None)
         result = run_calibration(
@@ -476,7 +499,7 @@ def calibrate(
                 task, total=k, completed=i, description=f"measuring {b}-bit, batch {n}"))
     out = console()
     out.print(result_view(result))
-    out.print(f"wrote {write_calibration(result, output, 'fedpipe ' + ' '.join(sys.argv[1:]))}")
+    out.print(f"wrote {write_calibration(result, output, command)}")
 
 
 if __name__ == "__main__":

@@ -186,8 +186,59 @@ class Server(_Strict):
         return [f"{self.name}-{i:0{width}d}" for i in range(1, self.count + 1)]
 
 
+class QualityCalibration(_Strict):
+    """The quality side of the model, measured by `fedpipe calibrate --quality` (probe runs on the
+    profile's model and data, `fedpipe.quality`). Each field replaces the prior it names; the
+    share of the loss improvement is against a reference probe (every candidate matrix at the top
+    rank, 16-bit base, the largest batch)."""
+
+    rank_gain: dict[int, float] = Field(
+        description="Share of the top rank's improvement each rank keeps, on every candidate matrix "
+        "(replaces g(r) = log2(1+r)/log2(1+r_max)); every rank of the ladder above 0, values in "
+        "[0, 1], non-decreasing with the rank, 1 at the top rank.")
+    type_share: dict[str, float] = Field(
+        description="Share of the improvement that each matrix type carries, measured by adapting "
+        "that type alone (non-negative, normalised over the candidate types when used); importance "
+        "distributes a type's share among its matrices. Every candidate type needs an entry.")
+    batch_exponent: float = Field(
+        ge=0, le=2, description="Quality per round grows as (batch / largest batch)^exponent "
+        "(replaces 1/4): the least-squares fit over the batch probes.")
+    bits_quality: dict[int, float] = Field(
+        description="Share of the 16-bit base's improvement kept at each base precision "
+        "(replaces objective.bits_quality); every candidate precision, values in [0, 1].")
+    probes: str = Field("", description="How it was measured (steps, seeds, held-out examples).")
+
+    @field_validator("rank_gain")
+    @classmethod
+    def _monotone_gain(cls, v: dict[int, float]) -> dict[int, float]:
+        gains = [v[r] for r in sorted(v)]
+        if any(not 0 <= g <= 1 for g in gains):
+            raise ValueError(f"gains must lie in [0, 1], got {v}")
+        if any(a > b for a, b in zip(gains, gains[1:], strict=False)):
+            raise ValueError(f"gains must not decrease with the rank, got {v}")
+        return dict(sorted(v.items()))
+
+    @field_validator("type_share")
+    @classmethod
+    def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [t for t in v if t not in MATRIX_TYPES]
+        if bad:
+            raise ValueError(f"unknown matrix type(s) {bad}; valid: {list(MATRIX_TYPES)}")
+        if any(s < 0 for s in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"shares must be non-negative and not all 0, got {v}")
+        return v
+
+    @field_validator("bits_quality")
+    @classmethod
+    def _share(cls, v: dict[int, float]) -> dict[int, float]:
+        if any(not 0 <= q <= 1 for q in v.values()):
+            raise ValueError(f"values must lie in [0, 1], got {v}")
+        return v
+
+
 class Calibration(_Strict):
-    """Factors of the cost model, measured by `fedpipe calibrate` (defaults documented in cost.py)."""
+    """Factors of the cost model, measured by `fedpipe calibrate` (defaults documented in cost.py),
+    and optionally of the quality model (`fedpipe calibrate --quality`)."""
 
     activation_factor: float = Field(1.0, gt=0, description="Multiplier on predicted activation memory.")
     utilisation: float = Field(0.4, gt=0, le=1, description="Fraction of peak TFLOP/s reached.")
@@ -195,6 +246,10 @@ class Calibration(_Strict):
                                            description="Step-time multiplier per base precision.")
     runtime_overhead_gib: float = Field(0.5, ge=0, description="Framework memory (CUDA context, "
                                         "allocator slack, Python) per server.")
+    quality: QualityCalibration | None = Field(
+        None, description="Measured quality model (`fedpipe calibrate --quality`); null: the priors "
+        "(rank gain log2(1+r)/log2(1+r_max), importance alone, batch exponent 1/4, "
+        "objective.bits_quality).")
 
 
 class ClusterProfile(_Strict):
@@ -223,11 +278,29 @@ class ClusterProfile(_Strict):
         if missing:
             raise ValueError(f"objective.precision_quality has no entry for candidates.precisions "
                              f"{missing}; it covers {list(self.objective.precision_quality)}")
+        self._quality_covers_candidates()
         for s in self.servers:
             if s.bits and not set(s.bits) & set(self.candidates.bits):
                 raise ValueError(f"server {s.name!r}: bits {s.bits} share nothing with "
                                  f"candidates.bits {self.candidates.bits}")
         return self
+
+    def _quality_covers_candidates(self) -> None:
+        q, c = self.calibration.quality, self.candidates
+        if q is None:
+            return
+        for name, have, need in (("rank_gain", q.rank_gain, [r for r in c.ranks if r > 0]),
+                                 ("type_share", q.type_share, c.targets),
+                                 ("bits_quality", q.bits_quality, c.bits)):
+            missing = [x for x in need if x not in have]
+            if missing:
+                raise ValueError(f"calibration.quality.{name} has no entry for the candidates "
+                                 f"{missing}; it covers {list(have)} (re-run fedpipe calibrate "
+                                 "--quality after changing the candidates)")
+        top = max(c.ranks)
+        if q.rank_gain[top] != 1.0:
+            raise ValueError(f"calibration.quality.rank_gain: the top rank {top} must keep 1.0, "
+                             f"got {q.rank_gain[top]}")
 
     def allowed_bits(self, server: Server) -> list[int]:
         return [b for b in self.candidates.bits if not server.bits or b in server.bits]

@@ -196,3 +196,56 @@ def test_measuring_process_runs_with_the_allocator_fedpipe_was_started_with(rand
     assert measure(folder, setup, 16, 2, steps=1, threads=1).allocator == allocator.running()
     monkeypatch.setenv("LD_PRELOAD", allocator.jemalloc_library())
     assert measure(folder, setup, 16, 2, steps=1, threads=1).allocator == "jemalloc"
+
+
+# ----------------------------------------------------------------------------- --quality
+
+
+@pytest.fixture(scope="module")
+def tiny_quality_profile(tiny_model_dir, tmp_path_factory):
+    """The tiny model (real, if random, weights that learn in a few steps) with small ladders."""
+    path = tmp_path_factory.mktemp("quality") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir),
+        "task": {"seq_len": 32, "learning_rate": 1e-2},
+        "candidates": {"targets": ["q_proj", "down_proj"], "ranks": [0, 2, 4], "bits": [4, 16],
+                       "batch_sizes": [1, 2]},
+        "calibration": {"utilisation": 0.3},
+        "servers": [SERVER]}))
+    return path
+
+
+def test_quality_command_probes_fits_and_writes_a_block_the_profile_accepts(tiny_quality_profile, tmp_path):
+    out = tmp_path / "quality.yaml"
+    result = runner.invoke(app, ["calibrate", "--quality", str(tiny_quality_profile), "--probe-steps", "3",
+                                 "--eval-samples", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    for probe in ("reference", "rank 2", "q_proj alone", "down_proj alone", "batch 1", "4-bit base",
+                  "fitted", "wrote"):
+        assert probe in result.output
+    block = yaml.safe_load(out.read_text())
+    raw = yaml.safe_load(tiny_quality_profile.read_text()) | block
+    profile = parse_profile(raw)
+    q = profile.calibration.quality
+    assert profile.calibration.utilisation == 0.3  # the cost side is the profile's own
+    assert set(q.rank_gain) == {2, 4} and q.rank_gain[4] == 1.0
+    assert sum(q.type_share.values()) == pytest.approx(1.0, abs=1e-3)
+    assert set(q.bits_quality) == {4, 16} and "3 steps per probe" in q.probes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe-steps", "0"], "--probe-steps: 0 must be at least 1"),
+    (["--seeds", "0,x"], "--seeds: '0,x' is not a comma-separated list"),
+])
+def test_quality_bad_input_exit_2(tiny_quality_profile, tmp_path, args, message):
+    out = tmp_path / "quality.yaml"
+    result = runner.invoke(app, ["calibrate", "--quality", str(tiny_quality_profile), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and not out.exists()
+
+
+def test_quality_needs_real_weights(random_model_profile, tmp_path):
+    out = tmp_path / "quality.yaml"
+    result = runner.invoke(app, ["calibrate", "--quality", str(random_model_profile), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "has no weights here" in result.output and not out.exists()

@@ -8,7 +8,8 @@ j = (bits q_j, batch b_j, communication density d_j, wire precision p_j) from it
 (the (density, precision) pairs of ``Problem.wire_options``: a pair that sends no fewer bytes
 either way and keeps no more quality than another is left out, which never changes the optimum,
 since memory and compute do not depend on it); candidate matrices m with normalised importance
-w_m (sum 1); rank ladder R (0 = not adapted); gain g(r) = log2(1+r)/log2(1+r_max).
+w_m (sum 1); rank ladder R (0 = not adapted); gain g(r) non-decreasing in r (``Problem.gain``:
+log2(1+r)/log2(1+r_max), or measured by ``fedpipe calibrate --quality``).
 
 Matrices of one type t (q_proj, ...) have one shape, so they cost the same at a given rank: an
 optimal plan gives more important matrices of a type at least the rank of less important ones
@@ -35,10 +36,10 @@ Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T 
     (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl    flora only: everyone downloads the stack (fp32)
     (8) sum_t n_kjt1 >= z_kj                                     rate only: every class trains
 
-omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^(1/4)
+omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^beta (beta 1/4, or measured)
 density_quality[d_j] precision_quality[p_j] (quality per round grows sublinearly with the
 samples seen; top-k and lossy values keep most, not all, of an exact round's progress);
-dg_l = g(r_l) - g(r_(l-1)) with g(r) = log2(1+r) / log2(1+r_max); d* are the increments of each
+dg_l = g(r_l) - g(r_(l-1)) >= 0; d* are the increments of each
 cost from r_(l-1) to r_l. F, L: fixed and per-adapter memory; C, tau: base and LoRA compute time;
 U, D: transfer times, at v(d_j, p_j) bytes per value up (fedpipe.precision.bytes_per_value: 4
 at fp32 dense, 0.5625 at nf4 dense, d v + min(1/8, 4d) sparse) and the same down, except where

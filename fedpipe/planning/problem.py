@@ -6,6 +6,8 @@ form a class with its members and sample share omega_k; every solver (``fedpipe.
 truth both are checked against: costs from ``fedpipe.planning.cost``, quality = sample-weighted
 importance covered (gain g(r) = log2(1+r)/log2(1+r_max) per matrix) times what the base
 precision, batch, communication density and wire precision keep (``Problem.config_factor``).
+Where the profile carries ``calibration.quality`` (`fedpipe calibrate --quality`), the measured
+rank gains, per-type shares, batch exponent and bits quality replace those priors.
 
 The objective of a plan with quality q and makespan T (``Problem.score``), by the profile's
 ``objective.kind``:
@@ -163,6 +165,11 @@ class Problem:
         return [pair for i, pair in enumerate(every) if not dominated(i)]
 
     def gain(self, r: int) -> float:
+        """g(r), the share of the top rank's progress a matrix at rank r gives: measured where the
+        profile carries ``calibration.quality``, else the prior log2(1+r)/log2(1+r_max)."""
+        measured = self.profile.calibration.quality
+        if measured is not None and r > 0:
+            return measured.rank_gain[r]
         return math.log2(1 + r) / math.log2(1 + max(self.ranks))
 
     def wire_factor(self, density: float, precision: str) -> float:
@@ -173,9 +180,11 @@ class Problem:
 
     def config_factor(self, bits: int, batch: int, density: float = 1.0,
                       precision: str = "fp32") -> float:
-        o = self.profile.objective
+        o, measured = self.profile.objective, self.profile.calibration.quality
+        bits_quality = o.bits_quality if measured is None else measured.bits_quality
+        exponent = BATCH_EXPONENT if measured is None else measured.batch_exponent
         b_max = max(self.profile.candidates.batch_sizes)
-        return (o.bits_quality.get(bits, 1.0) * (batch / b_max) ** BATCH_EXPONENT
+        return (bits_quality.get(bits, 1.0) * (batch / b_max) ** exponent
                 * self.wire_factor(density, precision))
 
     def down_density(self, density: float) -> float:
@@ -212,6 +221,23 @@ def group_servers(servers: list[Server]) -> list[ServerClass]:
     return list(groups.values())
 
 
+def with_type_shares(weights: dict[str, float], matrices: list[Matrix],
+                     shares: dict[str, float]) -> dict[str, float]:
+    """Importance rescaled so that each matrix type carries its measured share of the quality
+    (normalised over the candidate types) and importance only ranks matrices within a type: the
+    probes found the type, not the per-matrix score, to predict what adapting a matrix is worth."""
+    kinds = {m.name: m.kind for m in matrices}
+    members = {t: [n for n, k in kinds.items() if k == t] for t in set(kinds.values())}
+    total = sum(shares[t] for t in members)
+    out = {}
+    for t, names in members.items():
+        held = sum(weights[n] for n in names)
+        for n in names:
+            within = weights[n] / held if held > 0 else 1 / len(names)
+            out[n] = within * shares[t] / total
+    return out
+
+
 def build_problem(profile: ClusterProfile, shapes: ModelShapes,
                   importance: ImportanceReport | None = None, cache: TableCache | None = None) -> Problem:
     """The instance; `cache` may be shared by problems that differ only in their servers and
@@ -220,9 +246,12 @@ def build_problem(profile: ClusterProfile, shapes: ModelShapes,
     matrices = list(shapes.candidates(profile.candidates.targets))
     classes = group_servers(profile.servers)
     total = sum(c.count * c.rep.samples for c in classes)
+    weights = importance.normalised([m.name for m in matrices])
+    if profile.calibration.quality is not None:
+        weights = with_type_shares(weights, matrices, profile.calibration.quality.type_share)
     return Problem(
         profile=profile, shapes=shapes, cost=CostModel.for_profile(profile, shapes),
-        importance=importance, weights=importance.normalised([m.name for m in matrices]),
+        importance=importance, weights=weights,
         matrices=matrices, classes=classes,
         omega=[c.count * c.rep.samples / total for c in classes],
         cache=TableCache() if cache is None else cache,
