@@ -67,18 +67,20 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def variant_profiles(prior: Path, quality_block: dict) -> dict[str, Path]:
-    """The prior profile, two other time weights, and the prior with the fitted quality model."""
+def variant_profile(prior: Path, name: str, quality: Path) -> Path:
+    """The prior profile (prior), other time weights (tw0, tw5), or the prior with the fitted
+    quality model (fitted; `quality` is read only then, so the prior plans can run while the
+    probes still do)."""
+    if name == "prior":
+        return prior
     raw = yaml.safe_load(prior.read_text())
-    out = {"prior": prior}
-    for name, update in (("tw0", {"objective": {**raw.get("objective", {}), "time_weight": 0.0}}),
-                         ("tw5", {"objective": {**raw.get("objective", {}), "time_weight": 5.0}}),
-                         ("fitted", {"calibration": quality_block})):
-        path = prior.with_name(f"{name}.yaml")
-        write_atomic(path, yaml.safe_dump({**raw, **update, "name": raw.get("name", "q")},
-                                          sort_keys=False))
-        out[name] = path
-    return out
+    path = prior.with_name(f"{name}.yaml")
+    if not path.is_file():
+        update = ({"calibration": yaml.safe_load(quality.read_text())["calibration"]}
+                  if name == "fitted" else
+                  {"objective": {**raw.get("objective", {}), "time_weight": float(name[2:])}})
+        write_atomic(path, yaml.safe_dump({**raw, **update}, sort_keys=False))
+    return path
 
 
 def plan_recipes() -> list[tuple[str, str, str, str | None]]:
@@ -122,37 +124,30 @@ def main() -> None:
     say("$ python benchmarks/bench_quality.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
     quality_path = Path(args.quality) if args.quality else out / "quality.yaml"
-    if not quality_path.is_file():
+    if not args.quality and not quality_path.is_file():
         from fedpipe.quality import run_quality_probes, write_quality
 
         base_profile = profile_for(Path(args.profile), out / "probe", "builtin", 0, args.local_steps,
                                    args.eval_samples)
         write_quality(run_quality_probes(base_profile, steps=20, seeds=[0], device=args.device),
                       quality_path, "benchmarks/bench_quality.py (probes, seed 0, 20 steps)")
-    quality_block = yaml.safe_load(quality_path.read_text())["calibration"]
-    say(f"quality model: {quality_path} ({quality_block['quality']['probes']})")
-
     seeds = [int(s) for s in args.seeds.split(",")]
     state_path = out / "results.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     recipes = plan_recipes()
-    pred: dict[str, dict[str, float]] = {}
     for seed in seeds:
         where = out / f"seed{seed}"
         prior = profile_for(Path(args.profile), where, "builtin", seed, args.local_steps,
                             args.eval_samples)
-        profiles = variant_profiles(prior, quality_block)
         entry = state.setdefault(f"seed{seed}", {})
         for name, variant, strategy, objective in recipes:
             path = where / f"{name}.plan.yaml"
             if not path.is_file():
-                save_plan(make_plan(profiles[variant], strategy, objective=objective), path)
-            if seed == seeds[0]:
-                pred[name] = {m: predicted(path, profiles[m]) for m in ("prior", "fitted")}
-        if "base" not in entry:
-            entry["base"] = base_loss(load_plan(where / "fedpipe.plan.yaml"), args.device)
-            write_atomic(state_path, json.dumps(state, indent=1))
-        for name, *_ in recipes:
+                profile = variant_profile(prior, variant, quality_path)
+                save_plan(make_plan(profile, strategy, objective=objective), path)
+            if "base" not in entry:
+                entry["base"] = base_loss(load_plan(path), args.device)
+                write_atomic(state_path, json.dumps(state, indent=1))
             if name not in entry:
                 start = time.perf_counter()
                 result = run_plan(where / f"{name}.plan.yaml", rounds=args.rounds, out=where / name,
@@ -165,6 +160,12 @@ def main() -> None:
             say(f"[seed {seed}] {name}: base {entry['base']['loss']:.4f} -> "
                 + " ".join(f"{x:.4f}" for x in r["losses"]) + f" ({r['seconds']:.0f} s here)")
 
+    quality_model = yaml.safe_load(quality_path.read_text())["calibration"]["quality"]
+    say(f"quality model: {quality_path} ({quality_model['probes']})")
+    where = out / f"seed{seeds[0]}"
+    prior = where / "profile.yaml"
+    pred = {name: {m: predicted(where / f"{name}.plan.yaml", variant_profile(prior, m, quality_path))
+                   for m in ("prior", "fitted")} for name, *_ in recipes}
     rows = []
     for name, *_ in recipes:
         gains = [state[f"seed{s}"]["base"]["loss"] - state[f"seed{s}"][name]["losses"][-1] for s in seeds]
@@ -188,7 +189,7 @@ def main() -> None:
             + ", ".join(f"{x:.3f}" for x in per_seed[m]) + f"); target >= {TARGET_RHO}: {verdict}")
     write_atomic(results.with_suffix(".json"), json.dumps(
         {"target_rho": TARGET_RHO, "rho": rho, "rho_per_seed": per_seed, "plans": rows,
-         "quality_model": quality_block["quality"], "settings": {
+         "quality_model": quality_model, "settings": {
              "rounds": args.rounds, "local_steps": args.local_steps, "seeds": seeds,
              "eval_samples": args.eval_samples, "profile": args.profile}}, indent=1) + "\n")
     say(f"\nwrote {log} and {results.with_suffix('.json')}")

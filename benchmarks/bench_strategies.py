@@ -122,6 +122,14 @@ def base_loss(plan: Plan, device: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ runs
+def contenders(objectives: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Plan name -> (strategy, objective): every strategy as the profile says, and the optimiser
+    again under each other objective named (``fedpipe-rate``), in the same budget and seeds."""
+    out: dict[str, tuple[str, str | None]] = {n: (n, None) for n in strategy_names()}
+    out.update({f"fedpipe-{o}": ("fedpipe", o) for o in objectives})
+    return out
+
+
 def budget_rounds(makespans: dict[str, float], cap: int) -> tuple[float, dict[str, int]]:
     """Federation time budget (cap x the fastest makespan) and the rounds each plan fits in it."""
     budget = cap * min(makespans.values())
@@ -207,17 +215,18 @@ def report(label: str, a: dict, budget_s: float) -> list[str]:
                      f"{s['loss_at_budget_spread']:.4f} | {s['accuracy_at_budget']:.2f} ± "
                      f"{s['accuracy_at_budget_spread']:.2f} | {at_bytes} | "
                      f"{fmt_time(s['time_to_target_s'])} | {fmt_bytes(s['bytes_to_target'])} | {per_seed} |")
-    ours = a["strategies"].get("fedpipe")
-    if ours:
+    for own, ours in a["strategies"].items():
+        if not own.startswith("fedpipe"):
+            continue
         lines.append("")
         for name, s in a["strategies"].items():
-            if name == "fedpipe":
+            if name.startswith("fedpipe"):
                 continue
             t0, t1 = ours["time_to_target_s"], s["time_to_target_s"]
-            ratio = ("both not reached" if t0 is None and t1 is None else "fedpipe not reached"
+            ratio = ("both not reached" if t0 is None and t1 is None else f"{own} not reached"
                      if t0 is None else "∞ (it does not reach the target)" if t1 is None
                      else f"{t1 / t0:.2f}×")
-            lines.append(f"fedpipe vs {name}: time to target {ratio} faster · loss at budget "
+            lines.append(f"{own} vs {name}: time to target {ratio} faster · loss at budget "
                          f"{ours['loss_at_budget']:.4f} vs {s['loss_at_budget']:.4f}")
     return lines
 
@@ -231,6 +240,8 @@ def main() -> None:
     parser.add_argument("--rounds-cap", type=int, default=8, help="rounds of the fastest plan")
     parser.add_argument("--only", default="", help="strategies, comma-separated (default: all)")
     parser.add_argument("--data", default="builtin,alpaca", help="builtin, alpaca or both")
+    parser.add_argument("--objectives", default="", help="also plan the optimiser under these "
+                        "objectives (rate), as fedpipe-OBJECTIVE, in the same budget")
     parser.add_argument("--local-steps", type=int, help="override the profile's task.local_steps")
     parser.add_argument("--eval-samples", type=int, help="override the profile's task.eval_samples")
     parser.add_argument("--device", default="cpu")
@@ -249,14 +260,16 @@ def main() -> None:
         with log.open("a") as f:
             f.write(line + "\n")
 
-    names = [n.strip().lower() for n in args.only.split(",") if n.strip()] or strategy_names()
-    unknown = sorted(set(names) - set(strategy_names()))
+    plans_made = contenders([o.strip() for o in args.objectives.split(",") if o.strip()])
+    names = [n.strip().lower() for n in args.only.split(",") if n.strip()] or list(plans_made)
+    unknown = sorted(set(names) - set(plans_made))
     if unknown:
-        parser.error(f"--only: unknown {unknown}; valid: {', '.join(strategy_names())}")
+        parser.error(f"--only: unknown {unknown}; valid: {', '.join(plans_made)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets = [d.strip() for d in args.data.split(",") if d.strip()]
     say(f"$ python benchmarks/bench_strategies.py --seeds {args.seeds} --rounds-cap {args.rounds_cap} "
         f"--data {args.data}" + (f" --only {args.only}" if args.only else "")
+        + (f" --objectives {args.objectives}" if args.objectives else "")
         + (f" --local-steps {args.local_steps}" if args.local_steps else "")
         + (f" --eval-samples {args.eval_samples}" if args.eval_samples else ""))
     state_path = out / "results.json"
@@ -271,10 +284,10 @@ def main() -> None:
             profile = profile_for(Path(args.profile), where, source, seed, args.local_steps,
                                   args.eval_samples)
             plans = {}
-            for name in strategy_names():  # every plan: the budget is the fastest's, --only or not
+            for name, (strategy, objective) in plans_made.items():  # the budget is the fastest's
                 path = where / f"{name}.plan.yaml"
                 if not path.is_file():
-                    save_plan(make_plan(profile, name), path)
+                    save_plan(make_plan(profile, strategy, objective=objective), path)
                 plans[name] = load_plan(path)
             budget_s, rounds = budget_rounds({n: p.summary.makespan_s for n, p in plans.items()},
                                              args.rounds_cap)

@@ -45,3 +45,14 @@ def test_target_and_cost_to_target(bench) -> None:
     assert a["strategies"]["a"]["loss_at_byte_budget"] is None
     assert a["strategies"]["b"]["loss_at_byte_budget"] == pytest.approx(1.6)
     assert a["strategies"]["a"]["loss_at_budget_spread"] == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_the_rate_objective_runs_as_one_more_contender_and_is_compared(bench) -> None:
+    made = bench.contenders(["rate"])
+    assert made["fedpipe-rate"] == ("fedpipe", "rate") and made["legend"] == ("legend", None)
+    runs = {"fedpipe": {0: run(10.0, [1.5, 1.0], 100)}, "fedpipe-rate": {0: run(1.0, [1.2, 1.0], 10)},
+            "legend": {0: run(2.0, [1.9, 1.1], 10)}}
+    lines = bench.report("x", bench.analyse(runs, {0: {"loss": 2.0}}), 20.0)
+    # target 2.0 + 0.6 * (1.0 - 2.0) = 1.4: fedpipe at 20 s, fedpipe-rate at 1 s, legend at 4 s
+    assert "fedpipe vs legend: time to target 0.20× faster · loss at budget 1.0000 vs 1.1000" in lines
+    assert "fedpipe-rate vs legend: time to target 4.00× faster · loss at budget 1.0000 vs 1.1000" in lines
