@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--analyse-only", action="store_true", help="no training: the analysis of "
+                        "the runs finished in --out (plans with a run for every seed)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--results", default=str(RESULTS), help="PATH.txt and PATH.json are written")
@@ -135,7 +137,7 @@ def main() -> None:
     state_path = out / "results.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     recipes = plan_recipes()
-    for seed in seeds:
+    for seed in [] if args.analyse_only else seeds:
         where = out / f"seed{seed}"
         prior = profile_for(Path(args.profile), where, "builtin", seed, args.local_steps,
                             args.eval_samples)
@@ -164,10 +166,11 @@ def main() -> None:
     say(f"quality model: {quality_path} ({quality_model['probes']})")
     where = out / f"seed{seeds[0]}"
     prior = where / "profile.yaml"
+    done = [name for name, *_ in recipes if all(name in state.get(f"seed{s}", {}) for s in seeds)]
     pred = {name: {m: predicted(where / f"{name}.plan.yaml", variant_profile(prior, m, quality_path))
-                   for m in ("prior", "fitted")} for name, *_ in recipes}
+                   for m in ("prior", "fitted")} for name in done}
     rows = []
-    for name, *_ in recipes:
+    for name in done:
         gains = [state[f"seed{s}"]["base"]["loss"] - state[f"seed{s}"][name]["losses"][-1] for s in seeds]
         rows.append({"plan": name, "prior": pred[name]["prior"], "fitted": pred[name]["fitted"],
                      "improvement": statistics.mean(gains), "per_seed": gains})
@@ -176,7 +179,9 @@ def main() -> None:
                     for i in range(len(seeds))] for m in ("prior", "fitted")}
     say("")
     say(f"{len(rows)} plans, {args.rounds} rounds of {args.local_steps} local steps, seeds {args.seeds}, "
-        f"{args.eval_samples} held-out examples")
+        f"{args.eval_samples} held-out examples"
+        + (f"; not run for every seed: {', '.join(n for n, *_ in recipes if n not in done)}"
+           if len(done) < len(recipes) else ""))
     say("| plan | predicted quality (prior) | predicted quality (fitted) | measured improvement "
         "(mean) | per seed |")
     say("|---|---|---|---|---|")
