@@ -219,7 +219,8 @@ def run(
                                          "(one SuperNode per server; docs/flower.md) or simulation "
                                          "(Flower's Simulation Engine: a virtual SuperNode per "
                                          "server on this machine, Ray).")] = "inprocess",
-    superlink: Annotated[str, typer.Option(help="flower: the SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
+    superlink: Annotated[str | None, typer.Option(help="flower: the SuperLink's HOST:PORT (default "
+                                                  "127.0.0.1:8000).")] = None,
     insecure: Annotated[bool, typer.Option(help="flower: plain HTTP to the SuperLink (trusted "
                                            "networks and tests only).")] = False,
     root_certificates: Annotated[Path | None, typer.Option(help="flower: CA certificate that signed "
@@ -247,6 +248,9 @@ def run(
         raise FedpipeError(f"--backend: {backend!r} is not a backend (inprocess, flower, simulation)")
     overrides = dict(upload_density=upload_density, download_density=download_density,
                      upload_precision=upload_precision, download_precision=download_precision)
+    if backend != "flower" and (superlink is not None or insecure or root_certificates is not None):
+        raise FedpipeError(f"--superlink, --insecure, --root-certificates: only for --backend flower "
+                           f"(the {backend} backend has no SuperLink)")
     if backend == "flower" and any(v is not None for v in overrides.values()):
         raise FedpipeError("--upload/--download-density/-precision: the flower backend's nodes read "
                            "them from their plan file; set them there")
@@ -270,7 +274,7 @@ def run(
     if backend == "flower":
         from fedpipe.flower_app import launch
 
-        result = launch(plan_file, superlink=superlink, insecure=insecure,
+        result = launch(plan_file, superlink=superlink or "127.0.0.1:8000", insecure=insecure,
                         root_certificates=root_certificates, **settings)
     elif backend == "simulation":
         from fedpipe.render import run_progress

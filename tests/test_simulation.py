@@ -183,7 +183,8 @@ def test_bad_arguments_exit_2_before_ray_starts(tmp_path, tiny_model_dir, monkey
     runner = CliRunner()
     for args, message in ((["--cohort", "5"], "cohort: '5' is neither a count from 1 to 4"),
                           (["--round-timeout", "0"], "--round-timeout: must be positive"),
-                          (["--upload-density", "0.5"], "the simulation backend's nodes read them")):
+                          (["--upload-density", "0.5"], "the simulation backend's nodes read them"),
+                          (["--superlink", "10.0.0.1:9092"], "only for --backend flower")):
         result = runner.invoke(app, ["run", str(plan_path), "--backend", "simulation",
                                      "--out", str(tmp_path / "run"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
