@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from fedpipe.planning.cost import (
     ServerCost,
     server_cost,
 )
+from fedpipe.planning.selection import spread_sets
 from fedpipe.precision import bytes_per_value
 from fedpipe.profile import ClusterProfile, Server
 from fedpipe.rules import RuleTraits, rule_traits
@@ -113,6 +114,28 @@ class Problem:
         if o.kind == "rate":
             return quality / makespan
         return quality - o.time_weight * makespan / self.t_ref
+
+    @cached_property
+    def adaptable_sets(self) -> dict[int, frozenset[str]] | None:
+        """Under ``candidates.selection: spread`` the one set a class may adapt per count
+        (fedpipe.planning.selection); None: any set."""
+        if self.profile.candidates.selection == "importance":
+            return None
+        return spread_sets(self.matrices, self.weights)
+
+    def selection_allows(self, ranks: dict[str, int]) -> bool:
+        """Whether a class may adapt exactly the matrices of `ranks` (its keys)."""
+        sets = self.adaptable_sets
+        return sets is None or sets.get(len(ranks)) == frozenset(ranks)
+
+    def relaxed(self) -> Problem:
+        """The same instance with any set allowed: its optimum bounds this one's, and is this
+        one's when its choices happen to obey the selection (solvers try it first: cheap, and
+        exact whenever the selection does not bind, e.g. every candidate adapted)."""
+        c = self.profile.candidates
+        profile = self.profile.model_copy(
+            update={"candidates": c.model_copy(update={"selection": "importance"})})
+        return replace(self, profile=profile)
 
     @property
     def every_server_trains(self) -> bool:
@@ -280,9 +303,12 @@ def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
 
 
 def is_feasible(problem: Problem, choices: list[Choice], evaluation: Evaluation) -> bool:
-    """Memory, the deadline and, under the rate objective, (8): every class adapts something."""
+    """Memory, the deadline, the selection rule (spread: each class adapts the spread set of its
+    count) and, under the rate objective, (8): every class adapts something."""
     deadline = problem.profile.objective.deadline_s
     if problem.every_server_trains and not all(ch.ranks for ch in choices):
+        return False
+    if not all(problem.selection_allows(ch.ranks) for ch in choices):
         return False
     mem_ok = all(c.memory_gib <= cls.rep.memory_gib * (1 + 1e-9)
                  for c, cls in zip(evaluation.costs, problem.classes, strict=True))
