@@ -81,6 +81,19 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      rows of the tightest cuda and the tightest cpu server; it communicates at the densest
      density and the widest precision of the ladders (quality only, no time to save).
 
+(D9) Spread (``candidates.selection``, constraint (9) of the MILP): a class adapting s matrices
+     adapts exactly the set S_s, every member at least at the smallest rank r_1. First the
+     search without the rule runs: its plan is the answer when it obeys the rule (a relaxation
+     whose optimum is feasible is optimal), as it does whenever every candidate gets adapted.
+     Otherwise each count s is a variant with its own gain tables H_g^s over S_s's members from
+     r_1 up (the forced part's units and gain added), and (D3) becomes the best over variants:
+     the LP bounds of all variants first (envelopes only), then the integers from the highest
+     bound down, skipping a variant wherever its bound cannot beat the best found (so most gain
+     tables are never built). The bound is the largest over variants; a maximum of concave LP
+     bounds is not concave, so no tangents: the intervals use the monotone bound alone. Spread
+     sets of many matrices use greedy-prefix tables above VARIANT_DP_CELLS (achievable; the
+     reported gap stays a proof).
+
 Status is "optimal" when the proven gap is at most OPTIMAL_GAP (HiGHS's own tolerance in the
 MILP, gapRel 1e-4), else "feasible" with that gap.
 """
@@ -306,7 +319,7 @@ class Variant:
 def variants_for(problem: Problem) -> list[Variant]:
     """(D9): one variant (any set, nothing forced) under importance; one per count under spread."""
     tables = tables_for(problem)
-    if problem.adaptable_sets is None:
+    if not problem.restricted:
         return [Variant(lambda: tables, np.zeros(len(tables.groups), dtype=np.int64), 0.0, np.inf)]
 
     def build() -> list[Variant]:
@@ -675,7 +688,7 @@ class TimeSearch:
         self.const = pairs.base_s + stack_mbit / pairs.down_mbps  # C_hj [+ D / down_h]
         self.cap_s = np.inf if cap_params is None else pairs.time_scale * cap_params  # (D6) caps
         self.variants = variants_for(problem)
-        self.spread = problem.adaptable_sets is not None  # (D9): no tangents, a max over variants
+        self.spread = problem.restricted  # (D9): no tangents, a max over variants
         self.exhaustive = not self.spread and exhaustive_possible(tables)
         rmax_time = float(np.dot(pairs.time_shape, tables.rmax))
         full = self.const + pairs.time_scale * rmax_time
@@ -887,7 +900,7 @@ def solve_decomposed(problem: Problem,
                      time_limit: float | None = None) -> tuple[list[Choice] | None, SolverReport]:
     """(D1)-(D6), and (D9) where the selection binds: choices per class and an honest report
     (status, proven gap, time)."""
-    if problem.adaptable_sets is None:
+    if not problem.restricted:
         return _solve_decomposed(problem, time_limit)
     start = time.perf_counter()
     choices, report = _solve_decomposed(problem.relaxed(), time_limit)
@@ -989,7 +1002,7 @@ def time_price(problem: Problem, choices: list[Choice]) -> float:
 def solve_baseline_decomposed(problem: Problem) -> list[Choice] | None:
     """(D7): one configuration and one rank pattern for every server, quality only (under spread
     the relaxed answer where it obeys the selection, as in solve_decomposed)."""
-    if problem.adaptable_sets is not None:
+    if problem.restricted:
         choices = _baseline(problem.relaxed())
         if choices is not None and problem.selection_allows(choices[0].ranks):
             return choices

@@ -187,13 +187,13 @@ def _block(prob: pulp.LpProblem, tag: str, problem: Problem, groups: list[_TypeG
         for lv in range(len(levels)):
             n[t, lv] = v = pulp.LpVariable(f"n_{tag}_{t}_{lv}", 0, size, cat="Integer")
             prob += v <= (n[t, lv - 1] if lv else size * z), f"c2_{tag}_{t}_{lv}"
-            if problem.adaptable_sets is not None:
+            if problem.restricted:
                 continue
             G = pulp.LpVariable(f"G_{tag}_{t}_{lv}", 0)
             for a in range(size):
                 prob += G - g.weights[a] * v <= prefix[a] - g.weights[a] * a, f"c3_{tag}_{t}_{lv}_{a}"
             gain_terms.append((G, gains[lv + 1] - gains[lv]))
-    if problem.adaptable_sets is not None:
+    if problem.restricted:
         gain_terms, x = _spread(prob, tag, problem, groups, z, n, gains)
     return _Block(z, n, pulp.LpAffineExpression(gain_terms), x)
 
@@ -346,7 +346,7 @@ def solve_milp(problem: Problem, solver: str,
     """Build and solve (1)-(9) of the module docstring for the profile's objective: one solve
     (weighted) or Dinkelbach's sequence (rate). Under spread the model without (9) first: its
     optimum is the answer where it obeys the selection (Problem.relaxed)."""
-    if problem.adaptable_sets is not None:
+    if problem.restricted:
         start = time.perf_counter()
         choices, report = _solve_milp(problem.relaxed(), solver, time_limit)
         if choices is not None and all(problem.selection_allows(ch.ranks) for ch in choices):
@@ -414,7 +414,7 @@ def solve_baseline(problem: Problem, solver: str,
                    time_limit: float | None) -> tuple[list[Choice], list[str]] | None:
     """Every server on one common configuration: the best one the weakest can run (quality only,
     so the densest density and the widest precision); under spread as in solve_milp."""
-    if problem.adaptable_sets is not None:
+    if problem.restricted:
         found = _baseline(problem.relaxed(), solver, time_limit)
         if found is not None and problem.selection_allows(found[0][0].ranks):
             return found
@@ -461,5 +461,5 @@ def milp_size(problem: Problem) -> int:
     """Chord rows (3) of the MILP (under spread the rows of (9) in their place): what its build
     and solve time grow with."""
     sizes = [len(g.names) for g in _type_groups(problem)]
-    levels = len([r for r in problem.ranks if r > 0]) + (problem.adaptable_sets is not None)
+    levels = len([r for r in problem.ranks if r > 0]) + int(problem.restricted)
     return sum(len(problem.configs(k)) for k in range(len(problem.classes))) * levels * sum(sizes)

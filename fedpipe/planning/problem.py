@@ -31,7 +31,7 @@ from fedpipe.planning.cost import (
     ServerCost,
     server_cost,
 )
-from fedpipe.planning.selection import spread_sets
+from fedpipe.planning.selection import importance_order, spread_set, spread_sets
 from fedpipe.precision import bytes_per_value
 from fedpipe.profile import ClusterProfile, Server
 from fedpipe.rules import RuleTraits, rule_traits
@@ -115,18 +115,30 @@ class Problem:
             return quality / makespan
         return quality - o.time_weight * makespan / self.t_ref
 
+    @property
+    def restricted(self) -> bool:
+        """Whether the selection rule limits the sets a class may adapt (spread)."""
+        return self.profile.candidates.selection != "importance"
+
     @cached_property
-    def adaptable_sets(self) -> dict[int, frozenset[str]] | None:
-        """Under ``candidates.selection: spread`` the one set a class may adapt per count
-        (fedpipe.planning.selection); None: any set."""
-        if self.profile.candidates.selection == "importance":
-            return None
+    def adaptable_sets(self) -> dict[int, frozenset[str]]:
+        """Under ``candidates.selection: spread`` the one set a class may adapt per count offered
+        (fedpipe.planning.selection); every count is walked, so only the solvers that search
+        over counts ask for all of them."""
         return spread_sets(self.matrices, self.weights)
 
     def selection_allows(self, ranks: dict[str, int]) -> bool:
         """Whether a class may adapt exactly the matrices of `ranks` (its keys)."""
-        sets = self.adaptable_sets
-        return sets is None or sets.get(len(ranks)) == frozenset(ranks)
+        if not self.restricted:
+            return True
+        n = len(ranks)
+        if n not in self._spread_walks:  # thousands of classes share a few counts
+            self._spread_walks[n] = spread_set(importance_order(self.matrices, self.weights), n)
+        return self._spread_walks[n] == frozenset(ranks)
+
+    @cached_property
+    def _spread_walks(self) -> dict[int, frozenset[str] | None]:
+        return {}
 
     def relaxed(self) -> Problem:
         """The same instance with any set allowed: its optimum bounds this one's, and is this

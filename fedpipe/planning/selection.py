@@ -26,7 +26,12 @@ from fedpipe.shapes import Matrix
 SELECTIONS = ("importance", "spread")
 
 
-def spread_set(order: Sequence[Matrix], n: int) -> tuple[str, ...] | None:
+def importance_order(matrices: Sequence[Matrix], weights: dict[str, float]) -> list[Matrix]:
+    """Most important first, ties in name order (as the benchmark ranks them)."""
+    return sorted(matrices, key=lambda m: (-weights[m.name], m.name))
+
+
+def spread_set(order: Sequence[Matrix], n: int) -> frozenset[str] | None:
     """The names spread picks at count n from `order` (most important first), or None when the
     walk cannot take n."""
     cap = math.ceil(n / len({m.layer for m in order}))
@@ -45,11 +50,11 @@ def spread_set(order: Sequence[Matrix], n: int) -> tuple[str, ...] | None:
         per_type[m.kind] = held + 1
         per_layer[m.layer] = per_layer.get(m.layer, 0) + 1
         taken.append(m.name)
-    return tuple(taken) if len(taken) == n else None
+    return frozenset(taken) if len(taken) == n else None
 
 
 def spread_sets(matrices: Sequence[Matrix], weights: dict[str, float]) -> dict[int, frozenset[str]]:
     """Every count spread offers (0 included) and its set."""
-    order = sorted(matrices, key=lambda m: (-weights[m.name], m.name))
+    order = importance_order(matrices, weights)
     sets = {n: spread_set(order, n) for n in range(1, len(order) + 1)}
-    return {0: frozenset(), **{n: frozenset(s) for n, s in sets.items() if s is not None}}
+    return {0: frozenset(), **{n: s for n, s in sets.items() if s is not None}}
