@@ -904,7 +904,7 @@ def solve_decomposed(problem: Problem,
         return _solve_decomposed(problem, time_limit)
     start = time.perf_counter()
     choices, report = _solve_decomposed(problem.relaxed(), time_limit)
-    if choices is not None and all(problem.selection_allows(ch.ranks) for ch in choices):
+    if choices is not None and problem.selection_holds(choices):
         return choices, report
     left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
     return _solve_decomposed(problem, left)

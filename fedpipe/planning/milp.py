@@ -349,7 +349,7 @@ def solve_milp(problem: Problem, solver: str,
     if problem.restricted:
         start = time.perf_counter()
         choices, report = _solve_milp(problem.relaxed(), solver, time_limit)
-        if choices is not None and all(problem.selection_allows(ch.ranks) for ch in choices):
+        if choices is not None and problem.selection_holds(choices):
             return choices, report
         if time_limit is not None:
             time_limit = max(1.0, time_limit - (time.perf_counter() - start))

@@ -134,7 +134,11 @@ class Problem:
         n = len(ranks)
         if n not in self._spread_walks:  # thousands of classes share a few counts
             self._spread_walks[n] = spread_set(importance_order(self.matrices, self.weights), n)
-        return self._spread_walks[n] == frozenset(ranks)
+        return ranks.keys() == self._spread_walks[n]
+
+    def selection_holds(self, choices: list[Choice]) -> bool:
+        """selection_allows for every class (classes sharing a Choice object checked once)."""
+        return all(self.selection_allows(ch.ranks) for ch in {id(ch): ch for ch in choices}.values())
 
     @cached_property
     def _spread_walks(self) -> dict[int, frozenset[str] | None]:
@@ -320,7 +324,7 @@ def is_feasible(problem: Problem, choices: list[Choice], evaluation: Evaluation)
     deadline = problem.profile.objective.deadline_s
     if problem.every_server_trains and not all(ch.ranks for ch in choices):
         return False
-    if not all(problem.selection_allows(ch.ranks) for ch in choices):
+    if not problem.selection_holds(choices):
         return False
     mem_ok = all(c.memory_gib <= cls.rep.memory_gib * (1 + 1e-9)
                  for c, cls in zip(evaluation.costs, problem.classes, strict=True))
