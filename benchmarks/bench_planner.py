@@ -12,8 +12,9 @@ count, so nearly every server is its own class in the MILP.
     1000, 10000 servers: median of --repeats runs, ratio to the 10-server time measured in the
     same run, a table and benchmarks/planner_scaling.png.
 
-    python benchmarks/bench_planner.py [--quick] [--skip-milp] [--sizes 10,1000]
-    (--quick: MILP limit 60 s, 3 repeats; --sizes: the server counts of (c))
+    python benchmarks/bench_planner.py [--quick] [--skip-milp] [--sizes 10,1000] [--selection spread]
+    (--quick: MILP limit 60 s, 3 repeats; --sizes: the server counts of (c); --selection: the
+    fleets' candidates.selection, default the profile default)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ TFLOPS = [60, 90, 120, 180, 250, 320, 400, 600, 900]
 UPLINK = [50, 100, 200, 500, 1000, 2500, 10000]
 DOWNLINK = [100, 200, 500, 1000, 2500, 10000]
 MILP_MEMORY_GIB = 10  # address-space cap of the MILP subprocess
+SELECTION: dict[str, str] = {}  # --selection, if given: the fleets' candidates.selection
 
 
 def hardware(seed: int = SEED) -> list[dict]:
@@ -71,7 +73,8 @@ def fleet(n: int, seed: int = SEED) -> dict:
                for i in range(n)]
     return {"name": f"bench-{n}", "model": MODEL,
             "task": {"seq_len": 256, "local_steps": 10},
-            "candidates": {"ranks": [0, 4, 8, 16, 32, 64], "bits": [4, 8, 16], "batch_sizes": [1, 2, 4, 8]},
+            "candidates": {"ranks": [0, 4, 8, 16, 32, 64], "bits": [4, 8, 16], "batch_sizes": [1, 2, 4, 8],
+                           **SELECTION},
             "aggregation": "flexlora", "objective": {"time_weight": 0.2}, "servers": servers}
 
 
@@ -273,7 +276,10 @@ def main() -> None:
     ap.add_argument("--write-profile", action="store_true", help="write profiles/fleet-1000.yaml and exit")
     ap.add_argument("--sizes", default="10,100,1000,10000",
                     help="server counts of (c), comma-separated; the plot is written only for the default")
+    ap.add_argument("--selection", choices=["importance", "spread"], help="the fleets' candidates.selection")
     args = ap.parse_args()
+    if args.selection:
+        SELECTION["selection"] = args.selection
     if args.write_profile:
         print(f"wrote {write_fleet_profile(ROOT / 'profiles' / 'fleet-1000.yaml')}")
         return

@@ -90,6 +90,12 @@ class Candidates(_Strict):
         description=f"Wire precision ladder of the adapter values ({', '.join(PRECISIONS)}; "
         "fedpipe.precision). The planner picks one per server with its density: it applies to the "
         "upload and, except under flora (whose stack is broadcast exact), to the download.")
+    selection: Literal["importance", "spread"] = Field(
+        "importance", description="Which sets of matrices a server may adapt: 'importance' (any: "
+        "the most importance covered, which piles onto a few types and layers) or 'spread' (for "
+        "the n it adapts, the n most important with at most ceil(n / layers) per layer and per-type "
+        "counts within one of each other: the rule that beat random selection in "
+        "benchmarks/bench_importance.py; fedpipe.planning.selection).")
 
     @field_validator("targets")
     @classmethod

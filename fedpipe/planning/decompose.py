@@ -81,6 +81,19 @@ Same model as ``fedpipe.planning.milp`` (its (1)-(7)), solved by exploiting its 
      rows of the tightest cuda and the tightest cpu server; it communicates at the densest
      density and the widest precision of the ladders (quality only, no time to save).
 
+(D9) Spread (``candidates.selection``, constraint (9) of the MILP): a class adapting s matrices
+     adapts exactly the set S_s, every member at least at the smallest rank r_1. First the
+     search without the rule runs: its plan is the answer when it obeys the rule (a relaxation
+     whose optimum is feasible is optimal), as it does whenever every candidate gets adapted.
+     Otherwise each count s is a variant with its own gain tables H_g^s over S_s's members from
+     r_1 up (the forced part's units and gain added), and (D3) becomes the best over variants:
+     the LP bounds of all variants first (envelopes only), then the integers from the highest
+     bound down, skipping a variant wherever its bound cannot beat the best found (so most gain
+     tables are never built). The bound is the largest over variants; a maximum of concave LP
+     bounds is not concave, so no tangents: the intervals use the monotone bound alone. Spread
+     sets of many matrices use greedy-prefix tables above VARIANT_DP_CELLS (achievable; the
+     reported gap stays a proof).
+
 Status is "optimal" when the proven gap is at most OPTIMAL_GAP (HiGHS's own tolerance in the
 MILP, gapRel 1e-4), else "feasible" with that gap.
 """
@@ -89,8 +102,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import reduce
+from functools import cached_property, reduce
 
 import numpy as np
 
@@ -105,6 +119,7 @@ TARGET_GAP = 1e-6  # the search stops refining below this proven gap
 WINDOW = 4  # +- units searched around the LP solution per enumerated cost group
 EXHAUSTIVE_COMBOS = 4096  # enumerate every combination of the smaller groups up to this many
 DP_CELLS = 20_000_000  # items x capacity above which H_g falls back to the greedy prefix
+VARIANT_DP_CELLS = 100_000  # the same for a spread set's tables (D9): hundreds may be needed
 CHUNK_CELLS = 2_000_000  # queries x combinations evaluated per numpy call
 INITIAL_GRID = 33
 REFINE_POINTS = 512  # extra T's sampled where the bound still allows a better plan
@@ -119,14 +134,17 @@ SOLVER_NAME = "builtin"
 # ---------------------------------------------------------------- (D2) tables per cost group
 @dataclass
 class CostGroup:
-    """Matrices with equal d_out + d_in: their exact gain table and its concave envelope."""
+    """Matrices with equal d_out + d_in: their exact gain table (built on first use: the LP
+    bound needs only the envelope) and its concave envelope."""
 
     rep: Matrix  # a member of the group (its costs stand for all)
     names: list[str]
     kinds: list[str]
     weights: np.ndarray
-    H: np.ndarray  # best gain for R rank units, R = 0..rmax
-    choice: np.ndarray | None  # DP traceback (items x R) -> level, None for the greedy fallback
+    units: np.ndarray  # of the rank ladder's levels
+    gains: np.ndarray
+    rmax: int  # the most rank units the group can take
+    exact: bool  # small enough for the DP (else greedy prefixes: achievable, not proven best)
     env_x: np.ndarray  # envelope breakpoints: cumulative units
     env_y: np.ndarray  # and cumulative gain
     seg_slope: np.ndarray  # sorted segments (gain per unit), their lengths and items/levels
@@ -134,13 +152,22 @@ class CostGroup:
     seg_item: np.ndarray
     seg_level: np.ndarray
 
-    @property
-    def rmax(self) -> int:
-        return len(self.H) - 1
+    @cached_property
+    def _table(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.exact:
+            return _dp(self.weights, self.units, self.gains)
+        ends = self.env_x.astype(np.int64)
+        return self.env_y[np.searchsorted(ends, np.arange(self.rmax + 1), side="right") - 1], None
 
     @property
-    def exact(self) -> bool:
-        return self.choice is not None
+    def H(self) -> np.ndarray:
+        """Best gain for R rank units, R = 0..rmax."""
+        return self._table[0]
+
+    @property
+    def choice(self) -> np.ndarray | None:
+        """DP traceback (items x R) -> level, None for the greedy fallback."""
+        return self._table[1]
 
     def levels_for(self, R: int, units: np.ndarray) -> np.ndarray:
         """Level index per matrix reaching the table value H[R]."""
@@ -176,29 +203,38 @@ def _dp(weights: np.ndarray, units: np.ndarray, gains: np.ndarray) -> tuple[np.n
 
 
 class Tables:
-    """Everything that depends on the model and the rank ladder, not on the servers."""
+    """Everything that depends on the model and the rank ladder, not on the servers.
 
-    def __init__(self, problem: Problem) -> None:
+    By default every candidate from rank 0 up; a spread set (D9) passes its `members`, `floor` = 1
+    (each member carries at least the smallest rank: units and gains count from there) and the
+    full tables as `like`, whose cost groups it keeps, in the same order."""
+
+    def __init__(self, problem: Problem, members: list[Matrix] | None = None, floor: int = 0,
+                 like: Tables | None = None, dp_cells: int = DP_CELLS) -> None:
         ranks = sorted(problem.ranks)
         positive = [r for r in ranks if r > 0]
         self.unit = reduce(math.gcd, positive)
-        self.ranks = ranks
-        self.units = np.array([r // self.unit for r in ranks], dtype=np.int64)
-        self.gains = np.array([problem.gain(r) for r in ranks])
-        by_size: dict[int, list[Matrix]] = {}
-        for m in problem.matrices:
+        self.ranks = ranks[floor:]
+        self.units = np.array([(r - self.ranks[0]) // self.unit for r in self.ranks], dtype=np.int64)
+        self.gains = np.array([problem.gain(r) - problem.gain(self.ranks[0]) for r in self.ranks])
+        by_size: dict[int, list[Matrix]] = {g.rep.lora_params(1): [] for g in (like.groups if like else [])}
+        for m in problem.matrices if members is None else members:
             by_size.setdefault(m.lora_params(1), []).append(m)
+        reps = {g.rep.lora_params(1): g.rep for g in like.groups} if like else {}
         groups = []
-        for members in by_size.values():
-            members.sort(key=lambda m: -problem.weights[m.name])
-            groups.append(self._group(members, problem.weights))
-        groups.sort(key=lambda g: g.rmax)  # the largest set is the one the budgets fill (D4)
+        for size, group_members in by_size.items():
+            group_members.sort(key=lambda m: -problem.weights[m.name])
+            groups.append(self._group(reps.get(size) or group_members[0], group_members,
+                                      problem.weights, dp_cells))
+        if like is None:
+            groups.sort(key=lambda g: g.rmax)  # the largest set is the one the budgets fill (D4)
         self.groups = groups
         self.rmax = np.array([g.rmax for g in groups], dtype=np.int64)
         self.exact_tables = all(g.exact for g in groups)
         self._curves: dict[bytes, tuple] = {}
 
-    def _group(self, members: list[Matrix], weights: dict[str, float]) -> CostGroup:
+    def _group(self, rep: Matrix, members: list[Matrix], weights: dict[str, float],
+               dp_cells: int) -> CostGroup:
         w = np.array([weights[m.name] for m in members])
         du = np.diff(self.units)
         dg = np.diff(self.gains)
@@ -211,14 +247,9 @@ class Tables:
         env_x = np.concatenate([[0], np.cumsum(seg_len)]).astype(float)
         env_y = np.concatenate([[0.0], np.cumsum(seg_slope * seg_len)])
         cap = len(w) * int(self.units[-1])
-        if len(w) * (cap + 1) <= DP_CELLS:
-            H, choice = _dp(w, self.units, self.gains)
-        else:  # greedy prefixes: achievable, not proven best
-            ends = env_x.astype(np.int64)
-            H = env_y[np.searchsorted(ends, np.arange(cap + 1), side="right") - 1]
-            choice = None
-        return CostGroup(members[0], [m.name for m in members], [m.kind for m in members], w, H,
-                         choice, env_x, env_y, seg_slope, seg_len, seg_item, seg_level)
+        return CostGroup(rep, [m.name for m in members], [m.kind for m in members], w, self.units,
+                         self.gains, cap, len(w) * (cap + 1) <= dp_cells, env_x, env_y, seg_slope,
+                         seg_len, seg_item, seg_level)
 
     def envelope(self, g: int, R: np.ndarray) -> np.ndarray:
         grp = self.groups[g]
@@ -266,6 +297,118 @@ class Tables:
 def tables_for(problem: Problem) -> Tables:
     """The problem's tables, built once (the baseline and the search share them)."""
     return problem.cache.get(("gain tables", tuple(problem.ranks)), lambda: Tables(problem))
+
+
+@dataclass
+class Variant:
+    """(D9) One set of matrices a class may adapt: the gains of ranks above its forced part."""
+
+    build: Callable[[], Tables]  # its tables, built on first use (most variants never are)
+    forced: np.ndarray  # units per cost group every member carries (spread: the smallest rank)
+    base_gain: float  # the gain of the forced part
+    ceiling: float  # its gain with every member at the largest rank: no budget gives more
+
+    @cached_property
+    def tables(self) -> Tables:
+        return self.build()
+
+    def ranks_for(self, R: np.ndarray) -> dict[str, int]:
+        return self.tables.ranks_for(R - self.forced)
+
+
+def variants_for(problem: Problem) -> list[Variant]:
+    """(D9): one variant (any set, nothing forced) under importance; one per count under spread."""
+    tables = tables_for(problem)
+    if not problem.restricted:
+        return [Variant(lambda: tables, np.zeros(len(tables.groups), dtype=np.int64), 0.0, np.inf)]
+
+    def build() -> list[Variant]:
+        first = min(r for r in problem.ranks if r > 0)
+        key_of = {g.rep.lora_params(1): i for i, g in enumerate(tables.groups)}
+        out = []
+        for _, names in sorted(problem.adaptable_sets.items()):
+            members = [m for m in problem.matrices if m.name in names]
+            forced = np.zeros(len(tables.groups), dtype=np.int64)
+            for m in members:
+                forced[key_of[m.lora_params(1)]] += first // tables.unit
+            weight = sum(problem.weights[m.name] for m in members)
+            out.append(Variant(lambda members=members: Tables(problem, members, 1, tables,
+                                                              VARIANT_DP_CELLS), forced,
+                               weight * problem.gain(first), weight * problem.gain(max(problem.ranks))))
+        return out
+
+    return problem.cache.get(("spread variants", tuple(problem.ranks)), build)
+
+
+def solve_variants(variants: list[Variant], rows: Rows, time_shape: np.ndarray | None = None,
+                   ceiling: np.ndarray | None = None,
+                   hint: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(D9) (D3)/(D4) over every variant: the best integer value, the largest bound, the units
+    (forced part included), the variant, (given the time row's `time_shape`) the most rank units
+    in time that any variant's integer or LP answer needs, and each variant's bound (Q x V).
+
+    `ceiling` (Q x V, default each variant's own ceiling): bounds of each variant with more
+    budget, which cap its LP bound here. A variant's integer answer is sought only where its
+    bound beats the best value found so far, variants in the order of their best bound: most
+    of them never need their gain tables. `hint` (Q,): a variant per query likely to be good,
+    solved first so that its value prunes the others (the memory-only answer's)."""
+    Q, G = len(rows.budget1), len(variants[0].forced)
+    best_v, best_R = np.full(Q, -np.inf), np.zeros((Q, G), dtype=np.int64)
+    best_i, need = np.zeros(Q, dtype=np.int64), np.zeros(Q)
+    if ceiling is None:
+        ceiling = np.broadcast_to(np.array([v.ceiling for v in variants]), (Q, len(variants)))
+    each = ceiling.copy()
+    window = (2 * WINDOW + 1) ** (G - 1)  # enumerate a variant where that costs no more than (D4)
+    forced = np.stack([v.forced for v in variants], axis=1)  # (G, V)
+    left1 = rows.budget1[:, None] - rows.costs(1) @ forced  # (Q, V): budgets after the forced part
+    left2 = rows.budget2[:, None] - rows.costs(2) @ forced
+    forced_fits = (left1 >= 0) & (left2 >= 0)
+    each[~forced_fits] = -np.inf
+    lp: dict[int, tuple] = {}
+
+    def relax(i: int, mask: np.ndarray) -> None:
+        """Variant i's LP bound where `mask` and its forced part fit."""
+        var, fits = variants[i], forced_fits[:, i] & mask
+        if not fits.any():
+            return
+        sub = _subset(rows, fits)
+        sub.budget1, sub.budget2 = left1[fits, i], left2[fits, i]
+        idx = np.nonzero(fits)[0]
+        b, lp_R = lp_bound(var.tables, sub)
+        b = np.minimum(b + var.base_gain, ceiling[idx, i])
+        each[idx, i] = b
+        if time_shape is not None:
+            need[idx] = np.maximum(need[idx], np.nan_to_num(lp_R + var.forced) @ time_shape)
+        lp[i] = (idx, sub, b, lp_R)
+
+    def settle(i: int) -> None:
+        """Variant i's integer answer where its bound beats the best found."""
+        var, (idx, sub, b, lp_R) = variants[i], lp.pop(i)
+        promising = b > best_v[idx]  # the gain tables are built only where they may matter
+        if not promising.any():
+            return
+        idx, sub, lp_R = idx[promising], _subset(sub, promising), lp_R[promising]
+        if exhaustive_possible(var.tables, min(EXHAUSTIVE_COMBOS, window)):
+            v, R = integer_solve(var.tables, sub, None, True)
+            each[idx, i] = v + var.base_gain
+        else:
+            v, R = integer_solve(var.tables, sub, lp_R, False)
+        v = v + var.base_gain
+        better = v > best_v[idx]
+        best_v[idx[better]], best_R[idx[better]], best_i[idx[better]] = v[better], R[better] + var.forced, i
+        if time_shape is not None:
+            need[idx] = np.maximum(need[idx], (R + var.forced) @ time_shape)
+
+    for i in np.unique(hint) if hint is not None else []:  # incumbents first: they prune the rest
+        relax(int(i), hint == i)
+        if int(i) in lp:
+            settle(int(i))
+    for i in np.nonzero((forced_fits & (ceiling > best_v[:, None])).any(axis=0))[0]:
+        relax(int(i), ceiling[:, i] > best_v)
+    for i in sorted(lp, key=lambda i: -float(lp[i][2].max())):
+        settle(i)
+    bound = np.where(np.isfinite(best_v), np.maximum(best_v, each.max(axis=1)), -np.inf)
+    return best_v, bound, best_R, best_i, need, each
 
 
 # ---------------------------------------------------------------- (D3)/(D4) vectorised subproblem
@@ -403,8 +546,11 @@ def _grid(tables: Tables, centre: np.ndarray, exhaustive: bool) -> np.ndarray:
     return np.stack([m.ravel() for m in mesh], axis=1)
 
 
-def exhaustive_possible(tables: Tables) -> bool:
-    return int(np.prod(tables.rmax[:-1] + 1)) <= EXHAUSTIVE_COMBOS and tables.exact_tables
+def exhaustive_possible(tables: Tables, combos: int | None = None) -> bool:
+    """Whether integer_solve may enumerate every combination (at most `combos`, default
+    EXHAUSTIVE_COMBOS)."""
+    limit = EXHAUSTIVE_COMBOS if combos is None else combos
+    return int(np.prod(tables.rmax[:-1] + 1)) <= limit and tables.exact_tables
 
 
 def integer_solve(tables: Tables, rows: Rows, centre: np.ndarray | None,
@@ -528,6 +674,7 @@ class Point:
     units: np.ndarray
     f_bound: np.ndarray | None = None  # (H, J) f_j LP_hj(T), -inf where absent or not fitting
     f_slope: np.ndarray | None = None  # (H, J) an upper bound on its right derivative in T
+    variant: np.ndarray | None = None  # (H,) the variant per group (D9)
 
 
 class TimeSearch:
@@ -540,7 +687,9 @@ class TimeSearch:
         self.score = problem.score  # phi(q, T) of (D5)
         self.const = pairs.base_s + stack_mbit / pairs.down_mbps  # C_hj [+ D / down_h]
         self.cap_s = np.inf if cap_params is None else pairs.time_scale * cap_params  # (D6) caps
-        self.exhaustive = exhaustive_possible(tables)
+        self.variants = variants_for(problem)
+        self.spread = problem.restricted  # (D9): no tangents, a max over variants
+        self.exhaustive = not self.spread and exhaustive_possible(tables)
         rmax_time = float(np.dot(pairs.time_shape, tables.rmax))
         full = self.const + pairs.time_scale * rmax_time
         cheapest = np.full(n_groups, np.inf)
@@ -559,8 +708,8 @@ class TimeSearch:
         # memory-only answers: once the time budget covers them, (D3) no longer depends on T
         nP = len(pairs.h)
         rows = self._rows(np.arange(nP), pairs.time_scale * (rmax_time + 1.0))
-        self.mem_value, self.mem_bound, self.mem_units, _, lp_units = self._solve(rows, None)
-        needs = np.maximum(self.mem_units @ pairs.time_shape, lp_units @ pairs.time_shape)
+        self.ceiling = None
+        self.mem_value, self.mem_bound, self.mem_units, _, needs, self.mem_variant = self._solve(rows, None)
         self.free_from = pairs.time_scale * needs * (1 + 1e-9) + 1e-12
 
     def _first_round(self, tables: Tables) -> np.ndarray:
@@ -577,13 +726,22 @@ class TimeSearch:
                     scale1=p.time_scale[pi], budget1=budget1, shape2=p.mem_shapes, idx2=p.mem_idx[pi],
                     scale2=np.ones(len(pi)), budget2=p.mem_budget[pi])
 
-    def _solve(self, rows: Rows, delta: np.ndarray | None):
-        """(D3)/(D4) for queries: integer value and units, bound, slope bound, LP units."""
-        tables = self.tables
-        lp_units = centre = None
+    def _solve(self, rows: Rows, delta: np.ndarray | None, pi: np.ndarray | None = None):
+        """(D3)/(D4) for queries: integer value and units, bound, slope bound, the time-shape
+        units the integer and LP answers need (beyond them time no longer binds), variant (D9)."""
+        tables, shape = self.tables, self.pairs.time_shape
+        if self.spread:  # the first call (memory only) sets every later call's ceiling
+            first = self.ceiling is None
+            v, bound, R, variant, need, each = solve_variants(
+                self.variants, rows, shape, None if first else self.ceiling[pi],
+                None if first else self.mem_variant[pi])
+            if self.ceiling is None:
+                self.ceiling = each
+            return v, bound, R, np.zeros(len(v)), need, variant
+        first = np.zeros(len(rows.budget1), dtype=np.int64)
         if self.exhaustive:
             v, R = integer_solve(tables, rows, None, True)
-            return v, v, R, np.zeros(len(v)), R.astype(float)
+            return v, v, R, np.zeros(len(v)), R @ shape, first
         ub, centre = lp_bound(tables, rows)
         slope = np.zeros(len(ub))
         if delta is not None:  # LP_hj is concave in T: a backward difference bounds its right derivative
@@ -591,9 +749,8 @@ class TimeSearch:
             before.budget1 = before.budget1 - delta
             ub_before = np.where(before.budget1 >= 0, lp_bound(tables, before)[0], 0.0)
             slope = np.maximum(ub - ub_before, 0.0) / delta * (1 + 1e-9) + 1e-12
-        lp_units = centre
         v, R = integer_solve(tables, rows, centre, False)
-        return v, np.maximum(ub, v), R, slope, lp_units
+        return v, np.maximum(ub, v), R, slope, np.maximum(R @ shape, centre @ shape), first
 
     def evaluate(self, Ts: np.ndarray) -> list[Point]:
         p, tables = self.pairs, self.tables
@@ -610,9 +767,12 @@ class TimeSearch:
         cached = budget - delta >= self.free_from[pi]
         value[cached], bound[cached] = self.mem_value[pi[cached]], self.mem_bound[pi[cached]]
         units[cached] = self.mem_units[pi[cached]]
+        variant = np.zeros(nP * nT, dtype=np.int64)
+        variant[cached] = self.mem_variant[pi[cached]]
         todo = fits & ~cached
         if todo.any():
-            v, b, R, sl, _ = self._solve(self._rows(pi[todo], budget[todo]), delta[todo])
+            v, b, R, sl, _, variant[todo] = self._solve(self._rows(pi[todo], budget[todo]), delta[todo],
+                                                                 pi[todo])
             value[todo], bound[todo], units[todo], slope[todo] = v, b, R, sl
         self.evaluations += nT
         dense, present = self.dense, self.dense >= 0
@@ -634,10 +794,12 @@ class TimeSearch:
                          -np.inf)
         units = units.reshape(nT, nP, -1)
         fs = np.where(present, (p.f[pi] * slope).reshape(nT, nP)[:, idx], 0.0)
-        keep = not self.exhaustive
+        keep = not self.exhaustive and not self.spread
+        variant = variant.reshape(nT, nP)
         return [Point(float(Ts[t]), float(makespan[t]), float(quality[t]), float(bound[t]),
                       float(self.score(quality[t], makespan[t])) if feasible[t] else -np.inf,
-                      pick[t], units[t][pick[t]], fb[t] if keep else None, fs[t] if keep else None)
+                      pick[t], units[t][pick[t]], fb[t] if keep else None, fs[t] if keep else None,
+                      variant[t][pick[t]])
                 for t in range(nT)]
 
     def interval_bounds(self, pts: list[Point]) -> np.ndarray:
@@ -725,9 +887,10 @@ def _hardware(problem: Problem) -> tuple[list[Server], np.ndarray, np.ndarray]:
     return reps, np.array(of_class, dtype=np.int64), np.array(omega)
 
 
-def _choices(tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -> list[Choice]:
+def _choices(variants: list[Variant], pairs: Pairs, point: Point, of_class: np.ndarray) -> list[Choice]:
     """One Choice object per hardware group, shared by its classes (evaluate costs it once)."""
-    per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]), tables.ranks_for(point.units[h]),
+    per_group = [Choice(int(pairs.bits[j]), int(pairs.batch[j]),
+                        variants[point.variant[h]].ranks_for(point.units[h]),
                         float(pairs.density[j]), str(pairs.precision[j]))
                  for h, j in enumerate(point.pair)]
     return [per_group[h] for h in of_class]
@@ -735,7 +898,20 @@ def _choices(tables: Tables, pairs: Pairs, point: Point, of_class: np.ndarray) -
 
 def solve_decomposed(problem: Problem,
                      time_limit: float | None = None) -> tuple[list[Choice] | None, SolverReport]:
-    """(D1)-(D6): choices per class and an honest report (status, proven gap, time)."""
+    """(D1)-(D6), and (D9) where the selection binds: choices per class and an honest report
+    (status, proven gap, time)."""
+    if not problem.restricted:
+        return _solve_decomposed(problem, time_limit)
+    start = time.perf_counter()
+    choices, report = _solve_decomposed(problem.relaxed(), time_limit)
+    if choices is not None and problem.selection_holds(choices):
+        return choices, report
+    left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
+    return _solve_decomposed(problem, left)
+
+
+def _solve_decomposed(problem: Problem,
+                      time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
     start = time.perf_counter()
     deadline_at = None if time_limit is None else start + time_limit
     tables = tables_for(problem)
@@ -754,7 +930,7 @@ def solve_decomposed(problem: Problem,
     point, bound, _ = search.run(deadline_at, FLORA_REFINE if stack else REFINE_POINTS)
     if point is None or not np.isfinite(point.objective):
         return None, report("infeasible", None, None)
-    choices = _choices(tables, pairs, point, of_class)
+    choices = _choices(variants_for(problem), pairs, point, of_class)
     if stack:  # (D6); the D = 0 search above is a relaxation: its bound stands
         choices = _flora(problem, tables, pairs, reps, Omega, of_class, choices, deadline_at)
         if choices is None:
@@ -807,7 +983,7 @@ def _flora(problem: Problem, tables: Tables, pairs: Pairs, reps: list[Server], O
             point, _, _ = search.run(deadline_at, FLORA_REFINE, prove=False)
             if point is None or not np.isfinite(point.objective):
                 break
-            current = _choices(tables, pairs, point, of_class)
+            current = _choices(variants_for(problem), pairs, point, of_class)
         if best is not None:
             current = best
     return best
@@ -824,9 +1000,18 @@ def time_price(problem: Problem, choices: list[Choice]) -> float:
 
 
 def solve_baseline_decomposed(problem: Problem) -> list[Choice] | None:
-    """(D7): one configuration and one rank pattern for every server, quality only."""
+    """(D7): one configuration and one rank pattern for every server, quality only (under spread
+    the relaxed answer where it obeys the selection, as in solve_decomposed)."""
+    if problem.restricted:
+        choices = _baseline(problem.relaxed())
+        if choices is not None and problem.selection_allows(choices[0].ranks):
+            return choices
+    return _baseline(problem)
+
+
+def _baseline(problem: Problem) -> list[Choice] | None:
     p, cost = problem.profile, problem.cost
-    tables = tables_for(problem)
+    tables, variants = tables_for(problem), variants_for(problem)
     reps = list({hardware_key(c.rep): c.rep for c in problem.classes}.values())
     common_bits = [q for q in p.candidates.bits if all(q in p.allowed_bits(r) for r in reps)]
     unit, grp_rep = tables.unit, [g.rep for g in tables.groups]
@@ -844,11 +1029,10 @@ def solve_baseline_decomposed(problem: Problem) -> list[Choice] | None:
                         np.array([list(budgets.values())[0] * (1 - 1e-9)]),
                         np.array(shapes[-1:]), np.zeros(1, dtype=np.int64), np.ones(1),
                         np.array([list(budgets.values())[-1] * (1 - 1e-9)]))
-            exhaustive = exhaustive_possible(tables)
-            centre = None if exhaustive else lp_bound(tables, rows)[1]
-            v, R = integer_solve(tables, rows, centre, exhaustive)
+            v, _, R, variant, _, _ = solve_variants(variants, rows)
             value = problem.config_factor(q, b, problem.densest, problem.widest) * v[0]
             if value > best_value + 1e-15:
-                best = Choice(q, b, tables.ranks_for(R[0]), problem.densest, problem.widest)
+                best = Choice(q, b, variants[variant[0]].ranks_for(R[0]), problem.densest,
+                              problem.widest)
                 best_value = value
     return None if best is None else [best] * len(problem.classes)

@@ -35,6 +35,13 @@ Variables: z_kj in {0,1}; n_kjtl integer in [0, N_t]; G_kjtl >= 0; round time T 
     (6) T <= deadline                                            when the profile sets one
     (7) D = sum_k' c_k' sum_jtl dbytes_tl n_k'jtl    flora only: everyone downloads the stack (fp32)
     (8) sum_t n_kjt1 >= z_kj                                     rate only: every class trains
+    (9) spread only (candidates.selection; S_s is the one set a class adapting s matrices may
+        adapt, s over the counts the rule offers, 0 included: fedpipe.planning.selection), with
+        binaries y_kjs (the count) and x_kjml (matrix m at rank >= r_l):
+            sum_s y_kjs = z_kj,   x_kjm1 = sum_{s: m in S_s} y_kjs,   x_kjml <= x_kjm(l-1),
+            n_kjtl = sum_{m of type t} x_kjml,
+        and the gain sum_l dg_l sum_m w_m x_kjml in place of the chords (3): the per-type counts
+        alone no longer say which matrices are adapted.
 
 omega_k = c_k n_k / sum c n (sample share); f_j = bits_quality[q_j] (b_j / b_max)^beta (beta 1/4, or measured)
 density_quality[d_j] precision_quality[p_j] (quality per round grows sublinearly with the
@@ -167,25 +174,57 @@ class _Block:
     z: pulp.LpVariable | None
     n: dict[tuple[int, int], pulp.LpVariable]
     gain: pulp.LpAffineExpression
+    x: dict[tuple[str, int], pulp.LpVariable] | None = None  # (9): per matrix and level, spread only
 
 
 def _block(prob: pulp.LpProblem, tag: str, problem: Problem, groups: list[_TypeGroup],
-           z: pulp.LpVariable | None) -> _Block:
-    """Constraints (2) and (3) for one configuration."""
+           z: pulp.LpVariable) -> _Block:
+    """Constraints (2) and (3) for one configuration, or (2) and (9) under spread."""
     levels = [r for r in problem.ranks if r > 0]
     gains = [problem.gain(r) for r in [0] + levels]
-    n, gain_terms = {}, []
+    n, gain_terms, x = {}, [], None
     for t, g in enumerate(groups):
         size, prefix = len(g.names), g.prefix
         for lv in range(len(levels)):
             n[t, lv] = v = pulp.LpVariable(f"n_{tag}_{t}_{lv}", 0, size, cat="Integer")
-            upper = size * z if z is not None else size
-            prob += v <= (n[t, lv - 1] if lv else upper), f"c2_{tag}_{t}_{lv}"
+            prob += v <= (n[t, lv - 1] if lv else size * z), f"c2_{tag}_{t}_{lv}"
+            if problem.restricted:
+                continue
             G = pulp.LpVariable(f"G_{tag}_{t}_{lv}", 0)
             for a in range(size):
                 prob += G - g.weights[a] * v <= prefix[a] - g.weights[a] * a, f"c3_{tag}_{t}_{lv}_{a}"
             gain_terms.append((G, gains[lv + 1] - gains[lv]))
-    return _Block(z, n, pulp.LpAffineExpression(gain_terms))
+    if problem.restricted:
+        gain_terms, x = _spread(prob, tag, problem, groups, z, n, gains)
+    return _Block(z, n, pulp.LpAffineExpression(gain_terms), x)
+
+
+def _spread(prob: pulp.LpProblem, tag: str, problem: Problem, groups: list[_TypeGroup],
+            z: pulp.LpVariable, n: dict[tuple[int, int], pulp.LpVariable],
+            gains: list[float]) -> tuple[list[tuple[pulp.LpVariable, float]],
+                                         dict[tuple[str, int], pulp.LpVariable]]:
+    """(9) for one configuration; returns its gain terms and the x variables."""
+    sets = problem.adaptable_sets
+    y = {s: pulp.LpVariable(f"y_{tag}_{s}", cat="Binary") for s in sets}
+    prob += pulp.lpSum(y.values()) == z, f"c9_{tag}_count"
+    gain_terms, every_x = [], {}
+    for t, g in enumerate(groups):
+        x_prev = {}
+        for lv in range(len(gains) - 1):
+            x = {name: pulp.LpVariable(f"x_{tag}_{t}_{a}_{lv}", cat="Binary")
+                 for a, name in enumerate(g.names)}
+            for a, name in enumerate(g.names):
+                if lv:
+                    prob += x[name] <= x_prev[name], f"c9_{tag}_{t}_{a}_{lv}"
+                else:
+                    prob += x[name] == pulp.lpSum(y[s] for s, members in sets.items()
+                                                  if name in members), f"c9_{tag}_{t}_{a}_set"
+            prob += n[t, lv] == pulp.lpSum(x.values()), f"c9_{tag}_{t}_{lv}_count"
+            gain_terms += [(x[name], w * (gains[lv + 1] - gains[lv]))
+                           for name, w in zip(g.names, g.weights, strict=True)]
+            x_prev = x
+            every_x.update({(name, lv): v for name, v in x.items()})
+    return gain_terms, every_x
 
 
 def _increments(groups: list[_TypeGroup], ranks: list[int], cost_of) -> dict[tuple[int, int], float]:
@@ -197,6 +236,12 @@ def _increments(groups: list[_TypeGroup], ranks: list[int], cost_of) -> dict[tup
 
 def _ranks_from_counts(block: _Block, groups: list[_TypeGroup], ranks: list[int]) -> dict[str, int]:
     levels = [r for r in ranks if r > 0]
+    if block.x is not None:  # (9): the matrices themselves
+        reached: dict[str, int] = {}
+        for (name, lv), v in block.x.items():
+            if (v.value() or 0) > 0.5:
+                reached[name] = max(reached.get(name, 0), levels[lv])
+        return reached
     out = {}
     for t, g in enumerate(groups):
         counts = [round(block.n[t, lv].value() or 0) for lv in range(len(levels))]
@@ -299,8 +344,21 @@ def _build(problem: Problem) -> _Model:
 
 def solve_milp(problem: Problem, solver: str,
                time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
-    """Build and solve (1)-(8) of the module docstring for the profile's objective: one solve
-    (weighted) or Dinkelbach's sequence (rate)."""
+    """Build and solve (1)-(9) of the module docstring for the profile's objective: one solve
+    (weighted) or Dinkelbach's sequence (rate). Under spread the model without (9) first: its
+    optimum is the answer where it obeys the selection (Problem.relaxed)."""
+    if problem.restricted:
+        start = time.perf_counter()
+        choices, report = _solve_milp(problem.relaxed(), solver, time_limit)
+        if choices is not None and problem.selection_holds(choices):
+            return choices, report
+        if time_limit is not None:
+            time_limit = max(1.0, time_limit - (time.perf_counter() - start))
+    return _solve_milp(problem, solver, time_limit)
+
+
+def _solve_milp(problem: Problem, solver: str,
+                time_limit: float | None) -> tuple[list[Choice] | None, SolverReport]:
     model = _build(problem)
     if problem.profile.objective.kind == "rate":
         return _dinkelbach(problem, model, solver, time_limit)
@@ -356,7 +414,16 @@ def _makespan_floor(problem: Problem) -> float:
 def solve_baseline(problem: Problem, solver: str,
                    time_limit: float | None) -> tuple[list[Choice], list[str]] | None:
     """Every server on one common configuration: the best one the weakest can run (quality only,
-    so the densest density and the widest precision)."""
+    so the densest density and the widest precision); under spread as in solve_milp."""
+    if problem.restricted:
+        found = _baseline(problem.relaxed(), solver, time_limit)
+        if found is not None and problem.selection_allows(found[0][0].ranks):
+            return found
+    return _baseline(problem, solver, time_limit)
+
+
+def _baseline(problem: Problem, solver: str,
+              time_limit: float | None) -> tuple[list[Choice], list[str]] | None:
     p, cost = problem.profile, problem.cost
     common_bits = [q for q in p.candidates.bits
                    if all(q in p.allowed_bits(c.rep) for c in problem.classes)]
@@ -392,7 +459,8 @@ def solve_baseline(problem: Problem, solver: str,
 
 
 def milp_size(problem: Problem) -> int:
-    """Chord rows (3) of the MILP: what its build and solve time grow with."""
+    """Chord rows (3) of the MILP (under spread the rows of (9) in their place): what its build
+    and solve time grow with."""
     sizes = [len(g.names) for g in _type_groups(problem)]
-    levels = len([r for r in problem.ranks if r > 0])
+    levels = len([r for r in problem.ranks if r > 0]) + int(problem.restricted)
     return sum(len(problem.configs(k)) for k in range(len(problem.classes))) * levels * sum(sizes)

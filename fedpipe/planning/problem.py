@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from fedpipe.planning.cost import (
     ServerCost,
     server_cost,
 )
+from fedpipe.planning.selection import importance_order, spread_set, spread_sets
 from fedpipe.precision import bytes_per_value
 from fedpipe.profile import ClusterProfile, Server
 from fedpipe.rules import RuleTraits, rule_traits
@@ -115,6 +116,44 @@ class Problem:
         if o.kind == "rate":
             return quality / makespan
         return quality - o.time_weight * makespan / self.t_ref
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the selection rule limits the sets a class may adapt (spread)."""
+        return self.profile.candidates.selection != "importance"
+
+    @cached_property
+    def adaptable_sets(self) -> dict[int, frozenset[str]]:
+        """Under ``candidates.selection: spread`` the one set a class may adapt per count offered
+        (fedpipe.planning.selection); every count is walked, so only the solvers that search
+        over counts ask for all of them."""
+        return spread_sets(self.matrices, self.weights)
+
+    def selection_allows(self, ranks: dict[str, int]) -> bool:
+        """Whether a class may adapt exactly the matrices of `ranks` (its keys)."""
+        if not self.restricted:
+            return True
+        n = len(ranks)
+        if n not in self._spread_walks:  # thousands of classes share a few counts
+            self._spread_walks[n] = spread_set(importance_order(self.matrices, self.weights), n)
+        return ranks.keys() == self._spread_walks[n]
+
+    def selection_holds(self, choices: list[Choice]) -> bool:
+        """selection_allows for every class (classes sharing a Choice object checked once)."""
+        return all(self.selection_allows(ch.ranks) for ch in {id(ch): ch for ch in choices}.values())
+
+    @cached_property
+    def _spread_walks(self) -> dict[int, frozenset[str] | None]:
+        return {}
+
+    def relaxed(self) -> Problem:
+        """The same instance with any set allowed: its optimum bounds this one's, and is this
+        one's when its choices happen to obey the selection (solvers try it first: cheap, and
+        exact whenever the selection does not bind, e.g. every candidate adapted)."""
+        c = self.profile.candidates
+        profile = self.profile.model_copy(
+            update={"candidates": c.model_copy(update={"selection": "importance"})})
+        return replace(self, profile=profile)
 
     @property
     def every_server_trains(self) -> bool:
@@ -309,9 +348,12 @@ def evaluate(problem: Problem, choices: list[Choice]) -> Evaluation:
 
 
 def is_feasible(problem: Problem, choices: list[Choice], evaluation: Evaluation) -> bool:
-    """Memory, the deadline and, under the rate objective, (8): every class adapts something."""
+    """Memory, the deadline, the selection rule (spread: each class adapts the spread set of its
+    count) and, under the rate objective, (8): every class adapts something."""
     deadline = problem.profile.objective.deadline_s
     if problem.every_server_trains and not all(ch.ranks for ch in choices):
+        return False
+    if not problem.selection_holds(choices):
         return False
     mem_ok = all(c.memory_gib <= cls.rep.memory_gib * (1 + 1e-9)
                  for c, cls in zip(evaluation.costs, problem.classes, strict=True))

@@ -23,8 +23,10 @@ PRICED_PRECISIONS = {"fp32": 1.0, "fp16": 0.999, "bf16": 0.998, "int8": 0.99, "n
 
 
 def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: str = "hetlora",
-                    kind: str = "weighted", precisions: list[str] | None = None):
-    """`precisions`: the wire precision ladder (default fp32 only, the instances' original size)."""
+                    kind: str = "weighted", precisions: list[str] | None = None,
+                    selection: str = "importance"):
+    """`precisions`: the wire precision ladder (default fp32 only, the instances' original size);
+    `selection`: candidates.selection."""
     rng = random.Random(seed)
     servers = [{"name": f"s{i}", "memory_gib": rng.choice([2.0, 2.6, 3.0, 4.0, 8.0]),
                 "tflops": rng.choice([0.5, 2.0, 10.0]), "uplink_mbps": rng.choice([5, 50, 500]),
@@ -35,13 +37,33 @@ def random_instance(seed: int, n_servers: int, ranks: list[int], aggregation: st
         "task": {"seq_len": 256, "local_steps": 2},
         "candidates": {"targets": ["q_proj", "down_proj"], "ranks": ranks, "bits": [4, 16],
                        "batch_sizes": [1, 2], "densities": [1.0, 0.25],
-                       "precisions": precisions or ["fp32"]},
+                       "precisions": precisions or ["fp32"], "selection": selection},
         "objective": {"kind": kind, "time_weight": rng.choice([0.05, 0.3, 1.0]),
                       "precision_quality": PRICED_PRECISIONS},
         "servers": servers,
     })
     scores = {m.name: rng.random() for m in SHAPES.matrices}
     return build_problem(profile, SHAPES, ImportanceReport(scorer="test", model="tiny-wide", scores=scores))
+
+
+def selection_allows(problem, adapted) -> bool:
+    """candidates.selection, from its definition rather than the planner's walk: under spread a
+    set of n matrices is allowed when it has at most ceil(n / L) per layer, per-type counts
+    within one of each other over the candidate types, and among all such sets of n it comes
+    first in importance order (lexicographically by the ranks of its members)."""
+    if problem.profile.candidates.selection == "importance":
+        return True
+    order = sorted(problem.matrices, key=lambda m: (-problem.weights[m.name], m.name))
+    layers, kinds = {m.layer for m in order}, sorted({m.kind for m in order})
+
+    def limits_hold(subset) -> bool:
+        n = len(subset)
+        per_type = [sum(m.kind == t for m in subset) for t in kinds]
+        return (all(sum(m.layer == la for m in subset) <= -(-n // len(layers)) for la in layers)
+                and max(per_type) - min(per_type) <= 1)
+
+    allowed = [sub for sub in itertools.combinations(order, len(adapted)) if limits_hold(sub)]
+    return bool(allowed) and {m.name for m in allowed[0]} == set(adapted)
 
 
 def all_configs(problem, k):
@@ -64,8 +86,8 @@ def per_server_options(problem, k, allow_idle=False):
             pattern = {n: r for n, r in zip(names, ranks, strict=True) if r > 0}
             down = sum(v_down * by_name[n].lora_params(r) for n, r in pattern.items())
             c = server_cost(problem.cost, cls.rep, q, b, pattern, by_name, down, d, p)
-            if c.memory_gib <= cls.rep.memory_gib and (pattern or allow_idle
-                                                      or not problem.every_server_trains):
+            if c.memory_gib <= cls.rep.memory_gib and selection_allows(problem, pattern) and (
+                    pattern or allow_idle or not problem.every_server_trains):
                 cov = sum(problem.weights[n] * problem.gain(r) for n, r in pattern.items())
                 out.append((problem.omega[k] * problem.config_factor(q, b, d, p) * cov, c.round_s))
     return np.array(out)
@@ -89,7 +111,8 @@ def enumerated_optimum(problem) -> float:
     options = [[Choice(q, b, {n: r for n, r in zip(names, rs, strict=True) if r > 0}, d, p)
                 for q, b, d, p in all_configs(problem, k)
                 for rs in itertools.product(problem.ranks, repeat=len(names))
-                if any(rs) or not problem.every_server_trains]
+                if (any(rs) or not problem.every_server_trains)
+                and selection_allows(problem, [n for n, r in zip(names, rs, strict=True) if r > 0])]
                for k in range(len(problem.classes))]
     return max(e.objective for combo in itertools.product(*options)
                for e in [evaluate(problem, list(combo))]
