@@ -432,6 +432,11 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     command = [flower_command("flower-supernode"), "--superlink", superlink,
                *tls_args(insecure, root_certificates), "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(port)]
+    if resident is not None:
+        from fedpipe import flower_tasks
+
+        if flower_tasks.AVAILABLE:  # `run_node` runs the ClientApp tasks itself, beside the trainer
+            command += ["--isolation", "process"]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key.resolve())]
     return command
@@ -477,6 +482,12 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
             threading.Thread(target=serve, args=(folder, handler(node), ready), daemon=True).start()
             ready.wait()
         proc = subprocess.Popen(command, env=flower_env())
+        stop = threading.Event()
+        if "--isolation" in command:  # ClientApp tasks here, beside the trainer (`fedpipe.flower_tasks`)
+            from fedpipe.flower_tasks import serve_tasks
+
+            runtime_api = f"{command[command.index('--host') + 1]}:{command[command.index('--port') + 1]}"
+            threading.Thread(target=serve_tasks, args=(runtime_api, client_app, stop), daemon=True).start()
         try:
             return proc.wait()
         except KeyboardInterrupt:
@@ -487,6 +498,8 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
                 proc.kill()
                 proc.wait()
             return 0
+        finally:
+            stop.set()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if folder is not None:
