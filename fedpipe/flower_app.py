@@ -8,11 +8,13 @@ Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
                                                       transport (started by the SuperLink)
                           `fedpipe run --backend flower` submits the run (`flwr run`), streams its log
     each edge machine     `fedpipe node PLAN --server NAME`: the resident trainer (`fedpipe.resident`:
-                          base loaded once, shard, EdgeTrainer, merged base), and as its child
-                          └─ flower-supernode         node config plan=PATH server=NAME resident=DIR
-                             └─ one ClientApp process per message (Flower's design): `train` relays
-                                the round's bytes to the resident trainer (`fedpipe.relay`, a Unix
-                                socket with a key), never importing torch
+                          base loaded once, shard, EdgeTrainer, merged base), the node's ClientApp
+                          tasks (`fedpipe.flower_tasks`: `train` relays the round's bytes to the
+                          trainer over `fedpipe.relay`, a Unix socket with a key), and as its child
+                          └─ flower-supernode         node config plan=PATH server=NAME resident=DIR,
+                                                      --isolation process (no process per message)
+    (`fedpipe node --no-resident`, a plain flower-supernode: Flower's one ClientApp process per
+    message, which loads the model for it, `train_node`)
 
 Messages carry the wire payloads unchanged (a uint8 array in an ArrayRecord), so bytes counted are
 the wire bytes: ``query`` (who are you: server name, plan digest), ``train`` (broadcast payload +
