@@ -3,11 +3,12 @@
 Flower (1.42) runs every message a SuperNode receives in a fresh `flwr-clientapp` process: the
 SuperExec polls the SuperNode's Runtime API for a task and launches the process, which starts
 Python, imports flwr and the app, installs the app bundle, pulls the message, runs it, pushes the
-reply and exits. Measured on this 2-core box, that start-up was 2.5-4.5 s of every round on every
-node (README 'Rounds without reloading'), for a ClientApp that only relays bytes to the resident
-trainer. Flower's `--isolation process` leaves running the tasks to whoever serves the Runtime
-API, so a resident `fedpipe node` serves them itself: a thread acquires each ClientApp task and
-runs fedpipe's ClientApp, already imported, in the process that holds the trainer.
+reply and exits. Measured on this 2-core box, that took 4-7.6 s from a message's arrival to its
+training, on every round and node (README 'Rounds without reloading'; 1.2-2.3 s without it, at
+a higher load), for a ClientApp that only relays bytes to the resident trainer. Flower's
+`--isolation process` leaves running the tasks to whoever serves the Runtime API, so a resident
+`fedpipe node` serves them itself: a thread acquires each ClientApp task and runs fedpipe's
+ClientApp, already imported, in the process that holds the trainer.
 
 The steps are flwr-clientapp's own (`flwr.supernode.runtime.run_clientapp`): pull the task input,
 run the app, push the reply, then the task's output (the node state), with task heartbeats while
