@@ -6,7 +6,8 @@ Run: ``PYTHONPATH=. python benchmarks/bench_allocator.py [--candidates default,m
 Each candidate is an allocator setting for a whole training process: glibc's defaults
 (``default``, the untouched allocator every ratio is taken against), ``mallopt`` values, a
 ``malloc_trim(0)`` after every step, or another allocator preloaded (jemalloc: needs
-``libjemalloc.so.2`` on the machine, e.g. ``apt-get install libjemalloc2``). For each candidate x
+``libjemalloc.so.2`` on the machine, e.g. ``apt-get install libjemalloc2``), or a process started
+plainly that picks its allocator as the ``fedpipe`` command does (``fedpipe-command``). For each candidate x
 bits x batch a fresh process loads the bundled SmolLM2-135M (real weights), attaches LoRA r=8 on
 all 210 matrices and takes one warm-up and ``--steps`` timed AdamW steps on a fixed batch of
 batch x 128 tokens with one torch thread, exactly as ``fedpipe calibrate`` measures: peak resident
@@ -53,6 +54,7 @@ class Candidate:
     trim_before_backward: bool = False
     fedpipe_sets: bool = False  # fedpipe.allocator.prepare_for_training runs (at load_base) as in training
     env: dict[str, str] = field(default_factory=dict)
+    as_command: bool = False  # starts as the `fedpipe` command does: allocator.start_command first
 
 
 CANDIDATES = {
@@ -77,6 +79,9 @@ CANDIDATES = {
                                     "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
     "fedpipe-jemalloc": Candidate("jemalloc 5.3 preloaded, fedpipe's own setting (decay off at load)",
                                   fedpipe_sets=True, env={"LD_PRELOAD": JEMALLOC}),
+    "fedpipe-command": Candidate("started plainly, as the `fedpipe` command: it re-executes itself "
+                                 "under jemalloc (decay off) where installed", fedpipe_sets=True,
+                                 as_command=True),
 }
 
 
@@ -100,6 +105,8 @@ def measure_here(spec: dict) -> dict:
     from fedpipe.measure import rss_bytes
 
     candidate = CANDIDATES[spec["candidate"]]
+    if candidate.as_command:
+        fedpipe.allocator.start_command()  # returns in the re-executed process
     fedpipe.allocator._prepared = not candidate.fedpipe_sets  # else the candidate alone decides
     libc = ctypes.CDLL("libc.so.6")
     for option, value in candidate.mallopt:
@@ -133,7 +140,8 @@ def measure_here(spec: dict) -> dict:
         cpu_times.append(time.process_time() - cpu_start)
         peaks.append(_status_kib("VmHWM") / 2**20)
     return {"step_times": times, "cpu_times": cpu_times, "peaks_gib": peaks, "runtime_gib": runtime,
-            "minor_faults_per_step": (faults() - start_faults) / len(times)}
+            "minor_faults_per_step": (faults() - start_faults) / len(times),
+            "allocator": fedpipe.allocator.running()}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -144,7 +152,9 @@ def measure(candidate: str, folder: Path, setup, bits: int, batch: int, steps: i
             "seq_len": setup.profile.task.seq_len, "steps": steps, "ranks": setup.rank_pattern(),
             "alpha_ratio": setup.profile.candidates.lora_alpha_ratio,
             "lr": setup.profile.task.learning_rate}
-    env = os.environ | CANDIDATES[candidate].env
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "FEDPIPE_ALLOCATOR",
+                                                           "FEDPIPE_ALLOCATOR_REEXEC")}
+    env |= CANDIDATES[candidate].env
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -174,7 +184,7 @@ def run(args, setup, names: list[str], configs: list[tuple[int, int]]) -> list[d
                           f"(cpu {statistics.median(m['cpu_times'][1:]):.2f} s) "
                           f"peak {max(m['peaks_gib']):.3f} GiB "
                           f"({' '.join(f'{p:.2f}' for p in m['peaks_gib'])}) "
-                          f"faults/step {m['minor_faults_per_step']:.0f}", flush=True)
+                          f"faults/step {m['minor_faults_per_step']:.0f} ({m['allocator']})", flush=True)
     return rows
 
 

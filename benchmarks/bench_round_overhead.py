@@ -29,7 +29,9 @@ backend, one after another, every process at --threads torch threads (default 1)
 (``flower``) or loading the model for every message (``flower-per-message``, `--no-resident`).
 Overhead = round wall time (the loop's round_s) minus the training on the round's critical path:
 the sum of the servers' train_s in process (one after another), their maximum on Flower (in
-parallel). The nodes' load time (their logs) is scaled to Llama-2-7B by weight bytes.
+parallel). The nodes' load time (their logs) is scaled to Llama-2-7B by weight bytes. The
+benchmark starts itself as the `fedpipe` command does (under jemalloc where installed), so the
+in-process trainers and the nodes' run on the same allocator.
 """
 
 from __future__ import annotations
@@ -212,6 +214,8 @@ def compare_backends(args) -> None:
     """One run per backend of the same plan; overhead outside training, as a share of the round."""
     from transformers.utils import logging as hf_logging
 
+    from fedpipe import allocator
+
     hf_logging.disable_progress_bar()
     threads = args.threads or 1
     torch.set_num_threads(threads)
@@ -237,7 +241,8 @@ def compare_backends(args) -> None:
     load_after = os.getloadavg()
     print(f"plan {args.plan or 'quickstart without laptop (phone 4-bit, workstation 16-bit)'}: {args.rounds} "
           f"rounds, {args.local_steps} local steps, {args.eval_samples} eval examples, torch threads "
-          f"{threads}; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
+          f"{threads}, allocator {allocator.running()}; load average before {load_before[0]:.1f}, after "
+          f"{load_after[0]:.1f}")
     print(f"{'backend':<20}{'rounds s':>10}{'training':>10}{'overhead':>10}{'share':>8}{'eval+agg':>10}"
           f"{'transport':>11}  per round overhead s")
     for backend, r in results.items():
@@ -287,6 +292,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.backends:
+        from fedpipe import allocator
+
+        allocator.start_command()  # every backend's trainers on the allocator the `fedpipe` command picks
         args.local_steps, args.eval_samples = args.local_steps or 3, args.eval_samples or 8
         return compare_backends(args)
     args.plan = args.plan or "plans/cluster.plan.yaml"

@@ -13,10 +13,14 @@ buffers do not pile up in the allocator's heap. Measured on SmolLM2-135M, LoRA r
   third of glibc's page faults per step, and its peak no longer depends on how fast the steps run.
 
 jemalloc cannot be switched on inside a running process: it must be preloaded when the process
-starts (``LD_PRELOAD=libjemalloc.so.2``; Debian/Ubuntu package ``libjemalloc2``). So a process
-started with it gets the decay turned off, and one started without it gets glibc's 1 MiB mmap
-threshold. Child processes inherit ``LD_PRELOAD``, so ``fedpipe calibrate``'s measuring processes
-and the Flower processes run with the allocator ``fedpipe`` itself was started with.
+starts (``LD_PRELOAD=libjemalloc.so.2``; Debian/Ubuntu package ``libjemalloc2``). So the
+``fedpipe`` command re-executes itself once under jemalloc where the library is installed
+(`start_command`; ``FEDPIPE_ALLOCATOR=system`` keeps the system allocator, ``=jemalloc`` insists on
+jemalloc), with the decay off from the start (``MALLOC_CONF``). A process started under jemalloc
+anyway (preloaded by hand) gets the decay turned off at load, and one without it gets glibc's
+1 MiB mmap threshold. Child processes inherit the environment, so ``fedpipe calibrate``'s
+measuring processes, ``fedpipe node``'s Flower processes and the trainer run with the same
+allocator, and predictions hold for the runs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Literal
+
+from fedpipe.errors import FedpipeError
 
 Allocator = Literal["jemalloc", "glibc", "other"]
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 GLIBC_MMAP_THRESHOLD_BYTES = 1 << 20
+CHOICE_ENV = "FEDPIPE_ALLOCATOR"  # auto (default) | jemalloc | system
+CHOICES = ("auto", "jemalloc", "system")
+REEXEC_ENV = "FEDPIPE_ALLOCATOR_REEXEC"  # set on the re-executed command: never a second time
+KEEP_PAGES_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # jemalloc's MALLOC_CONF: decay off
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib", "/usr/local/lib64")
 
 log = logging.getLogger(__name__)
 _prepared = False
@@ -54,8 +69,59 @@ def _address(function: Callable[..., object]) -> int | None:
 
 
 def jemalloc_library() -> str | None:
-    """The name to put in ``LD_PRELOAD`` for jemalloc on this machine; None where not installed."""
-    return ctypes.util.find_library("jemalloc")
+    """The name to put in ``LD_PRELOAD`` for jemalloc on this machine; None where not installed.
+    The loader's cache first, then the usual library folders (a build under /usr/local that
+    ldconfig was not run for)."""
+    found = ctypes.util.find_library("jemalloc")
+    if found:
+        return found
+    for folder in LIBRARY_DIRS:
+        candidates = sorted(Path(folder).glob("libjemalloc.so*")) if Path(folder).is_dir() else []
+        if candidates:
+            return str(candidates[0])
+    return None
+
+
+def preload_env(env: Mapping[str, str], library: str | None, serving: Allocator) -> dict[str, str] | None:
+    """The environment to re-execute the command with so that jemalloc serves its malloc, or None
+    to run as started: jemalloc already serves it, ``FEDPIPE_ALLOCATOR=system``, no jemalloc on
+    this machine, or this is the re-executed command already (whatever the preload did: one
+    re-exec at most). ``FEDPIPE_ALLOCATOR=jemalloc`` turns the last two into errors."""
+    choice = env.get(CHOICE_ENV, "auto") or "auto"
+    if choice not in CHOICES:
+        raise FedpipeError(f"{CHOICE_ENV}={choice!r}: valid values are {', '.join(CHOICES)} (auto: "
+                           "jemalloc where installed, else the system allocator)")
+    if choice == "system" or serving == "jemalloc":
+        return None
+    if env.get(REEXEC_ENV):
+        if choice == "jemalloc":
+            raise FedpipeError(f"{CHOICE_ENV}=jemalloc: preloading {env.get('LD_PRELOAD', library)} "
+                               "did not make jemalloc serve malloc; set "
+                               f"{CHOICE_ENV}=system to go on without it")
+        return None
+    if library is None:
+        if choice == "jemalloc":
+            raise FedpipeError(f"{CHOICE_ENV}=jemalloc: no libjemalloc on this machine (looked in the "
+                               f"loader's cache and {', '.join(LIBRARY_DIRS)}); install it (Debian/"
+                               f"Ubuntu: apt-get install libjemalloc2) or set {CHOICE_ENV}=auto or system")
+        return None
+    preload = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
+    return {**env, "LD_PRELOAD": preload, "MALLOC_CONF": env.get("MALLOC_CONF") or KEEP_PAGES_CONF,
+            REEXEC_ENV: "1"}
+
+
+def start_command() -> None:
+    """At the start of the ``fedpipe`` command (its console entry point, not on import): re-execute
+    the same command line once with jemalloc preloaded where `preload_env` says so (module
+    docstring). Returns only when the command runs as started."""
+    if not sys.platform.startswith("linux"):  # LD_PRELOAD is the Linux loader's
+        return
+    env = preload_env(os.environ, jemalloc_library(), running())
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _mallctl() -> Callable[..., int]:
@@ -104,6 +170,8 @@ def prepare_for_training() -> Allocator:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_BYTES)
-        log.info("CPU training on glibc malloc with a 1 MiB mmap threshold; started with "
-                 "LD_PRELOAD=libjemalloc.so.2 it trains about 1.3x faster at no more memory")
+        if os.environ.get(CHOICE_ENV) != "system":  # asked for: nothing to say
+            log.warning("fedpipe: CPU training on glibc malloc with a 1 MiB mmap threshold, steps about "
+                        "1.3x as long as under jemalloc (install libjemalloc2: the fedpipe command "
+                        "then uses it)")
     return allocator

@@ -16,8 +16,25 @@ from fedpipe.rules import rules_help
 if TYPE_CHECKING:
     from fedpipe.importance import ImportanceReport
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Plan and run federated LoRA fine-tuning across heterogeneous edge servers.")
+
+class Command(typer.Typer):
+    """The `fedpipe` console command: first the CPU allocator (a re-exec under jemalloc where it is
+    installed: `fedpipe.allocator.start_command`), then typer. Tests drive the commands through
+    typer's CliRunner, which does not pass here."""
+
+    def __call__(self, *args, **kwargs):
+        from fedpipe import allocator
+
+        try:
+            allocator.start_command()
+        except FedpipeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise SystemExit(2) from None
+        return super().__call__(*args, **kwargs)
+
+
+app = Command(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+              help="Plan and run federated LoRA fine-tuning across heterogeneous edge servers.")
 
 
 def user_errors(fn: Callable) -> Callable:

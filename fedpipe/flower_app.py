@@ -8,11 +8,13 @@ Process layout (flwr >= 1.41, one HTTP port on the SuperLink):
                                                       transport (started by the SuperLink)
                           `fedpipe run --backend flower` submits the run (`flwr run`), streams its log
     each edge machine     `fedpipe node PLAN --server NAME`: the resident trainer (`fedpipe.resident`:
-                          base loaded once, shard, EdgeTrainer, merged base), and as its child
-                          └─ flower-supernode         node config plan=PATH server=NAME resident=DIR
-                             └─ one ClientApp process per message (Flower's design): `train` relays
-                                the round's bytes to the resident trainer (`fedpipe.relay`, a Unix
-                                socket with a key), never importing torch
+                          base loaded once, shard, EdgeTrainer, merged base), the node's ClientApp
+                          tasks (`fedpipe.flower_tasks`: `train` relays the round's bytes to the
+                          trainer over `fedpipe.relay`, a Unix socket with a key), and as its child
+                          └─ flower-supernode         node config plan=PATH server=NAME resident=DIR,
+                                                      --isolation process (no process per message)
+    (`fedpipe node --no-resident`, a plain flower-supernode: Flower's one ClientApp process per
+    message, which loads the model for it, `train_node`)
 
 Messages carry the wire payloads unchanged (a uint8 array in an ArrayRecord), so bytes counted are
 the wire bytes: ``query`` (who are you: server name, plan digest), ``train`` (broadcast payload +
@@ -432,6 +434,11 @@ def supernode_command(plan_path: Path, server: str, superlink: str, *, insecure:
     command = [flower_command("flower-supernode"), "--superlink", superlink,
                *tls_args(insecure, root_certificates), "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(port)]
+    if resident is not None:
+        from fedpipe import flower_tasks
+
+        if flower_tasks.AVAILABLE:  # `run_node` runs the ClientApp tasks itself, beside the trainer
+            command += ["--isolation", "process"]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key.resolve())]
     return command
@@ -477,6 +484,12 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
             threading.Thread(target=serve, args=(folder, handler(node), ready), daemon=True).start()
             ready.wait()
         proc = subprocess.Popen(command, env=flower_env())
+        stop = threading.Event()
+        if "--isolation" in command:  # ClientApp tasks here, beside the trainer (`fedpipe.flower_tasks`)
+            from fedpipe.flower_tasks import serve_tasks
+
+            runtime_api = f"{command[command.index('--host') + 1]}:{command[command.index('--port') + 1]}"
+            threading.Thread(target=serve_tasks, args=(runtime_api, client_app, stop), daemon=True).start()
         try:
             return proc.wait()
         except KeyboardInterrupt:
@@ -487,6 +500,8 @@ def run_node(plan_path: Path, server: str, supernode: Callable[[Path | None], li
                 proc.kill()
                 proc.wait()
             return 0
+        finally:
+            stop.set()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if folder is not None:

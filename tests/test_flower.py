@@ -29,6 +29,7 @@ from fedpipe.federation.inprocess import run_plan
 from fedpipe.metrics import read_metrics
 
 flower_app = pytest.importorskip("fedpipe.flower_app", exc_type=FedpipeError)
+from fedpipe import flower_tasks  # noqa: E402 - needs flwr, checked just above
 
 EVAL_SAMPLES = 4  # both backends: the held-out evaluation is the same code, keep it short
 
@@ -136,6 +137,9 @@ def test_flower_run_matches_in_process(federation):
         reference = in_process.result()
     assert any("fedpipe-done" in line for line in lines), federation.logs()
     assert_resident(lines, rounds=[1, 2])
+    if flower_tasks.AVAILABLE:  # the messages ran in `fedpipe node`, no flwr-clientapp process per message
+        for server in ("edge", "hub"):
+            assert "Start `flwr-clientapp` process" not in (federation.root / f"node-{server}.log").read_text()
 
     diff = max_abs_diff(read_global(federation.root / "flower"), read_global(federation.root / "inprocess"))
     print(f"\nmax abs difference of the global ΔW, Flower vs in-process: {diff:.3g}")
