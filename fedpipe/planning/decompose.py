@@ -735,13 +735,13 @@ class TimeSearch:
             v, bound, R, variant, need, each = solve_variants(
                 self.variants, rows, shape, None if first else self.ceiling[pi],
                 None if first else self.mem_variant[pi])
-            if self.ceiling is None:
+            if first:
                 self.ceiling = each
             return v, bound, R, np.zeros(len(v)), need, variant
-        first = np.zeros(len(rows.budget1), dtype=np.int64)
+        only = np.zeros(len(rows.budget1), dtype=np.int64)  # the one variant
         if self.exhaustive:
             v, R = integer_solve(tables, rows, None, True)
-            return v, v, R, np.zeros(len(v)), R @ shape, first
+            return v, v, R, np.zeros(len(v)), R @ shape, only
         ub, centre = lp_bound(tables, rows)
         slope = np.zeros(len(ub))
         if delta is not None:  # LP_hj is concave in T: a backward difference bounds its right derivative
@@ -750,7 +750,7 @@ class TimeSearch:
             ub_before = np.where(before.budget1 >= 0, lp_bound(tables, before)[0], 0.0)
             slope = np.maximum(ub - ub_before, 0.0) / delta * (1 + 1e-9) + 1e-12
         v, R = integer_solve(tables, rows, centre, False)
-        return v, np.maximum(ub, v), R, slope, np.maximum(R @ shape, centre @ shape), first
+        return v, np.maximum(ub, v), R, slope, np.maximum(R @ shape, centre @ shape), only
 
     def evaluate(self, Ts: np.ndarray) -> list[Point]:
         p, tables = self.pairs, self.tables
