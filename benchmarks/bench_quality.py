@@ -86,8 +86,8 @@ def variant_profile(prior: Path, name: str, quality: Path) -> Path:
 def plan_recipes() -> list[tuple[str, str, str, str | None]]:
     """(plan name, profile variant, strategy, objective)."""
     return ([(n, "prior", n, None) for n in strategy_names()]
-            + [("fitted", "fitted", "fedpipe", None), ("fedpipe-rate", "prior", "fedpipe", "rate"),
-               ("fitted-rate", "fitted", "fedpipe", "rate"), ("fedpipe-tw0", "tw0", "fedpipe", None),
+            + [("fedpipe-rate", "prior", "fedpipe", "rate"), ("fedpipe-tw0", "tw0", "fedpipe", None),
+               ("fitted", "fitted", "fedpipe", None), ("fitted-rate", "fitted", "fedpipe", "rate"),
                ("fedpipe-tw5", "tw5", "fedpipe", None)])
 
 
