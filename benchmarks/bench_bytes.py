@@ -255,7 +255,8 @@ def report(out: Path, seeds: list[int], settings: dict) -> tuple[str, dict]:
     lines += ["",
               "largest byte reduction with mean final eval loss within 1% of dense fp32: "
               + (f"{best[1]:.1f}× ({LABELS[best[0]]}); 10× {'reached' if best[1] >= 10 else 'not reached'}"
-                 if best else "none (no reduced run stays within 1%); 10× not reached"),
+                 if best else "none (no reduced run stays within 1%); 10× not reached" if len(summary) > 1
+                 else "no reduced variant has a result for every seed: not answered"),
               "(" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"]
     data = {"settings": settings, "runs": [runs[k] for k in sorted(runs)], "base_loss": {"mean": base_mean,
             "spread": base_spread}, "summary": summary, "headline": headline}
