@@ -4,15 +4,16 @@ On the bundled SmolLM2-135M and the built-in non-IID task data (bench_sparse's p
 Dirichlet split, `PROFILE` below), plan a two-server profile once, then run the same plan per seed
   * dense fp32 (the reference every "vs dense" is against),
   * each payload precision alone, both directions: bf16, int8, nf4,
-  * precision x density (top-k, both directions): int8 and nf4 at 1/4, nf4 at 1/16,
+  * precision x density (top-k, both directions): int8 and nf4 at 1/4, nf4 at 1/3 and 1/16,
   * error feedback off for the two nf4 top-k rows (`--no-error-feedback`; on everywhere else),
   * a thresholded global rank: flora dense, and flora with the global stack cut to rank 8,
   * the planner's own choice: `PROFILE` planned with the schema's default communication
     candidates and run as planned (whatever the planner can choose, it chooses here),
 and report bytes up / down / total (counted on the payloads, every server, every round) and the
 global model's final eval loss, per run and as a mean over seeds with the seed spread, each
-against dense fp32; the headline is the largest byte reduction whose mean loss is within 1% of
-dense's, and whether it reaches 10x.
+against dense fp32, and paired (each seed's run against dense fp32 on the same seed: the mean and
+its standard error over seeds, and each seed's); the headline is the largest byte reduction whose
+mean loss is within 1% of dense's, and whether it reaches 10x.
 
 Why these rules: the grid runs under fedit, which averages factors and restarts from them, so an
 upload residual stays in the same coordinates and error feedback is on (`fedpipe.feedback`); under
@@ -32,6 +33,7 @@ writes the report (or `--report` rebuilds it from the files).
     python benchmarks/bench_bytes.py --only nf4-d16,nf4-d4-noef,nf4-d16-noef,flora,flora-rank8,planner \
         > b.log 2>&1; wait
     python benchmarks/bench_bytes.py --report     # benchmarks/results/bytes-cpu.{txt,json}
+    python benchmarks/bench_bytes.py --predict --rounds 20   # each variant's predicted bytes, no training
     python benchmarks/bench_bytes.py --rounds 1 --seeds 0 --only base,fp32,nf4-d16 \\
         --out runs/bench-bytes-smoke --results /tmp/bytes-smoke    # smoke run
 """
@@ -74,6 +76,7 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     "nf4": ("fedit", both("nf4")),
     "int8-d4": ("fedit", both("int8", 1 / 4)),
     "nf4-d4": ("fedit", both("nf4", 1 / 4)),
+    "nf4-d3": ("fedit", both("nf4", 1 / 3)),
     "nf4-d16": ("fedit", both("nf4", 1 / 16)),
     "nf4-d4-noef": ("fedit", both("nf4", 1 / 4) | {"error_feedback": False}),
     "nf4-d16-noef": ("fedit", both("nf4", 1 / 16) | {"error_feedback": False}),
@@ -82,7 +85,7 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     "planner": ("fedit", None),
 }
 LABELS = {"fp32": "dense fp32", "bf16": "bf16", "int8": "int8", "nf4": "nf4", "int8-d4": "int8, density 1/4",
-          "nf4-d4": "nf4, density 1/4", "nf4-d16": "nf4, density 1/16",
+          "nf4-d4": "nf4, density 1/4", "nf4-d3": "nf4, density 1/3", "nf4-d16": "nf4, density 1/16",
           "nf4-d4-noef": "nf4, density 1/4, no error feedback",
           "nf4-d16-noef": "nf4, density 1/16, no error feedback", "flora": "flora, dense fp32",
           "flora-rank8": "flora, global rank <= 8", "planner": "the planner's choice"}
@@ -133,6 +136,32 @@ def run_one(name: str, seed: int, paths: dict[str, Path], args: argparse.Namespa
             "cpu_seconds": cpu_seconds}
 
 
+def predict(plan: Plan, rounds: int) -> str:
+    """Each fedit variant's bytes as the planner prices them (v(d, p) x P(r), headers left out) over
+    `rounds`, against dense fp32: the upload every round, no broadcast in round 1, a dense one at
+    the download precision in round 2 (nothing is held yet to be relative to), sparse from round 3."""
+    from fedpipe.precision import bytes_per_value
+    from fedpipe.shapes import load_shapes
+
+    matrices = {m.name: m for m in load_shapes(plan.model).matrices}
+    values = sum(matrices[n].lora_params(r) for s in plan.servers for n, r in s.rank_pattern.items())
+
+    def total(c: dict) -> float:
+        up = rounds * bytes_per_value(c["upload_density"], c["upload_precision"])
+        down = (bytes_per_value(1.0, c["download_precision"]) + (rounds - 2) * bytes_per_value(
+            c["download_density"], c["download_precision"])) if rounds > 1 else 0.0
+        return values * (up + down)
+
+    dense = total(DENSE)
+    lines = [f"predicted bytes over {rounds} rounds ({values:,} adapter values per round, all servers):",
+             "| variant | total (MB) | reduction |", "|---|---|---|"]
+    for name, (rule, overrides) in VARIANTS.items():
+        if rule == "fedit" and overrides is not None:
+            t = total(DENSE | {k: v for k, v in overrides.items() if k in DENSE})
+            lines.append(f"| {LABELS[name]} | {t / 1e6:.2f} | {dense / t:.1f}× |")
+    return "\n".join(lines)
+
+
 def result_path(out: Path, name: str, seed: int) -> Path:
     return out / "results" / f"{name}.seed{seed}.json"
 
@@ -172,10 +201,12 @@ def report(out: Path, seeds: list[int], settings: dict) -> tuple[str, dict]:
                          f"{r['download_bytes'] / 1e6:.2f} | {r['total_bytes'] / 1e6:.2f} | "
                          f"{r['loss']:.4f} | {r['accuracy']:.3f} |")
     lines += ["", f"Mean over seeds {', '.join(map(str, seeds))} (spread: the stdev over seeds); "
-              "paired: the mean over seeds of this run's loss against dense fp32's on the same seed.", "",
+              "paired: this run's loss against dense fp32's on the same seed, the mean over seeds ± its "
+              "standard error (stdev / sqrt(seeds)), and per seed.", "",
               "| variant | rule | up (MB) | down (MB) | total (MB) | bytes vs dense | reduction | "
-              "final eval loss (mean ± spread) | loss vs dense (means) | paired | within 1% |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "final eval loss (mean ± spread) | loss vs dense (means) | paired ± s.e. | paired per seed | "
+              "within 1% |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary, best = {}, None
     base_mean, base_spread = mean_spread([runs[BASE, s]["loss"] for s in seeds])
     for n in variants:
@@ -183,7 +214,9 @@ def report(out: Path, seeds: list[int], settings: dict) -> tuple[str, dict]:
         up, down, total = (statistics.mean(r[k] for r in rs) for k in ("upload_bytes", "download_bytes",
                                                                        "total_bytes"))
         loss, spread = mean_spread([r["loss"] for r in rs])
-        paired = statistics.mean(r["loss"] / d["loss"] - 1 for r, d in zip(rs, dense, strict=True))
+        per_seed = [r["loss"] / d["loss"] - 1 for r, d in zip(rs, dense, strict=True)]
+        paired, paired_spread = mean_spread(per_seed)
+        paired_se = paired_spread / len(per_seed) ** 0.5
         change = loss / dense_loss - 1
         within = change <= 0.01
         reduction = dense_bytes / total
@@ -192,12 +225,14 @@ def report(out: Path, seeds: list[int], settings: dict) -> tuple[str, dict]:
         summary[n] = {"label": LABELS[n], "rule": rs[0]["rule"], "upload_bytes": up, "download_bytes": down,
                       "total_bytes": total, "bytes_vs_dense": total / dense_bytes, "reduction": reduction,
                       "loss_mean": loss, "loss_spread": spread, "loss_vs_dense": change,
-                      "loss_vs_dense_paired": paired, "within_1pct": within,
+                      "loss_vs_dense_paired": paired, "loss_vs_dense_paired_se": paired_se,
+                      "loss_vs_dense_paired_per_seed": per_seed, "within_1pct": within,
                       "loss_per_seed": [r["loss"] for r in rs]}
         lines.append(f"| {LABELS[n]} | {rs[0]['rule']} | {up / 1e6:.2f} | {down / 1e6:.2f} | "
                      f"{total / 1e6:.2f} | "
                      f"{total / dense_bytes:.3f}× | {reduction:.1f}× | {loss:.4f} ± {spread:.4f} | "
-                     f"{change:+.2%} | {paired:+.2%} | {'yes' if within else 'no'} |")
+                     f"{change:+.2%} | {paired:+.2%} ± {paired_se:.2%} | "
+                     f"{' / '.join(f'{x:+.1%}' for x in per_seed)} | {'yes' if within else 'no'} |")
     headline = {"variant": best[0] if best else None, "reduction": best[1] if best else None,
                 "reaches_10x": bool(best and best[1] >= 10)}
     lines += ["", f"base model (untrained): loss {base_mean:.4f} ± {base_spread:.4f}; dense fp32 "
@@ -220,7 +255,8 @@ def report(out: Path, seeds: list[int], settings: dict) -> tuple[str, dict]:
     lines += ["",
               "largest byte reduction with mean final eval loss within 1% of dense fp32: "
               + (f"{best[1]:.1f}× ({LABELS[best[0]]}); 10× {'reached' if best[1] >= 10 else 'not reached'}"
-                 if best else "none (no reduced run stays within 1%); 10× not reached"),
+                 if best else "none (no reduced run stays within 1%); 10× not reached" if len(summary) > 1
+                 else "no reduced variant has a result for every seed: not answered"),
               "(" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"]
     data = {"settings": settings, "runs": [runs[k] for k in sorted(runs)], "base_loss": {"mean": base_mean,
             "spread": base_spread}, "summary": summary, "headline": headline}
@@ -241,6 +277,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "bytes-cpu",
                         help="report path without suffix: writes .txt and .json")
     parser.add_argument("--report", action="store_true", help="only write the report from the files")
+    parser.add_argument("--predict", action="store_true", help="only print each variant's predicted bytes "
+                        "(the first seed's dense plan; no training)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
@@ -253,6 +291,9 @@ def main() -> None:
                 "eval": "after the last round", "seeds": args.seeds, "torch threads": 1,
                 "cores": os.cpu_count(),
                 "profile": "bench_bytes.PROFILE (bench_sparse's, fedit)"}
+    if args.predict:
+        print(predict(load_plan(plans(args.out, seeds[0])["dense"]), args.rounds))
+        return
     for seed in seeds if not args.report else []:
         paths = plans(args.out, seed)
         for name in (n for n in [BASE, *VARIANTS] if n in wanted):

@@ -3,7 +3,8 @@ and precision.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_wire.py [--precision nf4 ...] [--repeats N]``.
 Bytes are len(payload) of real payloads; "pred" is `fedpipe.precision.tensor_bytes` summed over the
-factors (values, scales and mask), so "payload / pred" shows the safetensors header overhead.
+factors (values, scales and mask), so "payload / pred" shows the header's overhead ("header": the
+safetensors header, its layout included).
 Lossy payloads are deltas against the round's starting factors (the reference), as a server's upload
 would be; "error" is ||received - meant|| / ||meant|| over the whole update (meant = trained - start).
 """
@@ -75,7 +76,7 @@ def main() -> None:
     print(f"SmolLM2-135M adapters: {LAYERS} layers x {len(SHAPES)} matrices, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
     print(f"{'rank':>4} {'prec':>5} {'density':>7} {'bytes':>11} {'vs fp32':>7} {'pred':>11} "
-          f"{'payload/pred':>12} {'error':>8} {'masks (bitmask/idx)':>19} {'encode ms':>9} "
+          f"{'header':>7} {'payload/pred':>12} {'error':>8} {'encode ms':>9} "
           f"{'decode ms':>9}")
     for rank in (8, 16):
         ref, new = adapters(rank)
@@ -88,10 +89,9 @@ def main() -> None:
                 n = payload_bytes(payload)
                 pred = sum(tensor_bytes(t.numel(), density, precision)
                            for f in new.values() for t in (f.A, f.B))
-                header = payload[8:8 + int.from_bytes(payload[:8], "little")]
-                masks = f"{header.count(b'.mask')}/{header.count(b'.idx')}"
+                header = 8 + int.from_bytes(payload[:8], "little")
                 print(f"{rank:>4} {precision:>5} {label:>7} {n:>11,} {n / dense:>7.3f} {pred:>11,} "
-                      f"{n / pred:>12.3f} {update_error(got, new, ref):>8.4f} {masks:>19} "
+                      f"{header:>7,} {n / pred:>12.3f} {update_error(got, new, ref):>8.4f} "
                       f"{1e3 * t_enc:>9.1f} {1e3 * t_dec:>9.1f}")
 
 

@@ -15,23 +15,28 @@ payload (density < 1 or a precision other than fp32) sends the change against th
 one is given, dense ones too: rounding then scales with the update, not with the factors. A dense
 fp32 payload is absolute and exact.
 
-Payload layout (safetensors; no pickle anywhere), per module ``NAME`` and factor ``X`` in {A, B}:
+Payload layout (safetensors; no pickle anywhere): ONE uint8 tensor ``data`` holds every factor's
+bytes back to back, so the header does not grow by a tensor-table entry per values, scales and
+mask (three entries of ~90 bytes each per factor made the header up to 1.45x the data at rank 8).
+Modules follow the layout's order, A before B; each factor tensor is, with n its entries and
+k = ``precision.kept(density, n)`` (n when dense):
 
-* ``dense``:   ``NAME.X``         the full tensor (absolute, or a delta if ``ref``);
-* ``bitmask``: ``NAME.X.values``  k values, row-major order of the kept entries;
-               ``NAME.X.mask``    uint8, ``ceil(numel / 8)`` bytes, bit i of the flat tensor is
-                                  ``(mask[i // 8] >> (i % 8)) & 1``;
-* ``indices``: ``NAME.X.values``  as above;
-               ``NAME.X.idx``     ascending flat indices, uint16 when numel <= 65536, else int32.
+* its k values: float32 / bfloat16 / float16, or at a blockwise precision the uint8 codes
+  followed by one float32 absmax per block of 64 (`fedpipe.blockwise`);
+* when sparse (density < 1), the mask of the kept entries: a bitmask of ``ceil(n / 8)`` bytes (bit
+  i of the flat tensor is ``(mask[i // 8] >> (i % 8)) & 1``), or the ascending flat indices
+  (uint16 when n <= 65536, else int32), whichever is fewer bytes (a tie goes to the bitmask).
 
-Values are float32/bfloat16/float16 tensors (a dense one in the factor's 2-D shape), or, at a
-blockwise precision, flat uint8 codes with ``NAME.X.absmax`` (float32, one per block of 64 values,
-`fedpipe.blockwise`). Per tensor the mask uses the bitmask or the indices, whichever is fewer
-bytes (a tie goes to the bitmask). The safetensors metadata holds the caller's string pairs plus
-``fedpipe.format``, ``fedpipe.density``, ``fedpipe.precision``, ``fedpipe.relative`` ("true" when
-some tensor is a delta, so the receiver needs the reference) and ``fedpipe.layout``: JSON
-``{NAME: {"scale", "rank", "A": {"shape", "enc", "k", "ref", "prec"}, "B": {...}}}``. `decode`
-checks every count, dtype and shape against the layout and raises FedpipeError naming the tensor.
+Numbers are little-endian, as in safetensors. A tensor's size is exactly
+``precision.tensor_bytes(n, density, precision)``, so the data is the planner's prediction and only
+the header is extra. The safetensors metadata holds the caller's string pairs plus
+``fedpipe.format``, ``fedpipe.density``, ``fedpipe.precision`` (one of each per payload),
+``fedpipe.relative`` ("true" when some tensor is a delta, so the receiver needs the reference) and
+``fedpipe.layout``: JSON ``{NAME: [scale, rank, d_out, d_in, relative]}`` (A is rank x d_in, B is
+d_out x rank; ``relative``: sent as a delta against the reference). Everything else (k, which mask)
+follows from these, on both sides by the same function (`_section`). `decode` checks that the
+layout accounts for the data to the byte, and every scale, mask and index, and raises
+FedpipeError naming the module and tensor.
 
 Error feedback: pass ``residual`` (a dict keyed ``NAME.A`` / ``NAME.B``, updated in place) and what
 the receiver did not get this time (entries cut by top-k, and rounding to the precision) is added
@@ -54,12 +59,16 @@ from safetensors.torch import save as _st_save
 from fedpipe import blockwise
 from fedpipe.errors import FedpipeError
 from fedpipe.lora import LoraFactors
-from fedpipe.precision import UINT16_MAX_NUMEL, get_precision, kept, mask_bytes
+from fedpipe.precision import ABSMAX_BYTES, BLOCK, UINT16_MAX_NUMEL, get_precision, kept, mask_bytes
 
-FORMAT = "fedpipe-wire/1"
+FORMAT = "fedpipe-wire/2"
 _RESERVED = "fedpipe."
 _LAYOUT_KEY = "fedpipe.layout"
+_DATA = "data"  # the payload's one tensor: every factor's bytes, back to back
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Little-endian numpy dtypes of the stored floats (bfloat16 travels as its 16 bits: numpy has no bf16)
+_FLOAT_LE = {"fp32": "<f4", "bf16": "<i2", "fp16": "<f2"}
+_MAX_NUMEL = 2**31 - 1  # int32 indices address no more entries
 
 
 def encode(
@@ -82,62 +91,85 @@ def encode(
     _check_precision(precision)
     user_meta = _check_metadata(metadata)
     lossy = density < 1.0 or precision != "fp32"
-    layout: dict[str, dict] = {}
+    layout: dict[str, list] = {}
     picks: list[_Pick] = []
     for name, f in factors.items():
         _check_factors(name, f)
-        layout[name] = {"scale": float(f.scale), "rank": int(f.rank)}
+        relative = lossy and reference is not None and name in reference
+        layout[name] = [float(f.scale), int(f.rank), int(f.B.shape[0]), int(f.A.shape[1]), relative]
         for part in ("A", "B"):
             x = getattr(f, part).detach().to("cpu", torch.float32)
-            ref = _reference_tensor(reference, name, part, x.shape) if lossy else None
-            picks.append(_pick(name, part, x, ref, density, residual))
+            ref = _reference_tensor(reference, name, part, x.shape) if relative else None
+            try:
+                section = _section(f"{name}.{part}", tuple(x.shape), density, precision)
+            except ValueError as e:
+                raise FedpipeError(f"factors: {e}") from None
+            picks.append(_pick(section, name, part, x, ref, residual))
     # All values at once: blockwise quantization is one bitsandbytes call per payload.
-    stored = _store([p.values for p in picks], precision, [p.key for p in picks])
-    tensors: dict[str, torch.Tensor] = {}
+    stored = _store([p.values for p in picks], precision, [p.section.key for p in picks])
+    chunks: list[bytes] = []
     for p, (st, received) in zip(picks, stored, strict=True):
         if residual is not None:
-            residual[p.key] = p.meant - _scatter(p.idx, received, p.meant.shape)
-        layout[p.name][p.part] = _write(tensors, p, st, precision)
+            residual[p.section.key] = p.meant - _scatter(p.idx, received, p.meant.shape)
+        chunks.append(_tensor_bytes(p, st, precision))
     meta = dict(user_meta)
     meta.update({
         "fedpipe.format": FORMAT,
         "fedpipe.density": repr(density),
         "fedpipe.precision": precision,
-        "fedpipe.relative": json.dumps(any(e[p]["ref"] for e in layout.values() for p in "AB")),
+        "fedpipe.relative": json.dumps(any(entry[4] for entry in layout.values())),
         _LAYOUT_KEY: json.dumps(layout, separators=(",", ":")),
     })
-    return _st_save(tensors, metadata=meta)
+    data = torch.from_numpy(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy())
+    return _st_save({_DATA: data}, metadata=meta)
 
 
 def decode(
     payload: bytes, *, reference: dict[str, LoraFactors] | None = None
 ) -> tuple[dict[str, LoraFactors], dict[str, str]]:
     """Rebuild float32 factors from `payload`; metadata is the caller's pairs plus format, density,
-    precision and relative (the per-tensor layout is consumed here). Deltas need the sender's
-    reference.
+    precision and relative (the layout is consumed here). Deltas need the sender's reference.
     """
     try:
         tensors = _st_load(bytes(payload))
         meta = _read_metadata(payload)
         if meta.get("fedpipe.format") != FORMAT:
             raise ValueError(f"format {meta.get('fedpipe.format')!r}, expected {FORMAT!r}")
+        if set(tensors) != {_DATA}:
+            raise ValueError(f"tensors {sorted(tensors)}, expected one named {_DATA!r}")
+        data = tensors[_DATA]
+        if data.dtype != torch.uint8 or data.dim() != 1:
+            raise ValueError(f"{_DATA!r} is {data.dtype} of shape {tuple(data.shape)}, expected 1-D uint8")
+        density = float(meta["fedpipe.density"])
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density {density!r} is out of range; valid is 0 < density <= 1")
+        precision = meta["fedpipe.precision"]
+        get_precision(precision)
         layout = json.loads(meta.pop(_LAYOUT_KEY))
         if not isinstance(layout, dict):
             raise ValueError("layout is not a JSON object")
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise FedpipeError(f"payload: not a valid fedpipe wire payload ({e})") from e
-    quantized = _dequantize_all(tensors, layout)
+    modules = _read_layout(layout, density, precision, data.numel())
+    buf = data.numpy()
+    read: dict[str, list[tuple]] = {}
+    for name, m in modules.items():
+        offset, read[name] = m.start, []
+        for s in m.sections:
+            try:
+                read[name].append(_read_tensor(buf, offset, s, precision))
+            except ValueError as e:
+                raise FedpipeError(f"payload: module {name!r} is corrupt ({s.key}: {e})") from e
+            offset += s.size
+    # Every blockwise tensor in one bitsandbytes call (each was checked above).
+    items = [item for tensors in read.values() for _, _, item in tensors if item is not None]
+    dequantized = iter(blockwise.dequantize(items, precision) if items else [])
     factors: dict[str, LoraFactors] = {}
-    for name, entry in layout.items():
-        try:
-            parts = {
-                part: _decode_tensor(tensors, f"{name}.{part}", entry[part], reference, name, part,
-                                     quantized)
-                for part in ("A", "B")
-            }
-            factors[name] = LoraFactors(parts["A"], parts["B"], float(entry["scale"]))
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise FedpipeError(f"payload: module {name!r} is corrupt ({e})") from e
+    for name, m in modules.items():
+        A, B = (_rebuild(s, idx, next(dequantized) if values is None else values, m.relative,
+                         reference, name, part)
+                for s, (idx, values, _), part in zip(m.sections, read[name], "AB", strict=True))
+        factors[name] = LoraFactors(A, B, m.scale)
     return factors, meta
 
 
@@ -190,6 +222,51 @@ def topk_with_residual(
     return sent, acc - sent
 
 
+# --- the byte layout of one factor tensor ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One factor tensor in a payload's data: how many values travel and how its bytes split.
+    Sender and receiver both derive it from (shape, density, precision) alone."""
+
+    key: str  # NAME.A or NAME.B
+    shape: tuple[int, int]
+    k: int  # values sent (all entries when dense)
+    enc: str  # "dense", "bitmask" or "indices"
+    value_bytes: int  # the k values (float, or blockwise codes)
+    scale_bytes: int  # float32 block absmax, blockwise precisions only
+    mask_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.value_bytes + self.scale_bytes + self.mask_bytes
+
+
+def _section(key: str, shape: tuple[int, int], density: float, precision: str) -> _Section:
+    numel = math.prod(shape)
+    if numel > _MAX_NUMEL:
+        raise ValueError(f"{key}: shape {shape} has more than 2^31 - 1 entries")
+    p = get_precision(precision)
+    dense = density >= 1.0 or numel == 0
+    k = numel if dense else kept(density, numel)
+    scales = ABSMAX_BYTES * math.ceil(k / BLOCK) if p.blockwise else 0
+    if dense:
+        enc, mask = "dense", 0
+    else:
+        mask = mask_bytes(numel, k)
+        enc = "bitmask" if mask == math.ceil(numel / 8) else "indices"
+    return _Section(key, shape, k, enc, math.ceil(k * p.bits / 8), scales, mask)
+
+
+def _index_dtype(numel: int) -> str:
+    return "<u2" if numel <= UINT16_MAX_NUMEL else "<i4"
+
+
 # --- encoding ------------------------------------------------------------------------------------
 
 
@@ -197,52 +274,37 @@ def topk_with_residual(
 class _Pick:
     """One factor tensor on its way out: what is meant, and which entries of it travel."""
 
-    name: str
-    part: str
+    section: _Section
     meant: torch.Tensor  # x less the reference (if any) plus the carried residual
     idx: torch.Tensor  # ascending flat indices of the entries sent (all when dense)
     values: torch.Tensor  # meant at idx
-    dense: bool
-    relative: bool
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}.{self.part}"
 
 
-def _pick(name: str, part: str, x: torch.Tensor, ref: torch.Tensor | None, density: float,
+def _pick(section: _Section, name: str, part: str, x: torch.Tensor, ref: torch.Tensor | None,
           residual: dict[str, torch.Tensor] | None) -> _Pick:
     meant = x - ref if ref is not None else x
     if residual is not None:
         meant = _accumulate(meant, residual.get(f"{name}.{part}"))
-    numel = meant.numel()
-    dense = density >= 1.0 or numel == 0
-    idx = torch.arange(numel) if dense else _topk_indices(meant, kept(density, numel))
+    dense = section.enc == "dense"
+    idx = torch.arange(section.numel) if dense else _topk_indices(meant, section.k)
     values = meant.reshape(-1) if dense else meant.reshape(-1).index_select(0, idx)
-    return _Pick(name, part, meant, idx, values, dense, ref is not None)
+    return _Pick(section, meant, idx, values)
 
 
-def _write(out: dict[str, torch.Tensor], p: _Pick, stored: dict[str, torch.Tensor],
-           precision: str) -> dict:
-    """Put one tensor's stored values (and scales, mask) into `out`; return its layout entry."""
-    shape, numel = list(p.meant.shape), p.meant.numel()
-    spec = {"shape": shape, "enc": "dense", "k": p.idx.numel(), "ref": p.relative, "prec": precision}
+def _tensor_bytes(p: _Pick, stored: dict[str, torch.Tensor], precision: str) -> bytes:
+    """One tensor's bytes in the data: values (or codes, then scales), then the mask if sparse."""
+    s = p.section
     values = stored["values"]
-    if p.dense and not get_precision(precision).blockwise:
-        values = values.reshape(p.meant.shape)  # a dense float tensor keeps its 2-D shape
-    out[p.key if p.dense else f"{p.key}.values"] = values.contiguous()
-    if "absmax" in stored:
-        out[f"{p.key}.absmax"] = stored["absmax"]
-    if p.dense:
-        return spec
-    if mask_bytes(numel, p.idx.numel()) == math.ceil(numel / 8):
-        out[f"{p.key}.mask"] = _pack_bits(p.idx, numel)
-        spec["enc"] = "bitmask"
+    if precision in _FLOAT_LE:
+        raw = values.view(torch.int16) if precision == "bf16" else values
+        out = [raw.numpy().astype(_FLOAT_LE[precision]).tobytes()]
     else:
-        idx_dtype = torch.uint16 if numel <= UINT16_MAX_NUMEL else torch.int32
-        out[f"{p.key}.idx"] = p.idx.to(torch.int32).to(idx_dtype).contiguous()
-        spec["enc"] = "indices"
-    return spec
+        out = [values.numpy().tobytes(), stored["absmax"].numpy().astype("<f4").tobytes()]
+    if s.enc == "bitmask":
+        out.append(_pack_bits(p.idx, s.numel))
+    elif s.enc == "indices":
+        out.append(p.idx.numpy().astype(_index_dtype(s.numel)).tobytes())
+    return b"".join(out)
 
 
 def _store(vectors: list[torch.Tensor], precision: str, keys: list[str]
@@ -300,18 +362,18 @@ def _topk_indices(t: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.argpartition(mags, n - k)[n - k:])).to(t.device)
 
 
-def _pack_bits(idx: torch.Tensor, numel: int) -> torch.Tensor:
+def _pack_bits(idx: torch.Tensor, numel: int) -> bytes:
     """Little-endian packed bitmask: bit i of the flat tensor is byte i // 8, bit i % 8.
 
     numpy's packbits: single-threaded and ~50x faster than the torch equivalent here.
     """
     bits = np.zeros(numel, dtype=np.uint8)
     bits[idx.cpu().numpy()] = 1
-    return torch.from_numpy(np.packbits(bits, bitorder="little"))
+    return np.packbits(bits, bitorder="little").tobytes()
 
 
-def _unpack_bits(mask: torch.Tensor, numel: int) -> torch.Tensor:
-    bits = np.unpackbits(mask.numpy(), bitorder="little")
+def _unpack_bits(mask: np.ndarray, numel: int) -> torch.Tensor:
+    bits = np.unpackbits(mask, bitorder="little")
     if bits[numel:].any():
         raise ValueError("bitmask has bits set past the end of the tensor")
     return torch.from_numpy(np.flatnonzero(bits[:numel]))
@@ -320,103 +382,102 @@ def _unpack_bits(mask: torch.Tensor, numel: int) -> torch.Tensor:
 # --- decoding ------------------------------------------------------------------------------------
 
 
-def _decode_tensor(
-    tensors: dict[str, torch.Tensor],
-    key: str,
-    spec: dict,
-    reference: dict[str, LoraFactors] | None,
-    name: str,
-    part: str,
-    quantized: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    shape = tuple(int(s) for s in spec["shape"])
-    if len(shape) != 2 or min(shape) < 0:
-        raise ValueError(f"{key}: bad shape {shape}")
-    numel, k, enc = math.prod(shape), int(spec["k"]), spec["enc"]
-    if enc == "dense":
-        idx = None
-        if k != numel:
-            raise ValueError(f"{key}: dense with k = {k} of {numel} entries")
-    elif enc == "bitmask":
-        mask = tensors[f"{key}.mask"]
-        if mask.dtype != torch.uint8 or mask.numel() != math.ceil(numel / 8):
-            raise ValueError(f"{key}: bitmask is not {math.ceil(numel / 8)} uint8 bytes")
-        idx = _unpack_bits(mask, numel)
-    elif enc == "indices":
-        idx = tensors[f"{key}.idx"].to(torch.int64)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= numel or (idx.diff() <= 0).any()):
-            raise ValueError(f"{key}: indices out of range or not ascending")
+@dataclass(frozen=True)
+class _Module:
+    """One module's layout entry, checked, with where its two factors lie in the data."""
+
+    scale: float
+    relative: bool
+    sections: tuple[_Section, _Section]  # A, B
+    start: int  # offset of A's first byte in the data
+
+
+def _read_layout(layout: dict, density: float, precision: str, data_bytes: int) -> dict[str, _Module]:
+    """Each module's checked entry and sections; the sections must tile the data exactly."""
+    modules: dict[str, _Module] = {}
+    offset = 0
+    for name, entry in layout.items():
+        try:
+            if not isinstance(entry, list) or len(entry) != 5:
+                raise ValueError(f"entry {entry!r} is not [scale, rank, d_out, d_in, relative]")
+            scale, rank, d_out, d_in, relative = entry
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+                raise ValueError(f"scale {scale!r} is not a finite number")
+            for field, value in (("rank", rank), ("d_out", d_out), ("d_in", d_in)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{field} {value!r} is not a count >= 0")
+            if not isinstance(relative, bool):
+                raise ValueError(f"relative {relative!r} is not true or false")
+            sections = (_section(f"{name}.A", (rank, d_in), density, precision),
+                        _section(f"{name}.B", (d_out, rank), density, precision))
+        except ValueError as e:
+            raise FedpipeError(f"payload: module {name!r} is corrupt ({e})") from e
+        end = offset + sections[0].size + sections[1].size
+        if end > data_bytes:
+            raise FedpipeError(f"payload: module {name!r} is corrupt (its factors need data bytes "
+                               f"{offset} to {end}, the payload holds {data_bytes})")
+        modules[name] = _Module(float(scale), relative, sections, offset)
+        offset = end
+    if offset != data_bytes:
+        raise FedpipeError(f"payload: corrupt ({data_bytes - offset} data bytes after the last module's "
+                           f"factors: the layout accounts for {offset} of {data_bytes})")
+    return modules
+
+
+def _read_tensor(buf: np.ndarray, offset: int, s: _Section, precision: str
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple | None]:
+    """(sent flat indices, None when dense; float32 values, None when blockwise; the blockwise
+    (codes, absmax, k) to dequantize with the payload's others, else None) of the tensor at
+    `offset`; scales, bitmask and indices checked (ValueError saying what is wrong)."""
+    values = item = None
+    if get_precision(precision).blockwise:
+        codes = torch.from_numpy(buf[offset:offset + s.value_bytes].copy())
+        absmax = torch.from_numpy(np.frombuffer(buf, "<f4", count=s.scale_bytes // ABSMAX_BYTES,
+                                                offset=offset + s.value_bytes).astype(np.float32))
+        blockwise.check(codes, absmax, s.k, precision)
+        item = (codes, absmax, s.k)
     else:
-        raise ValueError(f"{key}: unknown encoding {enc!r}")
-    if idx is not None and idx.numel() != k:
-        raise ValueError(f"{key}: {idx.numel()} mask entries, the layout says k = {k}")
-    values = quantized[key] if key in quantized else _decode_values(
-        tensors, key if idx is None else f"{key}.values", k, spec.get("prec"),
-        shape if idx is None else None)
-    if spec["ref"]:
+        raw = np.frombuffer(buf, _FLOAT_LE[precision], count=s.k, offset=offset)
+        stored = torch.from_numpy(raw.astype(raw.dtype.newbyteorder("=")))
+        values = (stored.view(torch.bfloat16) if precision == "bf16" else stored).to(torch.float32)
+    offset += s.value_bytes + s.scale_bytes
+    if s.enc == "dense":
+        return None, values, item
+    if s.enc == "bitmask":
+        idx = _unpack_bits(buf[offset:offset + s.mask_bytes], s.numel)
+        if idx.numel() != s.k:
+            raise ValueError(f"bitmask marks {idx.numel()} entries, the density keeps k = {s.k}")
+    else:
+        idx = torch.from_numpy(np.frombuffer(buf, _index_dtype(s.numel), count=s.k,
+                                             offset=offset).astype(np.int64))
+        if idx.numel() and (idx.min() < 0 or idx.max() >= s.numel or (idx.diff() <= 0).any()):
+            raise ValueError("indices out of range or not ascending")
+    return idx, values, item
+
+
+def _rebuild(s: _Section, idx: torch.Tensor | None, values: torch.Tensor, relative: bool,
+             reference: dict[str, LoraFactors] | None, name: str, part: str) -> torch.Tensor:
+    """The factor the sender meant: the reference (zeros when absolute) plus what was sent."""
+    if relative:
         if reference is None or name not in reference:
             raise FedpipeError(
                 f"decode: module {name!r} was sent as a delta against a reference; "
                 "pass the same reference the sender used")
         base = getattr(reference[name], part).detach().to("cpu", torch.float32)
-        if tuple(base.shape) != shape:
+        if tuple(base.shape) != s.shape:
             raise FedpipeError(
                 f"decode: reference {name}.{part} has shape {tuple(base.shape)}, "
-                f"the payload was encoded against shape {shape}")
+                f"the payload was encoded against shape {s.shape}")
         flat = base.reshape(-1).clone()
     elif idx is None:
-        return values.reshape(shape)
+        return values.reshape(s.shape)
     else:
-        flat = torch.zeros(numel, dtype=torch.float32)
+        flat = torch.zeros(s.numel, dtype=torch.float32)
     if idx is None:
         flat += values
     else:
         flat.index_add_(0, idx, values)
-    return flat.reshape(shape)
-
-
-def _dequantize_all(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
-    """{NAME.X: its k float32 values} of every blockwise tensor, one bitsandbytes call per
-    precision; each tensor's codes and scales are checked first, naming the module if corrupt."""
-    groups: dict[str, list[tuple[str, tuple[torch.Tensor, torch.Tensor, int]]]] = {}
-    for name, entry in layout.items():
-        key = name
-        try:
-            for part in ("A", "B"):
-                key, spec = f"{name}.{part}", entry[part]
-                precision = spec.get("prec")
-                if precision is None or not get_precision(precision).blockwise:
-                    continue
-                item = (tensors[key if spec["enc"] == "dense" else f"{key}.values"],
-                        tensors[f"{key}.absmax"], int(spec["k"]))
-                blockwise.check(*item, precision)
-                groups.setdefault(precision, []).append((key, item))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise FedpipeError(f"payload: module {name!r} is corrupt ({key}: {e})") from e
-    out: dict[str, torch.Tensor] = {}
-    for precision, group in groups.items():
-        values = blockwise.dequantize([item for _, item in group], precision)
-        out.update(zip((key for key, _ in group), values, strict=True))
-    return out
-
-
-def _decode_values(tensors: dict[str, torch.Tensor], value_key: str, k: int,
-                   precision: str | None, dense_shape: tuple[int, ...] | None) -> torch.Tensor:
-    """The k float32 values of a float tensor stored under `value_key`, checked against the layout.
-
-    `precision` None: a payload from before precisions were recorded (float values of any width).
-    A dense tensor keeps the factor's 2-D shape.
-    """
-    stored = tensors[value_key]
-    if precision is not None:
-        get_precision(precision)  # an unknown name is a corrupt layout
-    allowed = tuple(_FLOAT_DTYPES.values()) if precision is None else (_FLOAT_DTYPES[precision],)
-    if stored.dtype not in allowed:
-        raise ValueError(f"{value_key}: values are {stored.dtype}, the layout says {precision}")
-    want = dense_shape if dense_shape is not None else (k,)
-    if tuple(stored.shape) != want:
-        raise ValueError(f"{value_key}: tensor shape {tuple(stored.shape)} != layout shape {want}")
-    return stored.to(torch.float32).reshape(-1)
+    return flat.reshape(s.shape)
 
 
 def _read_metadata(payload: bytes) -> dict[str, str]:
@@ -477,6 +538,3 @@ def _reference_tensor(
             f"the factors have {tuple(shape)}")
     return ref
 
-
-def _residual_for(residual: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> torch.Tensor:
-    return residual.get(key, torch.zeros_like(x))

@@ -281,16 +281,17 @@ class LoopbackGrid:
 
 def poison(reply) -> None:
     """A node's update with one NaN among its values, its metadata intact (a broken or malicious
-    node): rewritten at the safetensors level, so sparse payloads are poisoned too."""
+    node): rewritten at the safetensors level, so sparse payloads are poisoned too (at fp32 a
+    payload's data starts with a float32 value, dense or sparse)."""
     from safetensors.torch import load, save
 
     from fedpipe import wire
 
     payload = flower_app.record_bytes(reply.content["update"])
-    tensors, meta = load(payload), wire.read_metadata(payload)
-    name = next(k for k, t in tensors.items() if t.is_floating_point())
-    tensors[name].view(-1)[0] = float("nan")
-    reply.content["update"] = flower_app.bytes_record(save(tensors, metadata=meta))
+    data, meta = load(payload)["data"], wire.read_metadata(payload)
+    assert meta["fedpipe.precision"] == "fp32"
+    data[:4] = torch.tensor([float("nan")]).view(torch.uint8)
+    reply.content["update"] = flower_app.bytes_record(save({"data": data}, metadata=meta))
 
 
 def settings_for(plan_path: Path, out: Path, **kw) -> object:

@@ -149,30 +149,45 @@ def test_bytes_per_value_is_what_a_large_payload_costs():
 
 
 def _tamper(payload: bytes, change) -> bytes:
-    """Re-serialise `payload` after `change(tensors, layout)` edits it in place."""
+    """Re-serialise `payload` after `change(data, meta)` edits its data bytes (a uint8 tensor) and
+    metadata in place."""
     n = int.from_bytes(payload[:8], "little")
     meta = json.loads(payload[8:8 + n])["__metadata__"]
-    tensors, layout = dict(st_load(payload)), json.loads(meta["fedpipe.layout"])
-    change(tensors, layout)
-    meta["fedpipe.layout"] = json.dumps(layout)
-    return st_save(tensors, metadata=meta)
+    data = st_load(payload)["data"].clone()
+    change(data, meta)
+    return st_save({"data": data}, metadata=meta)
 
 
+def _scales(at: int, *values: float):
+    """Overwrite float32 block scales from data byte `at`."""
+    def change(data, meta):
+        data[at:at + 4 * len(values)] = torch.tensor(values, dtype=torch.float32).view(torch.uint8)
+    return change
+
+
+def _relabel(**fields):
+    def change(data, meta):
+        meta.update({f"fedpipe.{k}": v for k, v in fields.items()})
+    return change
+
+
+# int8, dense: m.A is 400 codes then 7 scales (data bytes 0-399, 400-427), m.B 280 codes then 5
+# scales (428-707, 708-727), n.A 60 + 1 scale (728-791), n.B 18 + 1 scale (792-813).
 @pytest.mark.parametrize("change,match", [
-    (lambda t, lay: t.update({"m.A.absmax": t["m.A.absmax"][:-1]}), "m.A: int8 scales: expected 7"),
-    (lambda t, lay: t.update({"m.A": t["m.A"][:-3]}), "m.A: int8 codes: expected 400"),
-    (lambda t, lay: t.update({"m.A.absmax": t["m.A.absmax"] * float("nan")}), "finite"),
-    (lambda t, lay: t.update({"m.A.absmax": -t["m.A.absmax"]}), ">= 0"),
-    (lambda t, lay: t.update({"m.A.absmax": t["m.A.absmax"].half()}), "float32"),
-    (lambda t, lay: t.pop("m.B.absmax"), "m.B.absmax"),
-    (lambda t, lay: lay["m"]["A"].update({"prec": "int3"}), "not a wire precision"),
-    (lambda t, lay: lay["m"]["A"].update({"prec": "nf4"}), "nf4 codes: expected 200"),
-    (lambda t, lay: lay["m"]["A"].update({"prec": "fp32"}), "torch.uint8, the layout says fp32"),
-    (lambda t, lay: lay["m"]["A"].update({"k": 399}), "expected 399 uint8 bytes for 399 values"),
+    (_scales(400, float("nan")), "module 'm' is corrupt (m.A: int8 scales: block absmax values must be "
+                                 "finite and >= 0)"),
+    (_scales(712, -1.0), "module 'm' is corrupt (m.B: int8 scales: block absmax values must be finite"),
+    (_scales(810, float("inf")), "module 'n' is corrupt (n.B: int8 scales"),
+    (_relabel(precision="int3"), "precision 'int3' is not a wire precision"),
+    (_relabel(precision="nf4"), "after the last module's factors: the layout accounts for 435 of 814"),
+    (_relabel(precision="fp32"), "module 'm' is corrupt (its factors need data bytes 0 to 2720, the "
+                                 "payload holds 814)"),
+    (_relabel(density="0.5"), "303 data bytes after the last module's factors: the layout accounts for 511"),
 ])
 def test_corrupt_quantized_payload_is_refused_naming_the_tensor(change, match):
     payload = encode(_factors(), precision="int8")
-    with pytest.raises(FedpipeError, match="module 'm' is corrupt") as e:
+    decode(payload)  # untouched, it decodes
+    with pytest.raises(FedpipeError, match="payload") as e:
         decode(_tamper(payload, change))
     assert match in str(e.value)
 

@@ -7,8 +7,10 @@ import math
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedpipe.errors import FedpipeError
@@ -27,10 +29,21 @@ def _header(payload: bytes) -> dict:
     return json.loads(payload[8:8 + n])
 
 
-def _tables(payload: bytes) -> dict[str, tuple[str, int]]:
-    """Tensor name -> (safetensors dtype, bytes it occupies in the payload)."""
-    return {k: (v["dtype"], v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in _header(payload).items() if k != "__metadata__"}
+def _data(payload: bytes) -> bytes:
+    """The payload's data: every factor's bytes, after the header."""
+    return payload[8 + int.from_bytes(payload[:8], "little"):]
+
+
+def _layout(payload: bytes) -> dict:
+    return json.loads(_header(payload)["__metadata__"]["fedpipe.layout"])
+
+
+def _reserialise(payload: bytes, change) -> bytes:
+    """`payload` rebuilt after `change(tensors, meta)` edited its tensors and metadata in place."""
+    meta = _header(payload)["__metadata__"]
+    tensors = {k: v.clone() for k, v in st_load(payload).items()}
+    change(tensors, meta)
+    return st_save(tensors, metadata=meta)
 
 
 def _factors(shapes: dict[str, tuple[int, int, int]], seed: int = 0) -> dict[str, LoraFactors]:
@@ -63,10 +76,8 @@ def test_dense_half_precision_within_its_precision(precision, dtype):
         for got, want in ((out[n].A, f[n].A), (out[n].B, f[n].B)):
             assert got.dtype == torch.float32
             assert torch.all((got - want).abs() <= want.abs() * eps)
-    assert {dt for dt, _ in _tables(payload).values()} == {"BF16" if dtype == torch.bfloat16
-                                                           else "F16"}
-    data = sum(n for _, n in _tables(payload).values())
-    assert data == sum(n for _, n in _tables(encode(f)).values()) // 2
+            assert torch.equal(got, want.to(dtype).float())  # the stored bits are the dtype's
+    assert len(_data(payload)) == len(_data(encode(f))) // 2
 
 
 def test_sparse_keeps_exactly_the_topk_of_the_update_by_hand():
@@ -80,12 +91,11 @@ def test_sparse_keeps_exactly_the_topk_of_the_update_by_hand():
     assert torch.equal(out["m"].A, torch.tensor([[1.0, -4.0, 1.0], [3.0, 1.0, 0.0]]))
     assert torch.equal(out["m"].B, torch.tensor([[0.0, 0.0], [7.0, 0.0], [-3.0, 0.3]]))
     assert out["m"].scale == 2.0
-    t = _tables(payload)
-    assert t["m.A.values"] == ("F32", 12) and t["m.A.mask"] == ("U8", 1)  # 1 byte beats 3 uint16
-    layout = json.loads(_header(payload)["__metadata__"]["fedpipe.layout"])
-    assert layout["m"]["A"] == {"shape": [2, 3], "enc": "bitmask", "k": 3, "ref": True,
-                                "prec": "fp32"}
-    assert layout["m"]["rank"] == 2
+    # One data buffer: per factor its 3 kept values (float32 deltas, ascending flat index), then a
+    # 1-byte bitmask (fewer than 3 uint16 indices); the layout is [scale, rank, d_out, d_in, relative].
+    values = torch.tensor([-5.0, 2.0, -1.0, 7.0, -3.0, 0.3]).numpy().astype("<f4").tobytes()
+    assert _data(payload) == values[:12] + bytes([0b101010]) + values[12:] + bytes([0b110100])
+    assert _layout(payload) == {"m": [2.0, 2, 3, 3, True]}
 
 
 def test_sparse_without_reference_is_against_zeros_and_needs_none():
@@ -119,24 +129,26 @@ def test_mask_encoding_is_the_smaller_one(density, enc):
     # 64x64 tensors: bitmask 512 bytes; uint16 indices 2 bytes each (k = 1024 vs k = 32).
     f = {"m": LoraFactors(torch.randn(64, 64), torch.randn(64, 64))}
     payload = encode(f, density=density)
-    t = _tables(payload)
     k = math.ceil(4096 * density)
-    for part in ("A", "B"):
-        assert f"m.{part}.{enc}" in t
-        other = "idx" if enc == "mask" else "mask"
-        assert f"m.{part}.{other}" not in t
-        assert t[f"m.{part}.{enc}"][1] == min(512, 2 * k)
-        assert t[f"m.{part}.values"][1] == 4 * k
-    header = 8 + int.from_bytes(payload[:8], "little")
-    assert payload_bytes(payload) == header + 2 * (4 * k + min(512, 2 * k))
+    data = _data(payload)
+    assert len(data) == 2 * (4 * k + min(512, 2 * k))
+    mask = data[4 * k:4 * k + min(512, 2 * k)]  # A's, after its k values
+    out, _ = decode(payload)
+    kept = np.flatnonzero(out["m"].A.reshape(-1).numpy())
+    if enc == "mask":
+        assert np.flatnonzero(np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little")).tolist() \
+            == kept.tolist()
+    else:
+        assert np.frombuffer(mask, "<u2").tolist() == kept.tolist()
 
 
 def test_large_tensors_use_int32_indices():
     f = {"m": LoraFactors(torch.randn(2, 40000), torch.randn(40000, 2))}  # numel 80000 > 65536
     payload = encode(f, density=0.001)
-    assert _tables(payload)["m.A.idx"][0] == "I32"
+    data = _data(payload)
+    assert len(data) == 2 * (80 * 4 + 80 * 4)  # values and int32 indices (uint16 would be 2 bytes)
     out, _ = decode(payload)
-    assert int((out["m"].A != 0).sum()) == 80
+    assert np.frombuffer(data[320:640], "<i4").tolist() == np.flatnonzero(out["m"].A.reshape(-1).numpy()).tolist()
 
 
 def test_bytes_shrink_with_density_measured():
@@ -190,18 +202,63 @@ def test_corrupt_payload_raises_fedpipe_error():
         decode(payload[:-7])
     with pytest.raises(FedpipeError):
         decode(payload[:8] + payload[9:])
-    # A well-formed safetensors file whose layout lies about the tensors.
-    meta = {"fedpipe.format": "fedpipe-wire/1", "fedpipe.layout": json.dumps(
-        {"m": {"scale": 1.0, "rank": 1,
-               "A": {"shape": [1, 4], "enc": "indices", "k": 1, "ref": False},
-               "B": {"shape": [2, 1], "enc": "dense", "k": 2, "ref": False}}})}
-    lying = {"m.A.values": torch.ones(1), "m.A.idx": torch.tensor([9], dtype=torch.int32),
-             "m.B": torch.ones(2, 1)}
-    with pytest.raises(FedpipeError, match="out of range"):
-        decode(st_save(lying, metadata=meta))
-    del lying["m.B"]
-    with pytest.raises(FedpipeError, match="corrupt"):
-        decode(st_save(lying, metadata=meta))
+
+
+def _set_bytes(at: int, raw: bytes):
+    def change(tensors, meta):
+        tensors["data"][at:at + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return change
+
+
+# A (1, 4096) at density 1/128: 32 float32 values (128 bytes), then 32 uint16 indices; B (4, 1) at
+# 1/128 keeps 1 value (4 bytes) and a 1-byte bitmask: data bytes 0-127, 128-191, 192-195, 196.
+SPARSE = {"m": LoraFactors(torch.randn(1, 4096), torch.randn(4, 1))}
+
+
+@pytest.mark.parametrize("change,match", [
+    (_set_bytes(190, np.array([4096], "<u2").tobytes()), "module 'm' is corrupt (m.A: indices out of range"),
+    (_set_bytes(128, np.array([9, 3], "<u2").tobytes()), "m.A: indices out of range or not ascending"),
+    (_set_bytes(196, bytes([0b11])), "m.B: bitmask marks 2 entries, the density keeps k = 1"),
+    (_set_bytes(196, bytes([0b10001])), "m.B: bitmask has bits set past the end"),
+    (lambda t, meta: t.update(data=t["data"][:-1]), "'m' is corrupt (its factors need data bytes 0 to 197, "
+                                                    "the payload holds 196)"),
+    (lambda t, meta: t.update(data=torch.cat([t["data"], t["data"][:3]])), "3 data bytes after the last"),
+    (lambda t, meta: t.update(extra=torch.zeros(1)), "expected one named 'data'"),
+    (lambda t, meta: t.update(data=t["data"].float()), "expected 1-D uint8"),
+    (lambda t, meta: meta.update({"fedpipe.format": "fedpipe-wire/1"}), "format 'fedpipe-wire/1'"),
+    (lambda t, meta: meta.update({"fedpipe.density": "0"}), "density 0.0 is out of range"),
+    (lambda t, meta: meta.update({"fedpipe.density": "1/128"}), "not a valid fedpipe wire payload"),
+    (lambda t, meta: meta.update({"fedpipe.density": "0.25"}), "'m' is corrupt (its factors need data bytes"),
+    (lambda t, meta: meta.update({"fedpipe.layout": "[]"}), "layout is not a JSON object"),
+])
+def test_lying_payload_is_refused_saying_what_is_wrong(change, match):
+    payload = encode(SPARSE, density=1 / 128)
+    assert decode(payload)[0]["m"].A.count_nonzero() == 32  # the untouched payload decodes
+    with pytest.raises(FedpipeError, match="payload") as e:
+        decode(_reserialise(payload, change))
+    assert match in str(e.value)
+
+
+@pytest.mark.parametrize("entry,match", [
+    ([1.0, 1, 4, 4096], "is not [scale, rank, d_out, d_in, relative]"),
+    ({"scale": 1.0}, "is not [scale, rank, d_out, d_in, relative]"),
+    (["1", 1, 4, 4096, False], "scale '1' is not a finite number"),
+    ([float("nan"), 1, 4, 4096, False], "scale nan is not a finite number"),
+    ([1.0, "1", 4, 4096, False], "rank '1' is not a count >= 0"),
+    ([1.0, True, 4, 4096, False], "rank True is not a count >= 0"),
+    ([1.0, 1, -4, 4096, False], "d_out -4 is not a count >= 0"),
+    ([1.0, 1, 4, 4096.0, False], "d_in 4096.0 is not a count >= 0"),
+    ([1.0, 1, 4, 4096, 0], "relative 0 is not true or false"),
+    ([1.0, 1, 4, 4097, False], "its factors need data bytes 0 to 203"),  # k 33: 6 more bytes
+    ([1.0, 2**16, 2**16, 2**16, False], "more than 2^31 - 1 entries"),
+])
+def test_lying_layout_entry_is_refused_naming_the_module(entry, match):
+    def change(tensors, meta):
+        meta["fedpipe.layout"] = json.dumps({"m": entry})
+
+    with pytest.raises(FedpipeError, match="module 'm' is corrupt") as e:
+        decode(_reserialise(encode(SPARSE, density=1 / 128), change))
+    assert match in str(e.value)
 
 
 def test_reference_must_be_given_and_match():

@@ -16,8 +16,8 @@ def test_quantized_payloads_cut_bytes_and_still_train(tmp_path, tiny_model_dir):
     small = run_plan(plan_path, out=tmp_path / "nf4", upload_precision="nf4", download_precision="int8",
                      **common)
     for d, s in zip(dense.rows[-1]["servers"], small.rows[-1]["servers"], strict=True):
-        # the tiny model's factors are small, so the payload header weighs: 0.56 here, 0.15 on
-        # SmolLM2's (README, bench_wire)
+        # the tiny model's factors are small, so the payload header weighs more here than on
+        # SmolLM2's, where nf4 is 0.14 of fp32 (README, bench_wire)
         assert s["upload_bytes"] < 0.65 * d["upload_bytes"], (s["server"], s["upload_bytes"], d["upload_bytes"])
         assert s["download_bytes"] < 0.8 * d["download_bytes"]
     assert small.rows[-1]["eval"]["loss"] < 1.5 * dense.rows[-1]["eval"]["loss"]
