@@ -10,12 +10,14 @@ improvement (the base model's held-out loss minus the loss after the last round;
 seeds), under the prior quality model and under the one `fedpipe calibrate --quality` fitted.
 Target (issue 12.4): Spearman rho >= 0.8 over >= 8 plans.
 
-    fedpipe calibrate --quality benchmarks/profiles/strategies.yaml --probe-steps 20 --seeds 0,1 \\
+    fedpipe calibrate --quality benchmarks/profiles/strategies.yaml --probe-steps 8 --eval-samples 32 \\
         -o runs/bench-quality/quality.yaml
-    python benchmarks/bench_quality.py --quality runs/bench-quality/quality.yaml --seeds 0,1
+    python benchmarks/bench_quality.py --quality runs/bench-quality/quality.yaml
 
-Without --quality the probes run first (seed 0, 20 steps). Re-running with the same --out reuses
-finished runs (a crash keeps what finished).
+Without --quality the probes run first (seed 0, 8 steps). Re-running with the same --out reuses
+finished runs (a crash keeps what finished; --analyse-only reports what did). On the 2-core CPU
+a SmolLM2 step at batch 4 costs seconds, so the defaults are one seed, one round of two local
+steps and 32 held-out examples (about 1-9 minutes a plan, 8-bit servers the slowest).
 """
 
 from __future__ import annotations
@@ -102,10 +104,10 @@ def main() -> None:
     parser.add_argument("--profile", default=str(PROFILE))
     parser.add_argument("--quality", help="YAML with the calibration block of fedpipe calibrate "
                         "--quality (default: run the probes first, seed 0)")
-    parser.add_argument("--seeds", default="0,1", help="task seeds, comma-separated")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=3)
-    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--seeds", default="0", help="task seeds, comma-separated")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--analyse-only", action="store_true", help="no training: the analysis of "
                         "the runs finished in --out (plans with a run for every seed)")
     parser.add_argument("--device", default="cpu")
@@ -131,8 +133,9 @@ def main() -> None:
 
         base_profile = profile_for(Path(args.profile), out / "probe", "builtin", 0, args.local_steps,
                                    args.eval_samples)
-        write_quality(run_quality_probes(base_profile, steps=20, seeds=[0], device=args.device),
-                      quality_path, "benchmarks/bench_quality.py (probes, seed 0, 20 steps)")
+        write_quality(run_quality_probes(base_profile, steps=8, seeds=[0], eval_samples=32,
+                                         device=args.device),
+                      quality_path, "benchmarks/bench_quality.py (probes, seed 0, 8 steps)")
     seeds = [int(s) for s in args.seeds.split(",")]
     state_path = out / "results.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
