@@ -267,7 +267,9 @@ def main() -> None:
         parser.error(f"--only: unknown {unknown}; valid: {', '.join(plans_made)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets = [d.strip() for d in args.data.split(",") if d.strip()]
-    say(f"$ python benchmarks/bench_strategies.py --seeds {args.seeds} --rounds-cap {args.rounds_cap} "
+    say("$ python benchmarks/bench_strategies.py"
+        + (f" --profile {args.profile}" if Path(args.profile) != PROFILE else "")
+        + f" --seeds {args.seeds} --rounds-cap {args.rounds_cap} "
         f"--data {args.data}" + (f" --only {args.only}" if args.only else "")
         + (f" --objectives {args.objectives}" if args.objectives else "")
         + (f" --local-steps {args.local_steps}" if args.local_steps else "")
