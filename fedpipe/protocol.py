@@ -129,8 +129,12 @@ def read_update(payload: bytes, reference: dict[str, LoraFactors] | None = None)
         n_samples = int(meta["n_samples"])
     except (KeyError, ValueError) as e:
         raise FedpipeError(f"payload: update metadata has no valid n_samples ({e})") from None
+    try:
+        train_loss = float(meta.get("train_loss", "nan"))
+    except ValueError as e:
+        raise FedpipeError(f"payload: update metadata has no valid train_loss ({e})") from None
     return ClientUpdate(server=meta.get("server", "?"), n_samples=n_samples, factors=factors,
-                        metrics={"train_loss": float(meta.get("train_loss", "nan"))})
+                        metrics={"train_loss": train_loss})
 
 
 def start_reference(init: dict[str, LoraFactors], fresh_seed: int,

@@ -174,3 +174,16 @@ def test_fuzzed_payloads_never_poison_the_global_model(rule):
         assert {u.n_samples for u in accepted} <= set(SAMPLES.values())
     print(f"\n{rule}: {tried} fuzzed rounds, {refused} updates refused, {wrongly_accepted} lies accepted")
     assert wrongly_accepted == 0 and refused >= tried * 0.6
+
+
+def test_a_flipped_train_loss_is_refused_not_a_crash():
+    """Found by the fuzzer: one flipped bit turned train_loss into '1.000p00'."""
+    from fedpipe.protocol import read_update
+
+    f = {"m": LoraFactors(A=torch.ones(2, 4), B=torch.ones(4, 2))}
+    good = update_payload(f, server="s", entry="s", n_samples=3, round_index=1, fresh_seed=0,
+                          train_loss=1.0)
+    bad = good.replace(b"1.000000", b"1.000p00")
+    assert read_update(good).metrics["train_loss"] == 1.0
+    with pytest.raises(FedpipeError, match="no valid train_loss"):
+        read_update(bad)
