@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_strategies import base_loss, curve, profile_for
+from bench_strategies import base_loss, curve, profile_for, teller
 from transformers.utils import logging as hf_logging
 
 from fedpipe.atomic import write_atomic
@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent
 PROFILE = ROOT / "profiles" / "strategies.yaml"
 RESULTS = ROOT / "results" / "quality-cpu"
 TARGET_RHO = 0.8
+TIME_WEIGHTS = {"tw0": 0.0, "tw5": 5.0}  # the optimiser's other time weights, as profile variants
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -80,7 +81,7 @@ def variant_profile(prior: Path, name: str, quality: Path) -> Path:
     if not path.is_file():
         update = ({"calibration": yaml.safe_load(quality.read_text())["calibration"]}
                   if name == "fitted" else
-                  {"objective": {**raw.get("objective", {}), "time_weight": float(name[2:])}})
+                  {"objective": {**raw.get("objective", {}), "time_weight": TIME_WEIGHTS[name]}})
         write_atomic(path, yaml.safe_dump({**raw, **update}, sort_keys=False))
     return path
 
@@ -118,15 +119,10 @@ def main() -> None:
     out, results = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     log = results.with_suffix(".txt")
-    log.write_text("")
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        with log.open("a") as f:
-            f.write(line + "\n")
-
+    say = teller(log)
     say("$ python benchmarks/bench_quality.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if v not in (None, False)))
     quality_path = Path(args.quality) if args.quality else out / "quality.yaml"
     if not args.quality and not quality_path.is_file():
         from fedpipe.quality import run_quality_probes, write_quality

@@ -31,6 +31,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -232,6 +233,20 @@ def report(label: str, a: dict, budget_s: float) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ main
+def teller(log: Path) -> Callable[[str], None]:
+    """A `say(line)` that prints and appends to `log` (emptied first): the output file is the
+    printed report, line for line."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        with log.open("a") as f:
+            f.write(line + "\n")
+
+    return say
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,15 +266,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
 
     out, results = Path(args.out), Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
     log = results.with_suffix(".txt")
-    log.write_text("")
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        with log.open("a") as f:
-            f.write(line + "\n")
-
+    say = teller(log)
     plans_made = contenders([o.strip() for o in args.objectives.split(",") if o.strip()])
     names = [n.strip().lower() for n in args.only.split(",") if n.strip()] or list(plans_made)
     unknown = sorted(set(names) - set(plans_made))
