@@ -6,6 +6,10 @@ code books; a payload stores the codes (uint8; 4-bit packed two per byte, the fi
 high nibble, bitsandbytes' layout) and one float32 absmax per block of `precision.BLOCK` values.
 Decoding goes through bitsandbytes too, so sender and receiver agree on every value bit for bit.
 bitsandbytes is imported on first use (it takes seconds), never for float precisions.
+
+int2 is the one code bitsandbytes has no routine for (its blockwise kernel assumes a 256-entry
+code book: a 4-entry one returns out-of-range codes), so it is the few torch lines below, in the
+same layout: four codes per byte, the first value in the two high bits.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from fedpipe.precision import BLOCK, get_precision
 def quantize(vectors: Sequence[torch.Tensor], precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(codes, absmax) of each 1-D float32 vector at a blockwise `precision` (int8, nf4, fp4).
 
-    One bitsandbytes call for all of them (a call costs milliseconds of overhead; a payload has
+    One quantizer call for all of them (a call costs milliseconds of overhead; a payload has
     hundreds of tensors): each vector is zero-padded to whole blocks, so no block straddles two
     vectors and each gets exactly the codes and scales it would get alone.
     """
@@ -34,6 +38,8 @@ def quantize(vectors: Sequence[torch.Tensor], precision: str) -> list[tuple[torc
         offset += _padded(n)
     if offset == 0:
         codes, absmax = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.float32)
+    elif precision == "int2":
+        codes, absmax = _quantize_int2(flat)
     elif precision == "int8":
         codes, state = _functional().quantize_blockwise(flat, blocksize=BLOCK)
         absmax = state.absmax
@@ -51,7 +57,7 @@ def quantize(vectors: Sequence[torch.Tensor], precision: str) -> list[tuple[torc
 
 def dequantize(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]], precision: str
                ) -> list[torch.Tensor]:
-    """The float32 values of each (codes, absmax, n), in one bitsandbytes call; every item is
+    """The float32 values of each (codes, absmax, n), in one dequantizer call; every item is
     `check`ed first (ValueError naming its position if it does not fit)."""
     bits = get_precision(precision).bits
     for i, (codes, absmax, n) in enumerate(items):
@@ -68,10 +74,13 @@ def dequantize(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]], precisio
         codes[offset * bits // 8:offset * bits // 8 + c.numel()] = c
         offset += _padded(n)
     absmax = torch.cat([a for _, a, _ in items])
-    F = _functional()
-    if precision == "int8":
+    if precision == "int2":
+        flat = _dequantize_int2(codes, absmax)
+    elif precision == "int8":
+        F = _functional()
         flat = F.dequantize_blockwise(codes, absmax=absmax, blocksize=BLOCK)
     else:
+        F = _functional()
         state = F.QuantState(absmax=absmax, shape=torch.Size([total]), blocksize=BLOCK,
                              quant_type=precision, code=F.get_4bit_type(precision, device="cpu"),
                              dtype=torch.float32)
@@ -97,6 +106,26 @@ def check(codes: torch.Tensor, absmax: torch.Tensor, n: int, precision: str) -> 
                          f"{n} values, got {absmax.numel()} {absmax.dtype}")
     if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
         raise ValueError(f"{precision} scales: block absmax values must be finite and >= 0")
+
+
+INT2_CODE = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])  # x absmax; code i is the i-th smallest
+
+
+def _quantize_int2(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes packed four per byte, absmax per block) of whole blocks: each value to its nearest
+    code (the thresholds halfway between codes: -2/3, 0, 2/3; a tie goes to the smaller code)."""
+    blocks = flat.reshape(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = sum((scaled > edge).to(torch.uint8) for edge in (-2 / 3, 0.0, 2 / 3))
+    q = codes.reshape(-1, 4)
+    return (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3], absmax
+
+
+def _dequantize_int2(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """The float32 values of whole blocks of packed int2 codes."""
+    unpacked = torch.stack([(codes >> shift) & 3 for shift in (6, 4, 2, 0)], dim=1).reshape(-1, BLOCK)
+    return (INT2_CODE[unpacked.long()] * absmax.unsqueeze(1)).reshape(-1)
 
 
 def _padded(n: int) -> int:

@@ -9,7 +9,7 @@ reference the receiver already holds, e.g. the round's starting factors; no refe
 The receiver rebuilds ``reference + sparse delta``: entries outside the mask stay at the reference.
 Both sides must use the same reference tensors.
 
-Precision (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4; each one's bytes and error bound
+Precision (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4, int2; each one's bytes and error bound
 are documented there) applies to the values that travel, the kept ones under top-k. Every lossy
 payload (density < 1 or a precision other than fp32) sends the change against the reference when
 one is given, dense ones too: rounding then scales with the update, not with the factors. A dense
@@ -81,7 +81,7 @@ def encode(
     residual: dict[str, torch.Tensor] | None = None,
 ) -> bytes:
     """Serialise `factors` into one payload; density 1.0 is dense, below 1 is top-k of the update;
-    values at `precision` (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4).
+    values at `precision` (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4, int2).
 
     `reference` is what the receiver already holds: a lossy payload (density < 1 or a precision
     other than fp32) sends the change against it; `residual`, when given, turns on error feedback
@@ -105,7 +105,7 @@ def encode(
             except ValueError as e:
                 raise FedpipeError(f"factors: {e}") from None
             picks.append(_pick(section, name, part, x, ref, residual))
-    # All values at once: blockwise quantization is one bitsandbytes call per payload.
+    # All values at once: blockwise quantization is one quantizer call per payload.
     stored = _store([p.values for p in picks], precision, [p.section.key for p in picks])
     chunks: list[bytes] = []
     for p, (st, received) in zip(picks, stored, strict=True):
@@ -161,7 +161,7 @@ def decode(
             except ValueError as e:
                 raise FedpipeError(f"payload: module {name!r} is corrupt ({s.key}: {e})") from e
             offset += s.size
-    # Every blockwise tensor in one bitsandbytes call (each was checked above).
+    # Every blockwise tensor in one dequantizer call (each was checked above).
     items = [item for tensors in read.values() for _, _, item in tensors if item is not None]
     dequantized = iter(blockwise.dequantize(items, precision) if items else [])
     factors: dict[str, LoraFactors] = {}

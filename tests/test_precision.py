@@ -26,7 +26,7 @@ from fedpipe.precision import (
 )
 from fedpipe.wire import decode, encode, payload_bytes, topk_with_residual
 
-BLOCKWISE = ["int8", "nf4", "fp4"]
+BLOCKWISE = ["int8", "nf4", "fp4", "int2"]
 
 
 def _header_len(payload: bytes) -> int:
@@ -78,7 +78,8 @@ def test_documented_bound_covers_the_code_book(precision):
     """Half the widest gap between neighbouring codes is the worst rounding (relative to absmax)."""
     import bitsandbytes.functional as F
 
-    code = F.create_dynamic_map() if precision == "int8" else F.get_4bit_type(precision, device="cpu")
+    code = {"int8": F.create_dynamic_map(), "int2": blockwise.INT2_CODE}.get(precision)
+    code = F.get_4bit_type(precision, device="cpu") if code is None else code
     half_gap = code.float().sort().values.diff().max().item() / 2
     assert half_gap <= PRECISIONS[precision].error < half_gap * 1.01
 
@@ -117,6 +118,37 @@ def test_lossy_dense_sends_the_change_against_the_reference():
     assert decode(encode(f, reference=ref))[1]["fedpipe.relative"] == "false"
 
 
+def test_int2_codes_by_hand():
+    # Prepare: one block holding each code's value, the thresholds between codes, and their
+    # neighbours (absmax 3: codes -3, -1, 1, 3; thresholds -2, 0, 2; a tie goes to the smaller code).
+    x = torch.tensor([-3.0, -1.0, 1.0, 3.0, -2.0, 0.0, 2.0, -2.01, -1.99, 0.01, 1.99, 2.01] + [0.0] * 52)
+    # Execute
+    [(codes, absmax)] = blockwise.quantize([x], "int2")
+    [got] = blockwise.dequantize([(codes, absmax, x.numel())], "int2")
+    # Assert: four codes per byte, the first in the two high bits.
+    assert absmax.tolist() == [3.0] and codes.numel() == 16
+    assert codes[0].item() == 0b00_01_10_11  # -3, -1, 1, 3
+    want = [-3.0, -1.0, 1.0, 3.0, -3.0, -1.0, 1.0, -3.0, -1.0, 1.0, 1.0, 3.0]
+    assert got[:12].tolist() == pytest.approx(want) and torch.all(got[12:] == -1.0)
+
+
+def test_adam_round_updates_sit_on_the_int2_grid():
+    """Why int2's codes: 3 AdamW steps from a fresh optimizer move each entry by about
+    lr x (sum of 3 signs), so a block's values are near {-3, -1, 1, 3} x lr."""
+    torch.manual_seed(0)
+    target = torch.randn(64, 64)
+    w = torch.zeros(64, 64, requires_grad=True)
+    opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.0)
+    for _ in range(3):
+        (w - target + 0.3 * torch.randn(64, 64)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    delta = w.detach().reshape(-1)
+    [(codes, absmax)] = blockwise.quantize([delta], "int2")
+    [got] = blockwise.dequantize([(codes, absmax, delta.numel())], "int2")
+    assert float((got - delta).pow(2).sum() / delta.pow(2).sum()) < 0.05
+
+
 def test_value_bytes_by_hand():
     assert value_bytes(100, "fp32") == 400 and value_bytes(100, "bf16") == 200
     assert value_bytes(100, "int8") == 100 + 4 * 2  # two blocks of 64: two float32 scales
@@ -124,6 +156,7 @@ def test_value_bytes_by_hand():
     assert tensor_bytes(4096, 0.25, "int8") == 1024 + 4 * 16 + 512  # + bitmask (512 B < 2048 B)
     assert tensor_bytes(4096, 1 / 128, "nf4") == 16 + 4 + 2 * 32  # + 32 uint16 indices
     assert bytes_per_value(1.0, "int8") == 1.0625 and bytes_per_value(1.0, "nf4") == 0.5625
+    assert value_bytes(101, "int2") == 26 + 4 * 2 and bytes_per_value(1.0, "int2") == 0.3125
     assert bytes_per_value(0.25, "fp32") == 1.125
 
 
