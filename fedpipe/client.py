@@ -5,7 +5,7 @@ is what was sent, and the same trainer serves every transport (in-process, Flowe
 
 Lossy communication (the plan entry's ``upload_density`` / ``download_density`` < 1: wire's top-k,
 per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_precision`` /
-``download_precision`` below fp32: bf16, fp16, blockwise int8, nf4 or fp4, `fedpipe.precision`):
+``download_precision`` below fp32: bf16, fp16, blockwise int8, nf4, fp4 or int2, `fedpipe.precision`):
 
 * Upload: top-k of the update since the round's start. The start is what *both* sides can
   rebuild (`start_reference`): the broadcast's ``init/`` factors as the server decoded them, and
@@ -23,7 +23,13 @@ per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_preci
   round's difference (error compensation for free). flexlora's start is re-based by an SVD every
   round, so it is first rotated onto what the server holds (`coordinator.align_components`: the same
   products, r x r Procrustes); fedit and hetlora average factors and keep their coordinates.
-  The first broadcast after a fresh start or a resume is dense (nothing held). flora's ``base/``
+  Under fedit and hetlora every server of a round starts its fresh modules from the same A (drawn
+  from ``fresh_seed`` = the run seed and the round, not the server: FedIT's shared initialisation),
+  so after round 1 the coordinator knows what every server held, its fresh start, and round 2's
+  broadcast is already a delta against it: a few AdamW steps' worth, which a 2-bit code holds,
+  rather than the absolute factors (random init included), which it does not. Under flexlora and
+  flora each server draws its own A. The first broadcast after a resume is dense, and so is
+  round 2's under flexlora (nothing held to take a difference from). flora's ``base/``
   update is merged into the base for good, so it always travels dense (`plan.check_densities`
   refuses download_density < 1 there). A sparse broadcast names the round it is relative to
   (``reference_round``); a trainer that does not hold that round's broadcast (e.g. on a Flower node
@@ -50,6 +56,7 @@ from fedpipe.protocol import (
     Broadcast,
     concat,
     derived_seed,
+    fresh_seed_of,
     peek_metadata,
     read_broadcast,
     start_reference,
@@ -106,9 +113,10 @@ class EdgeTrainer:
 
     def __init__(self, name: str, entry: ServerPlan, shard: list[Example], tokenizer,
                  model_dir: Path, seq_len: int, learning_rate: float, seed: int,
-                 feedback: bool = False) -> None:
+                 feedback: bool = False, shared_init: bool = False) -> None:
         """`feedback`: keep upload error feedback across rounds (a trainer that lives across rounds,
-        under a rule that keeps factor coordinates: `fedpipe.rules`)."""
+        under a rule that keeps factor coordinates: `fedpipe.rules`). `shared_init`: fresh modules
+        start from the round's A, the same on every server (`fresh_seed`)."""
         self.name, self.entry, self.model_dir = name, entry, model_dir
         self.n_samples = len(shard)
         self.encoded = encode(shard, tokenizer, seq_len)
@@ -116,6 +124,7 @@ class EdgeTrainer:
         self.learning_rate, self.seed = learning_rate, seed
         self.held: tuple[int, dict[str, LoraFactors]] | None = None  # (round, init) last received
         self.feedback = ErrorFeedback() if feedback else None
+        self.shared_init = shared_init
         self.last_round = 0
 
     def receive(self, payload: bytes) -> Broadcast:
@@ -141,17 +150,18 @@ class EdgeTrainer:
         broadcast = self.receive(payload)
         round_index = broadcast.round
         adapted.merge(self.model_dir, broadcast, self.name)
-        fresh_seed = derived_seed(self.seed, round_index, self.name)
+        fresh_seed = fresh_seed_of(self.seed, round_index, None if self.shared_init else self.name)
         reset_lora(adapted.model, fresh_seed)
         set_factors(adapted.model, broadcast.init)
+        if self.shared_init and not broadcast.init:  # the coordinator can rebuild this start: hold it
+            self.held = (round_index, start_reference({}, fresh_seed, _shapes(get_factors(adapted.model))))
         batches = cycle_batches(self.encoded, self.entry.batch_size,
                                 derived_seed(self.seed, round_index, self.name, "data"), pad_id=self.pad_id)
         stats = train_steps(adapted.model, batches, local_steps, self.learning_rate)
         factors = get_factors(adapted.model)
         start = None
         if self.entry.upload_density < 1.0 or self.entry.upload_precision != "fp32":
-            start = start_reference(broadcast.init, fresh_seed,
-                                    {n: (f.A.shape, f.B.shape) for n, f in factors.items()})
+            start = start_reference(broadcast.init, fresh_seed, _shapes(factors))
         if self.feedback is not None and (broadcast.base == "full" or self.last_round != round_index - 1):
             self.feedback.reset()  # the start is not the continuation of the last one
         self.last_round = round_index
@@ -160,3 +170,7 @@ class EdgeTrainer:
                                 density=self.entry.upload_density, precision=self.entry.upload_precision,
                                 reference=start, feedback=self.feedback)
         return update, stats
+
+
+def _shapes(factors: dict[str, LoraFactors]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    return {n: (tuple(f.A.shape), tuple(f.B.shape)) for n, f in factors.items()}

@@ -45,6 +45,12 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
+def fresh_seed_of(seed: int, round_index: int, server: str | None) -> int:
+    """The seed of a round's fresh LoRA A (`models.fresh_lora_A`): the server's own, or with
+    `server` None the one every server of the round shares."""
+    return derived_seed(seed, round_index) if server is None else derived_seed(seed, round_index, server)
+
+
 @dataclass
 class Broadcast:
     """A broadcast as the server decoded it."""

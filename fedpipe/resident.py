@@ -31,6 +31,7 @@ from fedpipe.lora import LoraFactors
 from fedpipe.measure import resident_gib
 from fedpipe.models import apply_base_delta, load_tokenizer, plan_model_dir
 from fedpipe.plan import Plan, load_plan
+from fedpipe.rules import rule_traits
 
 
 class NodeTrainer:
@@ -84,8 +85,10 @@ class NodeTrainer:
         if eval_samples not in self.shards:
             self.shards[eval_samples] = plan_data(self.plan, eval_samples)[0][self.server]
         task = self.plan.task
+        shared_init = rule_traits(rule).keeps_factor_coordinates
         self.trainer = EdgeTrainer(self.server, self.entry, self.shards[eval_samples], self.tokenizer,
-                                   self.model_dir, task.seq_len, task.learning_rate, task.seed, feedback)
+                                   self.model_dir, task.seq_len, task.learning_rate, task.seed, feedback,
+                                   shared_init)
         self.run = (run_id, eval_samples, rule, feedback)
 
     def train(self, run_id: int, config: dict, broadcast: bytes) -> tuple[bytes, dict]:

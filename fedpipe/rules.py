@@ -29,7 +29,8 @@ class RuleTraits:
     # re-factorised to align with what the server already holds (cheaper sparse deltas)
     aligned_broadcasts: bool
     # a server's next start is in the same factor coordinates as its last (factors averaged, restart
-    # by truncation), so an upload residual kept in them stays meaningful (`fedpipe.feedback`)
+    # by truncation), so an upload residual kept in them stays meaningful (`fedpipe.feedback`); and
+    # so every server starts round 1 from one shared A, as the averages assume (`fedpipe.client`)
     keeps_factor_coordinates: bool
     # the global rank grows with the servers' ranks (an SVD of the sum, a stack), so a `Truncation`
     # of it (`fedpipe.aggregators.truncate`) applies; the others stay at the largest server rank

@@ -130,6 +130,44 @@ def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
         Coordinator("fedit").upload_reference(peek_metadata(ups[0]), expectation(t, 3))
 
 
+def test_shared_fresh_start_makes_round_two_broadcast_a_delta(tmp_path, wide_model_dir):
+    """fedit: every server starts round 1 from the same A, so round 2's lossy broadcast is a
+    delta against it (its int2 error scales with the round's change, not with the factors)."""
+    # Prepare: a fedit federation at int2 both ways, servers sharing the round's fresh A.
+    plan = with_communication(wide_plan(tmp_path, wide_model_dir, "fedit", rank=8),
+                              upload_precision="int2", download_precision="int2")
+    task = plan.task
+    members, (shards, _) = plan.training_members(), plan_data(plan, task.eval_samples)
+    model_dir = plan_model_dir(plan)
+    tokenizer = load_tokenizer(model_dir)
+    trainers = [EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len, task.learning_rate,
+                            task.seed, shared_init=True) for m, entry in members]
+    pool = {e.name: AdaptedModel.load(model_dir, e, "cpu", task.seed) for e in plan.servers}
+    coordinator = Coordinator("fedit", seed=task.seed)
+    # Execute: round 1, then round 2's broadcasts.
+    ups = [t.train_round(pool[t.entry.name], coordinator.broadcast(t.entry), 2)[0] for t in trainers]
+    starts = [t.held[1] for t in trainers]
+    coordinator.aggregate([coordinator.receive(up, expectation(t, 1)) for up, t in zip(ups, trainers, strict=True)])
+    exact = coordinator.aggregator.broadcast(coordinator.global_adapter, None, trainers[0].entry.rank_pattern,
+                                             trainers[0].entry.scales()).adapter_init
+    down = coordinator.broadcast(trainers[0].entry)
+    received = trainers[0].receive(down)
+    # Assert: one fresh start for all; round 2 names it as its reference and is decoded exactly as
+    # the coordinator holds it; its error is a fraction of an absolute int2 broadcast's.
+    shared = [n for n in starts[0] if all(n in s and s[n].A.shape == starts[0][n].A.shape for s in starts)]
+    assert shared
+    for start in starts[1:]:
+        assert_same({n: start[n] for n in shared}, {n: starts[0][n] for n in shared})
+    assert peek_metadata(down)["reference_round"] == "1"
+    assert_same(received.init, coordinator.sent[trainers[0].entry.name].init)
+    absolute, _ = wire.decode(wire.encode(exact, precision="int2"))
+
+    def error(got):
+        return sum(float((getattr(got[n], p) - getattr(exact[n], p)).pow(2).sum()) for n in exact for p in "AB")
+
+    assert error(received.init) < 0.1 * error(absolute)
+
+
 def test_align_components_keeps_products_and_undoes_relabelling():
     gen = torch.Generator().manual_seed(0)
     held = {"m": LoraFactors(torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen), 2.0)}

@@ -13,8 +13,10 @@ size; after a resume (they are not checkpointed) every server gets the cumulativ
 
 For sparse communication (see `fedpipe.client`) it also remembers, per plan entry, the last
 broadcast as that entry decoded it: the reference of the next sparse broadcast and the start a
-sparse upload is added to. That memory is not checkpointed: after a resume one dense broadcast
-re-establishes it.
+sparse upload is added to. Under rules whose servers share round 1's fresh A (`seed` given, the
+rule keeps factor coordinates) round 1's header-only broadcast is remembered as that fresh start,
+so round 2's broadcast is a delta too. That memory is not checkpointed: after a resume one dense
+broadcast re-establishes it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
 from fedpipe.protocol import (
     broadcast_payload,
+    fresh_seed_of,
     is_relative,
     peek_metadata,
     read_broadcast,
@@ -75,8 +78,11 @@ class Coordinator:
     """Runs one aggregation rule over rounds."""
 
     def __init__(self, rule: str, global_adapter: GlobalAdapter | None = None,
-                 previous: GlobalAdapter | None = None, truncation: Truncation | None = None) -> None:
+                 previous: GlobalAdapter | None = None, truncation: Truncation | None = None,
+                 seed: int | None = None) -> None:
+        """`seed`: the run's seed, from which servers draw their fresh A (`protocol.fresh_seed_of`)."""
         self.aggregator = get_aggregator(rule, truncation)
+        self.shared_seed = seed if rule_traits(rule).keeps_factor_coordinates else None
         self.global_adapter, self.previous = global_adapter, previous
         self.sent: dict[str, _Sent] = {}
         # round first broadcast -> that round's merge (rules that merge into the base); see above
@@ -124,9 +130,13 @@ class Coordinator:
             base_delta, init = b.base_delta, b.adapter_init
         reference = None
         lossy = entry.download_density < 1.0 or entry.download_precision != "fp32"
+        held = last.init if last is not None else {}
+        if lossy and init and not held and self.shared_seed is not None and last is not None:
+            shapes = {n: (tuple(f.A.shape), tuple(f.B.shape)) for n, f in init.items()}
+            held = start_reference({}, fresh_seed_of(self.shared_seed, last.round, None), shapes)
         if (lossy and init and not base_delta and last is not None
-                and last.round == next_round - 1 and _same_shapes(init, last.init)):
-            reference = last.init
+                and last.round == next_round - 1 and _same_shapes(init, held)):
+            reference = held
             if rule_traits(self.aggregator.name).aligned_broadcasts:
                 init = align_components(init, reference)
         payload = broadcast_payload({next_round: base_delta} if base_delta else {}, init, next_round,

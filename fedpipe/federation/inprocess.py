@@ -24,6 +24,7 @@ from fedpipe.federation.spec import RunSpec
 from fedpipe.federation.transport import Delivery, Reply, Transport, late_reason
 from fedpipe.measure import GIB, resident_gib, rss_bytes
 from fedpipe.models import load_tokenizer, plan_model_dir
+from fedpipe.rules import rule_traits
 
 
 class InProcessTransport(Transport):
@@ -34,8 +35,9 @@ class InProcessTransport(Transport):
         tokenizer = load_tokenizer(model_dir)
         shards, _ = plan_data(plan, spec.eval_samples)
         members = plan.training_members()
+        shared_init = rule_traits(spec.rule).keeps_factor_coordinates
         self.trainers = {m: EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
-                                        task.learning_rate, task.seed, spec.carries_residuals)
+                                        task.learning_rate, task.seed, spec.carries_residuals, shared_init)
                          for m, entry in members}
         self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)
                      for _, entry in members}

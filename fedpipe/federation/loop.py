@@ -80,10 +80,12 @@ def run_federation(spec: RunSpec, transport: Transport, on_progress: Progress | 
     truncation = None
     if spec.truncate_energy or spec.truncate_rank:
         truncation = Truncation(energy=spec.truncate_energy or 1.0, max_rank=spec.truncate_rank)
-    coordinator, rows = Coordinator(spec.rule, truncation=truncation), []
+    seed = spec.plan.task.seed
+    coordinator, rows = Coordinator(spec.rule, truncation=truncation, seed=seed), []
     if spec.completed_rounds:
         _, adapters = folder.load_checkpoint()
-        coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"), truncation)
+        coordinator = Coordinator(spec.rule, adapters.get("global"), adapters.get("previous"), truncation,
+                                  seed)
         rows = folder.read_rows(up_to=coordinator.round)
     # member -> the last round whose broadcast its base holds (it replied); unknown after a resume
     last_round: dict[str, int] = {} if spec.completed_rounds else {m: 0 for m, _ in members}
