@@ -20,7 +20,9 @@ Reported per strategy (means over seeds, with the seed spread):
     python benchmarks/bench_strategies.py --seeds 0 --rounds-cap 1 --only fedpipe,legend \\
         --data builtin --local-steps 1 --eval-samples 8 --out runs/bench-strategies-smoke   # smoke
 
-Re-running with the same --out reuses finished runs (a crash keeps what finished).
+Re-running with the same --out reuses finished runs (a crash keeps what finished); each data set
+and seed keeps its own state (OUT/DATA-seedN/results.json), so seeds can run as parallel processes
+(`--seeds 0` and `--seeds 1`, same --out) and a last `--seeds 0,1` run writes the joint report.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 import yaml
 from transformers.utils import logging as hf_logging
 
+from fedpipe.atomic import write_atomic
 from fedpipe.data import plan_data
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.models import plan_model_dir
@@ -90,7 +93,7 @@ def alpaca_records(n: int, seed: int) -> list[dict]:
 
 def write_alpaca(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records(ALPACA_RECORDS, seed)))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in alpaca_records(ALPACA_RECORDS, seed)))
     return path
 
 
@@ -282,8 +285,6 @@ def main() -> None:
         + (f" --objectives {args.objectives}" if args.objectives else "")
         + (f" --local-steps {args.local_steps}" if args.local_steps else "")
         + (f" --eval-samples {args.eval_samples}" if args.eval_samples else ""))
-    state_path = out / "results.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     summary: dict = {}
     for data in datasets:
         source = {"builtin": "builtin", "alpaca": str(write_alpaca(out / "alpaca.jsonl").resolve())}[data]
@@ -302,10 +303,11 @@ def main() -> None:
             budget_s, rounds = budget_rounds({n: p.summary.makespan_s for n, p in plans.items()},
                                              args.rounds_cap)
             key = f"{data}/seed{seed}"
-            entry = state.setdefault(key, {})
+            state_path = where / "results.json"  # one per data set and seed: seeds run as parallel processes
+            entry = json.loads(state_path.read_text()) if state_path.is_file() else {}
             if "base" not in entry:
                 entry["base"] = base_loss(plans[names[0]], args.device)
-                state_path.write_text(json.dumps(state, indent=2))
+                write_atomic(state_path, json.dumps(entry, indent=2))
             base[seed] = entry["base"]
             say(f"[{key}] base model: loss {base[seed]['loss']:.4f} · time budget {budget_s:.0f} s · "
                 + ", ".join(f"{n} {rounds[n]} rounds" for n in names))
@@ -318,7 +320,7 @@ def main() -> None:
                     entry[name] = {"makespan_s": makespan, "curve": curve(result.rows, makespan),
                                    "seconds": time.perf_counter() - start,
                                    "steps": sum(s["steps"] for r in result.rows for s in r["servers"])}
-                    state_path.write_text(json.dumps(state, indent=2))  # after every run
+                    write_atomic(state_path, json.dumps(entry, indent=2))  # after every run
                 r = entry[name]
                 say(f"[{key}] {name}: {len(r['curve'])} rounds · loss "
                     + " ".join(f"{p['loss']:.3f}" for p in r["curve"])

@@ -9,7 +9,8 @@ from fedpipe.errors import FedpipeError
 from fedpipe.profile import load_profile, parse_profile
 from fedpipe.shapes import load_shapes
 
-PROFILES = sorted((Path(__file__).parent.parent / "profiles").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+PROFILES = sorted([*(ROOT / "profiles").glob("*.yaml"), *(ROOT / "benchmarks" / "profiles").glob("*.yaml")])
 SERVER = {"name": "a", "memory_gib": 2, "tflops": 1, "uplink_mbps": 20, "downlink_mbps": 50, "samples": 10}
 
 
@@ -19,7 +20,7 @@ def profile(**overrides):
     return base
 
 
-@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_profiles_validate_and_have_shapes(path):
     p = load_profile(path)
     assert load_shapes(p.model, path.parent).matrices
