@@ -389,15 +389,19 @@ def _cannot_train(problem: Problem) -> list[str]:
     rank within memory (and, with a deadline, in time; own download only, a lower bound)."""
     problems, deadline = [], problem.profile.objective.deadline_s
     by_name = {m.name: m for m in problem.matrices}
+    # a matrix's cost depends on its kind and shape alone, a class's on its hardware alone
+    shapes = list({(m.kind, m.d_out, m.d_in): m for m in problem.matrices}.values())
     r1 = min(r for r in problem.ranks if r > 0)
+    trials_of: dict[tuple, list] = {}
     for k, cls in enumerate(problem.classes):
         rep, names = cls.rep, ", ".join(s.name for s in cls.servers)
-        trials = []
-        for q, b, d, p in problem.configs(k):
-            for m in problem.matrices:
-                down = (bytes_per_value(problem.down_density(d), problem.down_precision(p))
-                        * m.lora_params(r1))
-                trials.append(server_cost(problem.cost, rep, q, b, {m.name: r1}, by_name, down, d, p))
+        trials = trials_of.get(hardware_key(rep))
+        if trials is None:
+            trials = trials_of[hardware_key(rep)] = [
+                server_cost(problem.cost, rep, q, b, {m.name: r1}, by_name,
+                            bytes_per_value(problem.down_density(d), problem.down_precision(p))
+                            * m.lora_params(r1), d, p)
+                for q, b, d, p in problem.configs(k) for m in shapes]
         fitting = [c for c in trials if c.memory_gib <= rep.memory_gib]
         if not fitting:
             need = min(c.memory_gib for c in trials)
