@@ -94,8 +94,10 @@ def test_upload_error_feedback_works_on_a_resident_trainer(tmp_path, tiny_model_
     from fedpipe.plan import load_plan, save_plan
 
     plan = load_plan(tiny_plan(tmp_path, tiny_model_dir, rule="fedit", rounds=3))
+    # dense downloads: a node that loads per message holds no broadcast to take a lossy one against
     plan_path = save_plan(plan.model_copy(update={"servers": [
-        s.model_copy(update={"upload_precision": "nf4"}) for s in plan.servers]}), tmp_path / "nf4.plan.yaml")
+        s.model_copy(update={"upload_precision": "nf4", "download_density": 1.0}) for s in plan.servers]}),
+        tmp_path / "nf4.plan.yaml")
     run_plan(plan_path, out=tmp_path / "inprocess", eval_samples=EVAL_SAMPLES)
     with resident_trainers(plan_path) as (_, node_config):
         flower_app.coordinate(LoopbackGrid(plan_path, {11: "edge", 22: "hub"}, node_config=node_config),
