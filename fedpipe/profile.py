@@ -146,11 +146,12 @@ class Objective(_Strict):
     """How the planner trades quality (importance covered) against round time."""
 
     kind: ObjectiveKind = Field(
-        "weighted", description="weighted: maximise quality - time_weight x round time / the "
-        "baseline's round time; rate: maximise quality per second of round time (quality / round "
-        "time, the progress towards a target per second; time_weight is then unused, and every "
-        "server trains at least one matrix at the smallest rank, so no server's data is dropped "
-        "to shorten the round).")
+        "rate", description="rate (the default): maximise quality per second of round time "
+        "(quality / round time, the progress towards a target per second; time_weight is unused, "
+        "and every server trains at least one matrix at the smallest rank, so no server's data is "
+        "dropped to shorten the round); weighted: maximise quality - time_weight x round time / "
+        "the baseline's round time. rate reached benchmarks/bench_strategies.py's target sooner "
+        "than weighted and every peer rule on both benchmark clusters (link- and compute-bound).")
     time_weight: float = Field(0.2, ge=0, description="Quality given up to shorten the round by "
                                "the homogeneous baseline's round time (0 = quality only).")
     deadline_s: float | None = Field(None, gt=0, description="Hard upper bound on the round time.")

@@ -103,7 +103,7 @@ def _link_profile(mbps: float, densities: list[float] | None = None,
     if precisions is not None:
         candidates["precisions"] = precisions
     return {"model": "smollm2-135m", "task": {"seq_len": 64, "local_steps": 5},
-            "candidates": candidates, "objective": objective,
+            "candidates": candidates, "objective": {"kind": "weighted", **objective},
             "servers": [{"name": "edge", "memory_gib": 4, "tflops": 5, "uplink_mbps": mbps,
                          "downlink_mbps": mbps, "samples": 100},
                         {"name": "hub", "memory_gib": 4, "tflops": 20, "uplink_mbps": 500,

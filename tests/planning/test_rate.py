@@ -87,9 +87,15 @@ def test_rate_lp_window_bound_is_valid(seed, monkeypatch):
     assert ev.objective / (1 - report.gap) >= best * (1 - 1e-9)
 
 
-def test_weighted_stays_the_default():
-    problem = random_instance(0, 2, [0, 16])
-    assert problem.profile.objective.kind == "weighted" and not problem.every_server_trains
+def test_rate_is_the_default():
+    profile = parse_profile({"model": "tiny-wide", "servers": [
+        {"name": "a", "memory_gib": 2, "tflops": 1, "uplink_mbps": 20, "downlink_mbps": 50, "samples": 10}]})
+    assert profile.objective.kind == "rate"
+
+
+def test_weighted_objective_is_quality_minus_weighted_time():
+    problem = random_instance(0, 2, [0, 16], kind="weighted")
+    assert not problem.every_server_trains
     _, ev, _, _ = plan_problem(problem)
     assert ev.objective == pytest.approx(
         ev.quality - problem.profile.objective.time_weight * ev.makespan / problem.t_ref)
