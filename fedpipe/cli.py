@@ -104,10 +104,10 @@ def plan(
     strategy: Annotated[str, typer.Option(help="fedpipe (the optimiser), homogeneous, uniform, "
                                           "hetlora, legend or importance-topk: the plan that rule "
                                           "makes, fitted by the same cost model.")] = "fedpipe",
-    objective: Annotated[str | None, typer.Option(help="weighted (quality - time_weight x round "
-                                                  "time / baseline round time) or rate (quality "
-                                                  "per second of round time; every server "
-                                                  "trains). Default: the profile's objective.kind.")
+    objective: Annotated[str | None, typer.Option(help="rate (quality per second of round time; "
+                                                  "every server trains) or weighted (quality - "
+                                                  "time_weight x round time / baseline round time). "
+                                                  "Default: the profile's objective.kind (rate).")
                          ] = None,
 ) -> None:
     """Solve for each server's bits, batch and LoRA ranks, and write the plan."""
