@@ -4,7 +4,7 @@ On the bundled SmolLM2-135M and the built-in non-IID task data (bench_sparse's p
 Dirichlet split, `PROFILE` below), plan a two-server profile once, then run the same plan per seed
   * dense fp32 (the reference every "vs dense" is against),
   * each payload precision alone, both directions: bf16, int8, nf4, int2 (and int2 without error
-    feedback),
+    feedback), and int2 up with int3 down (the download averages servers' updates, off int2's grid),
   * precision x density (top-k, both directions): int8 and nf4 at 1/4, nf4 at 1/3 and 1/16,
   * error feedback off for the two nf4 top-k rows (`--no-error-feedback`; on everywhere else),
   * a thresholded global rank: flora dense, and flora with the global stack cut to rank 8,
@@ -77,6 +77,7 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     "nf4": ("fedit", both("nf4")),
     "int2": ("fedit", both("int2")),
     "int2-noef": ("fedit", both("int2") | {"error_feedback": False}),
+    "int2-int3": ("fedit", both("int2") | {"download_precision": "int3"}),
     "int8-d4": ("fedit", both("int8", 1 / 4)),
     "nf4-d4": ("fedit", both("nf4", 1 / 4)),
     "nf4-d3": ("fedit", both("nf4", 1 / 3)),
@@ -88,7 +89,8 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     "planner": ("fedit", None),
 }
 LABELS = {"fp32": "dense fp32", "bf16": "bf16", "int8": "int8", "nf4": "nf4", "int2": "int2",
-          "int2-noef": "int2, no error feedback", "int8-d4": "int8, density 1/4",
+          "int2-noef": "int2, no error feedback", "int2-int3": "int2 up, int3 down",
+          "int8-d4": "int8, density 1/4",
           "nf4-d4": "nf4, density 1/4", "nf4-d3": "nf4, density 1/3", "nf4-d16": "nf4, density 1/16",
           "nf4-d4-noef": "nf4, density 1/4, no error feedback",
           "nf4-d16-noef": "nf4, density 1/16, no error feedback", "flora": "flora, dense fp32",

@@ -7,9 +7,10 @@ high nibble, bitsandbytes' layout) and one float32 absmax per block of `precisio
 Decoding goes through bitsandbytes too, so sender and receiver agree on every value bit for bit.
 bitsandbytes is imported on first use (it takes seconds), never for float precisions.
 
-int2 is the one code bitsandbytes has no routine for (its blockwise kernel assumes a 256-entry
-code book: a 4-entry one returns out-of-range codes), so it is the few torch lines below, in the
-same layout: four codes per byte, the first value in the two high bits.
+int2 and int3 (evenly spaced codes, `uniform_code`) are what bitsandbytes has no routine for (its
+blockwise kernel assumes a 256-entry code book: a 4-entry one returns out-of-range codes), so they
+are the few torch lines below, in the same spirit: every 8 codes packed into `bits` bytes, the
+first value in the high bits (int2: four codes per byte).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from fedpipe.precision import BLOCK, get_precision
+
+UNIFORM = ("int2", "int3")  # precisions with evenly spaced codes (`uniform_code`)
 
 
 def quantize(vectors: Sequence[torch.Tensor], precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -38,8 +41,8 @@ def quantize(vectors: Sequence[torch.Tensor], precision: str) -> list[tuple[torc
         offset += _padded(n)
     if offset == 0:
         codes, absmax = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.float32)
-    elif precision == "int2":
-        codes, absmax = _quantize_int2(flat)
+    elif precision in UNIFORM:
+        codes, absmax = _quantize_uniform(flat, bits)
     elif precision == "int8":
         codes, state = _functional().quantize_blockwise(flat, blocksize=BLOCK)
         absmax = state.absmax
@@ -74,8 +77,8 @@ def dequantize(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]], precisio
         codes[offset * bits // 8:offset * bits // 8 + c.numel()] = c
         offset += _padded(n)
     absmax = torch.cat([a for _, a, _ in items])
-    if precision == "int2":
-        flat = _dequantize_int2(codes, absmax)
+    if precision in UNIFORM:
+        flat = _dequantize_uniform(codes, absmax, bits)
     elif precision == "int8":
         F = _functional()
         flat = F.dequantize_blockwise(codes, absmax=absmax, blocksize=BLOCK)
@@ -108,24 +111,42 @@ def check(codes: torch.Tensor, absmax: torch.Tensor, n: int, precision: str) -> 
         raise ValueError(f"{precision} scales: block absmax values must be finite and >= 0")
 
 
-INT2_CODE = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])  # x absmax; code i is the i-th smallest
+def uniform_code(bits: int) -> torch.Tensor:
+    """The 2^bits codes of an intN precision, x absmax: evenly spaced over [-1, 1], no zero
+    (int2: -1, -1/3, 1/3, 1); code i is the i-th smallest."""
+    top = 2**bits - 1
+    return torch.tensor([(2 * i - top) / top for i in range(top + 1)], dtype=torch.float32)
 
 
-def _quantize_int2(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes packed four per byte, absmax per block) of whole blocks: each value to its nearest
-    code (the thresholds halfway between codes: -2/3, 0, 2/3; a tie goes to the smaller code)."""
+def _quantize_uniform(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, absmax per block) of whole blocks: each value to its nearest code (a tie
+    halfway between two goes to the smaller)."""
     blocks = flat.reshape(-1, BLOCK)
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = sum((scaled > edge).to(torch.uint8) for edge in (-2 / 3, 0.0, 2 / 3))
-    q = codes.reshape(-1, 4)
-    return (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3], absmax
+    top = 2**bits - 1
+    codes = torch.ceil((scaled + 1) * (top / 2) - 0.5).clamp(0, top).to(torch.int32)
+    return _pack(codes.reshape(-1), bits), absmax
 
 
-def _dequantize_int2(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """The float32 values of whole blocks of packed int2 codes."""
-    unpacked = torch.stack([(codes >> shift) & 3 for shift in (6, 4, 2, 0)], dim=1).reshape(-1, BLOCK)
-    return (INT2_CODE[unpacked.long()] * absmax.unsqueeze(1)).reshape(-1)
+def _dequantize_uniform(codes: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 values of whole blocks of packed intN codes."""
+    unpacked = _unpack(codes, bits).reshape(-1, BLOCK)
+    return (uniform_code(bits)[unpacked.long()] * absmax.unsqueeze(1)).reshape(-1)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Every 8 codes of `bits` bits as `bits` bytes, the first code in the high bits."""
+    groups = codes.reshape(-1, 8).to(torch.int32)
+    word = sum(groups[:, j] << (bits * (7 - j)) for j in range(8))
+    packed = torch.stack([(word >> (8 * (bits - 1 - k))) & 255 for k in range(bits)], dim=1)
+    return packed.to(torch.uint8).reshape(-1)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    groups = packed.reshape(-1, bits).to(torch.int32)
+    word = sum(groups[:, k] << (8 * (bits - 1 - k)) for k in range(bits))
+    return torch.stack([(word >> (bits * (7 - j))) & (2**bits - 1) for j in range(8)], dim=1).reshape(-1)
 
 
 def _padded(n: int) -> int:

@@ -217,7 +217,7 @@ def run(
     download_density: Annotated[float | None, typer.Option(help="Every server's download density "
                                                            "(default: the plan's).")] = None,
     upload_precision: Annotated[str | None, typer.Option(help="Every server's upload value precision: "
-                                                         "fp32, bf16, fp16, int8, nf4, fp4, int2 "
+                                                         "fp32, bf16, fp16, int8, nf4, fp4, int2, int3 "
                                                          "(default: the plan's).")] = None,
     download_precision: Annotated[str | None, typer.Option(help="Every server's download value "
                                                            "precision (default: the plan's).")] = None,

@@ -5,7 +5,7 @@ is what was sent, and the same trainer serves every transport (in-process, Flowe
 
 Lossy communication (the plan entry's ``upload_density`` / ``download_density`` < 1: wire's top-k,
 per A and B tensor, bitmask or indices, whichever is smaller; and ``upload_precision`` /
-``download_precision`` below fp32: bf16, fp16, blockwise int8, nf4, fp4 or int2, `fedpipe.precision`):
+``download_precision`` below fp32: bf16, fp16, blockwise int8, nf4, fp4, int2 or int3, `fedpipe.precision`):
 
 * Upload: top-k of the update since the round's start. The start is what *both* sides can
   rebuild (`start_reference`): the broadcast's ``init/`` factors as the server decoded them, and

@@ -90,8 +90,9 @@ class ServerPlan(_Strict):
                                     "sent: top-k of the change since the previous broadcast "
                                     "(1 = dense).")
     upload_precision: WirePrecision = Field("fp32", description="How uploaded values travel: fp32, "
-                                            "bf16, fp16, or blockwise int8 / nf4 / fp4 / int2 (64 values per "
-                                            "float32 scale); see fedpipe.precision.")
+                                            "bf16, fp16, or blockwise int8 / nf4 / fp4 / int2 / "
+                                            "int3 (64 values per float32 scale); see "
+                                            "fedpipe.precision.")
     download_precision: WirePrecision = Field("fp32", description="How downloaded values travel "
                                               "(likewise).")
 

@@ -13,6 +13,7 @@ real payloads (they add only the safetensors header).
 | nf4 | bitsandbytes blockwise 4-bit NormalFloat | 0.5 + 4/64 = 0.5625 | 0.152 * absmax of its block |
 | fp4 | bitsandbytes blockwise 4-bit float | 0.5 + 4/64 = 0.5625 | 0.167 * absmax of its block |
 | int2 | blockwise 2-bit, codes {±1/3, ±1} x absmax | 0.25 + 4/64 = 0.3125 | 0.33334 * absmax of its block |
+| int3 | blockwise 3-bit, codes {±1/7, ±3/7, ±5/7, ±1} x absmax | 0.4375 | 0.14286 * absmax of its block |
 
 Blockwise precisions cut the tensor's values (flat, row-major; under top-k the kept values in
 ascending index order) into blocks of `BLOCK` = 64 (bitsandbytes' smallest 4-bit block) with one
@@ -35,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-WirePrecision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4", "int2"]  # the plan's field type
+WirePrecision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4", "int2", "int3"]  # the plan's field type
 BLOCK = 64
 ABSMAX_BYTES = 4  # one float32 scale per block
 UINT16_MAX_NUMEL = 65536  # sparse indices are uint16 up to this many entries, int32 beyond
@@ -60,6 +61,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("nf4", 4, True, 0.152),
     Precision("fp4", 4, True, 0.167),
     Precision("int2", 2, True, 0.33334),  # 1/3, rounded up past float32 rounding
+    Precision("int3", 3, True, 0.14286),  # 1/7, likewise
 )}
 
 
@@ -72,8 +74,8 @@ def get_precision(name: str) -> Precision:
 
 
 def value_bytes(n: int, precision: str) -> int:
-    """Exact bytes of `n` values stored at `precision`: codes (packed: two 4-bit or four 2-bit codes
-    per byte) + scales."""
+    """Exact bytes of `n` values stored at `precision`: codes (packed: 8 codes of b bits in b bytes)
+    + scales."""
     p = get_precision(precision)
     codes = math.ceil(n * p.bits / 8)
     return codes + (ABSMAX_BYTES * math.ceil(n / BLOCK) if p.blockwise else 0)

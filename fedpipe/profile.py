@@ -164,13 +164,14 @@ class Objective(_Strict):
         "benchmarks/bench_sparse.py (share of dense's loss improvement after 5 rounds on the "
         "bundled model: 0.96 at 1/4, 0.40 at 1/16); every candidate density needs an entry.")
     precision_quality: dict[WirePrecision, float] = Field(
-        {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0, "nf4": 0.997, "fp4": 0.85, "int2": 0.987},
+        {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0, "nf4": 0.997, "fp4": 0.85, "int2": 0.987,
+         "int3": 0.99},
         description="Quality kept at each wire precision, multiplied with density_quality: the "
         "share of dense fp32's loss improvement after 10 rounds, mean of 2 seeds, capped at 1, "
         "measured by benchmarks/bench_bytes.py (bf16 1.001, int8 1.001, nf4 0.997; the seed "
         "spread, about 0.07, is larger than every difference; int2 0.987 after 20 rounds, mean "
         "of 6 seeds, under fedit with error feedback, the only rules where it holds); fp16 "
-        "(smaller error than bf16) and fp4 (larger than nf4) are priors. Every candidate "
+        "(smaller error than bf16), fp4 (larger than nf4) and int3 are priors. Every candidate "
         "precision needs an entry.")
 
 

@@ -9,7 +9,7 @@ reference the receiver already holds, e.g. the round's starting factors; no refe
 The receiver rebuilds ``reference + sparse delta``: entries outside the mask stay at the reference.
 Both sides must use the same reference tensors.
 
-Precision (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4, int2; each one's bytes and error bound
+Precision (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4, int2, int3; each one's bytes and error bound
 are documented there) applies to the values that travel, the kept ones under top-k. Every lossy
 payload (density < 1 or a precision other than fp32) sends the change against the reference when
 one is given, dense ones too: rounding then scales with the update, not with the factors. A dense
@@ -81,7 +81,7 @@ def encode(
     residual: dict[str, torch.Tensor] | None = None,
 ) -> bytes:
     """Serialise `factors` into one payload; density 1.0 is dense, below 1 is top-k of the update;
-    values at `precision` (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4, int2).
+    values at `precision` (`fedpipe.precision`: fp32, bf16, fp16, int8, nf4, fp4, int2, int3).
 
     `reference` is what the receiver already holds: a lossy payload (density < 1 or a precision
     other than fp32) sends the change against it; `residual`, when given, turns on error feedback

@@ -26,7 +26,7 @@ from fedpipe.precision import (
 )
 from fedpipe.wire import decode, encode, payload_bytes, topk_with_residual
 
-BLOCKWISE = ["int8", "nf4", "fp4", "int2"]
+BLOCKWISE = ["int8", "nf4", "fp4", "int2", "int3"]
 
 
 def _header_len(payload: bytes) -> int:
@@ -78,7 +78,8 @@ def test_documented_bound_covers_the_code_book(precision):
     """Half the widest gap between neighbouring codes is the worst rounding (relative to absmax)."""
     import bitsandbytes.functional as F
 
-    code = {"int8": F.create_dynamic_map(), "int2": blockwise.INT2_CODE}.get(precision)
+    code = {"int8": F.create_dynamic_map(), "int2": blockwise.uniform_code(2),
+            "int3": blockwise.uniform_code(3)}.get(precision)
     code = F.get_4bit_type(precision, device="cpu") if code is None else code
     half_gap = code.float().sort().values.diff().max().item() / 2
     assert half_gap <= PRECISIONS[precision].error < half_gap * 1.01
@@ -132,6 +133,17 @@ def test_int2_codes_by_hand():
     assert got[:12].tolist() == pytest.approx(want) and torch.all(got[12:] == -1.0)
 
 
+def test_int3_packs_eight_codes_in_three_bytes():
+    # Prepare: one block whose first eight values are the eight codes, smallest first.
+    x = torch.cat([torch.linspace(-7.0, 7.0, 8), torch.zeros(56)])
+    # Execute
+    [(codes, absmax)] = blockwise.quantize([x], "int3")
+    [got] = blockwise.dequantize([(codes, absmax, x.numel())], "int3")
+    # Assert: codes 0..7 as 000 001 010 011 100 101 110 111 in three bytes, and back exactly.
+    assert codes.numel() == 24 and codes[:3].tolist() == [0b00000101, 0b00111001, 0b01110111]
+    assert torch.allclose(got[:8], x[:8], rtol=0, atol=1e-6)
+
+
 def test_adam_round_updates_sit_on_the_int2_grid():
     """Why int2's codes: 3 AdamW steps from a fresh optimizer move each entry by about
     lr x (sum of 3 signs), so a block's values are near {-3, -1, 1, 3} x lr."""
@@ -157,6 +169,7 @@ def test_value_bytes_by_hand():
     assert tensor_bytes(4096, 1 / 128, "nf4") == 16 + 4 + 2 * 32  # + 32 uint16 indices
     assert bytes_per_value(1.0, "int8") == 1.0625 and bytes_per_value(1.0, "nf4") == 0.5625
     assert value_bytes(101, "int2") == 26 + 4 * 2 and bytes_per_value(1.0, "int2") == 0.3125
+    assert value_bytes(101, "int3") == 38 + 4 * 2 and bytes_per_value(1.0, "int3") == 0.4375
     assert bytes_per_value(0.25, "fp32") == 1.125
 
 
@@ -211,7 +224,7 @@ def _relabel(**fields):
                                  "finite and >= 0)"),
     (_scales(712, -1.0), "module 'm' is corrupt (m.B: int8 scales: block absmax values must be finite"),
     (_scales(810, float("inf")), "module 'n' is corrupt (n.B: int8 scales"),
-    (_relabel(precision="int3"), "precision 'int3' is not a wire precision"),
+    (_relabel(precision="int5"), "precision 'int5' is not a wire precision"),
     (_relabel(precision="nf4"), "after the last module's factors: the layout accounts for 435 of 814"),
     (_relabel(precision="fp32"), "module 'm' is corrupt (its factors need data bytes 0 to 2720, the "
                                  "payload holds 814)"),
@@ -276,7 +289,7 @@ def test_plan_precisions_default_to_fp32_and_name_only_wire_precisions():
     assert entry.upload_precision == entry.download_precision == "fp32"
     assert _entry(upload_precision="nf4", download_precision="int8").upload_precision == "nf4"
     with pytest.raises(ValidationError, match="upload_precision"):
-        _entry(upload_precision="int3")
+        _entry(upload_precision="int5")
 
 
 def test_flora_refuses_lossy_download_precision():

@@ -275,7 +275,7 @@ def test_reference_must_be_given_and_match():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"density": 0.0}, "density"), ({"density": 1.5}, "density"),
-    ({"precision": "int3"}, "precision"), ({"precision": torch.int8}, "precision"),
+    ({"precision": "int5"}, "precision"), ({"precision": torch.int8}, "precision"),
 ])
 def test_bad_arguments_raise_fedpipe_error(kwargs, match):
     with pytest.raises(FedpipeError, match=match):
