@@ -56,6 +56,7 @@ from fedpipe.protocol import (
     Broadcast,
     concat,
     derived_seed,
+    factor_shapes,
     fresh_seed_of,
     peek_metadata,
     read_broadcast,
@@ -154,14 +155,15 @@ class EdgeTrainer:
         reset_lora(adapted.model, fresh_seed)
         set_factors(adapted.model, broadcast.init)
         if self.shared_init and not broadcast.init:  # the coordinator can rebuild this start: hold it
-            self.held = (round_index, start_reference({}, fresh_seed, _shapes(get_factors(adapted.model))))
+            shapes = factor_shapes(get_factors(adapted.model))
+            self.held = (round_index, start_reference({}, fresh_seed, shapes))
         batches = cycle_batches(self.encoded, self.entry.batch_size,
                                 derived_seed(self.seed, round_index, self.name, "data"), pad_id=self.pad_id)
         stats = train_steps(adapted.model, batches, local_steps, self.learning_rate)
         factors = get_factors(adapted.model)
         start = None
         if self.entry.upload_density < 1.0 or self.entry.upload_precision != "fp32":
-            start = start_reference(broadcast.init, fresh_seed, _shapes(factors))
+            start = start_reference(broadcast.init, fresh_seed, factor_shapes(factors))
         if self.feedback is not None and (broadcast.base == "full" or self.last_round != round_index - 1):
             self.feedback.reset()  # the start is not the continuation of the last one
         self.last_round = round_index
@@ -171,6 +173,3 @@ class EdgeTrainer:
                                 reference=start, feedback=self.feedback)
         return update, stats
 
-
-def _shapes(factors: dict[str, LoraFactors]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    return {n: (tuple(f.A.shape), tuple(f.B.shape)) for n, f in factors.items()}

@@ -158,6 +158,11 @@ def start_reference(init: dict[str, LoraFactors], fresh_seed: int,
     return start
 
 
+def factor_shapes(factors: dict[str, LoraFactors]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """Each module's (A shape, B shape): what `start_reference` needs to rebuild fresh modules."""
+    return {n: (tuple(f.A.shape), tuple(f.B.shape)) for n, f in factors.items()}
+
+
 def concat(a: LoraFactors | None, b: LoraFactors) -> LoraFactors:
     """The sum of two folded updates, as one factor pair of the combined rank."""
     if a is None:

@@ -34,6 +34,7 @@ from fedpipe.lora import ClientUpdate, GlobalAdapter, LoraFactors
 from fedpipe.plan import ServerPlan, check_densities
 from fedpipe.protocol import (
     broadcast_payload,
+    factor_shapes,
     fresh_seed_of,
     is_relative,
     peek_metadata,
@@ -132,8 +133,8 @@ class Coordinator:
         lossy = entry.download_density < 1.0 or entry.download_precision != "fp32"
         held = last.init if last is not None else {}
         if lossy and init and not held and self.shared_seed is not None and last is not None:
-            shapes = {n: (tuple(f.A.shape), tuple(f.B.shape)) for n, f in init.items()}
-            held = start_reference({}, fresh_seed_of(self.shared_seed, last.round, None), shapes)
+            fresh_seed = fresh_seed_of(self.shared_seed, last.round, None)
+            held = start_reference({}, fresh_seed, factor_shapes(init))
         if (lossy and init and not base_delta and last is not None
                 and last.round == next_round - 1 and _same_shapes(init, held)):
             reference = held
