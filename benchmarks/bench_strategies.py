@@ -23,8 +23,9 @@ Reported per strategy (means over seeds, with the seed spread):
 Re-running with the same --out reuses finished runs (a crash keeps what finished); each data set
 and seed keeps its own state (OUT/DATA-seedN/results.json), so seeds can run as parallel processes
 (`--seeds 0 --threads 1` and `--seeds 1 --threads 1`, same --out, each its own --results, or the
-one-seed reports overwrite the default one) and a last `--seeds 0,1` run writes the joint report. --threads 1 matters: two processes at torch's default (one thread per
-core) on the 2-core box made a round 6x slower (159 s against 24 s).
+one-seed reports overwrite the default one) and a last `--seeds 0,1` run writes the joint report.
+--threads 1 matters: two processes at torch's default (one thread per core) on the 2-core box made
+a round 6x slower (159 s against 24 s).
 """
 
 from __future__ import annotations

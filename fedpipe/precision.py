@@ -24,10 +24,10 @@ Why int2 has no zero and four even steps: a round's update of a factor is the su
 steps from a fresh optimizer, each about lr * sign(gradient) per entry (the first exactly so), so
 its entries sit near the grid {-k, ..., k} x lr and a block's absmax near k x lr. At the usual
 3 local steps that grid is {-3, -1, 1, 3} x lr: the four codes. Measured on SmolLM2-135M (3 AdamW
-steps, 30 LoRA modules, rounds 1-3; benchmarks/bench_update_grid.py) int2 loses 5% of an update's energy where top-k at 1/4 drops
-43-58%, at 12.8x fewer bytes than fp32 against top-k's 14.6x (nf4 values). It needs error feedback
-and deltas on both sides (fedit, hetlora: `fedpipe.client`); benchmarks/bench_bytes.py has its
-quality.
+steps, 30 LoRA modules, rounds 1-3; benchmarks/bench_update_grid.py) int2 loses 5% of an update's
+energy where top-k at 1/4 drops 43-58%, at 12.8x fewer bytes than fp32 against top-k's 14.6x
+(nf4 values). It needs error feedback and deltas on both sides (fedit, hetlora: `fedpipe.client`);
+benchmarks/bench_bytes.py has its quality.
 """
 
 from __future__ import annotations
