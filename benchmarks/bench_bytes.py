@@ -96,9 +96,10 @@ LABELS = {"fp32": "dense fp32", "bf16": "bf16", "int8": "int8", "nf4": "nf4", "i
           "nf4-d16-noef": "nf4, density 1/16, no error feedback", "flora": "flora, dense fp32",
           "flora-rank8": "flora, global rank <= 8", "planner": "the planner's choice"}
 BASE = "base"  # the untrained base model's eval, per seed
+UNRECORDED = {"lr_schedule": "constant"}  # settings results written before they were recorded had
 
 
-def plans(out: Path, seed: int) -> dict[str, Path]:
+def plans(out: Path, seed: int, lr_schedule: str) -> dict[str, Path]:
     """The seed's dense plan and the planner's own plan (planned once; a re-run reuses them)."""
     from fedpipe.planning.strategies import make_plan
 
@@ -109,9 +110,13 @@ def plans(out: Path, seed: int) -> dict[str, Path]:
     profiles = {"dense": PROFILE, "planner": {**PROFILE, "candidates": candidates}}  # schema defaults
     for name, path in paths.items():
         if path.is_file():
+            planned = load_plan(path).task.lr_schedule
+            if planned != lr_schedule:
+                raise SystemExit(f"{path} was planned with lr_schedule {planned}, not {lr_schedule}: "
+                                 "pass the same --lr-schedule, or another --out")
             continue
         profile = folder / f"{name}.profile.yaml"
-        raw = {**profiles[name], "task": {**profiles[name]["task"], "seed": seed}}
+        raw = {**profiles[name], "task": {**profiles[name]["task"], "seed": seed, "lr_schedule": lr_schedule}}
         write_atomic(profile, yaml.safe_dump(raw, sort_keys=False))
         save_plan(make_plan(profile), path)
     return paths
@@ -137,7 +142,7 @@ def run_one(name: str, seed: int, paths: dict[str, Path], args: argparse.Namespa
             "upload_bytes": up, "download_bytes": down, "total_bytes": up + down,
             "loss": last["eval"]["loss"], "accuracy": last["eval"]["accuracy"],
             "global_rank": last.get("global_rank"), "rounds": len(result.rows),
-            "local_steps": args.local_steps,
+            "local_steps": args.local_steps, "lr_schedule": args.lr_schedule,
             "eval_samples": args.eval_samples, "seconds": seconds,
             "cpu_seconds": cpu_seconds}
 
@@ -187,8 +192,8 @@ def report(out: Path, seeds: list[int], settings: dict) -> tuple[str, dict]:
     names = done(out, seeds)
     variants = [n for n in VARIANTS if n in names]
     runs = {(n, s): json.loads(result_path(out, n, s).read_text()) for n in names for s in seeds}
-    for key in ("rounds", "local_steps", "eval_samples"):
-        found = {r[key] for r in runs.values() if key in r}
+    for key in ("rounds", "local_steps", "eval_samples", "lr_schedule"):
+        found = {r.get(key, UNRECORDED.get(key)) for r in runs.values() if key in r or key in UNRECORDED}
         if found != {settings[key]}:
             raise SystemExit(f"the results in {out} were run with {key} {sorted(found)}, not "
                              f"{settings[key]}: pass the same settings, or another --out")
@@ -276,6 +281,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="the plans' task.lr_schedule (cosine settles the final model, so one "
+                        "seed's final loss swings less with where the round-to-round swing ends)")
     parser.add_argument("--only", default="", help=f"comma-separated, of: {BASE}, {', '.join(VARIANTS)} "
                         "(default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bytes"), help="run folders and "
@@ -294,14 +302,15 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown {', '.join(unknown)}; valid: {BASE}, {', '.join(VARIANTS)}")
     settings = {"rounds": args.rounds, "local_steps": args.local_steps, "eval_samples": args.eval_samples,
+                "lr_schedule": args.lr_schedule,
                 "eval": "after the last round", "seeds": args.seeds, "torch threads": 1,
                 "cores": os.cpu_count(),
                 "profile": "bench_bytes.PROFILE (bench_sparse's, fedit)"}
     if args.predict:
-        print(predict(load_plan(plans(args.out, seeds[0])["dense"]), args.rounds))
+        print(predict(load_plan(plans(args.out, seeds[0], args.lr_schedule)["dense"]), args.rounds))
         return
     for seed in seeds if not args.report else []:
-        paths = plans(args.out, seed)
+        paths = plans(args.out, seed, args.lr_schedule)
         for name in (n for n in [BASE, *VARIANTS] if n in wanted):
             target = result_path(args.out, name, seed)
             if target.is_file():
@@ -310,6 +319,7 @@ def main() -> None:
                 start, cpu = time.perf_counter(), time.process_time()
                 record = base_eval(load_plan(paths["dense"]), args.eval_samples, "cpu") | {
                     "variant": BASE, "seed": seed, "eval_samples": args.eval_samples,
+                    "lr_schedule": args.lr_schedule,
                     "seconds": time.perf_counter() - start,
                     "cpu_seconds": time.process_time() - cpu}
             else:

@@ -64,7 +64,7 @@ from fedpipe.protocol import (
     update_payload,
 )
 from fedpipe.tasks import Example
-from fedpipe.train import TrainStats, train_steps
+from fedpipe.train import TrainStats, round_learning_rate, train_steps
 
 
 @dataclass
@@ -114,15 +114,17 @@ class EdgeTrainer:
 
     def __init__(self, name: str, entry: ServerPlan, shard: list[Example], tokenizer,
                  model_dir: Path, seq_len: int, learning_rate: float, seed: int,
-                 feedback: bool = False, shared_init: bool = False) -> None:
-        """`feedback`: keep upload error feedback across rounds (a trainer that lives across rounds,
-        under a rule that keeps factor coordinates: `fedpipe.rules`). `shared_init`: fresh modules
-        start from the round's A, the same on every server (`fresh_seed`)."""
+                 feedback: bool = False, shared_init: bool = False, lr_schedule: str = "constant") -> None:
+        """`learning_rate`, `lr_schedule`: the peak and its decay over the run's rounds
+        (`train.round_learning_rate`). `feedback`: keep upload error feedback across rounds (a
+        trainer that lives across rounds, under a rule that keeps factor coordinates:
+        `fedpipe.rules`). `shared_init`: fresh modules start from the round's A, the same on every
+        server (`fresh_seed`)."""
         self.name, self.entry, self.model_dir = name, entry, model_dir
         self.n_samples = len(shard)
         self.encoded = encode(shard, tokenizer, seq_len)
         self.pad_id = tokenizer.pad_token_id
-        self.learning_rate, self.seed = learning_rate, seed
+        self.learning_rate, self.lr_schedule, self.seed = learning_rate, lr_schedule, seed
         self.held: tuple[int, dict[str, LoraFactors]] | None = None  # (round, init) last received
         self.feedback = ErrorFeedback() if feedback else None
         self.shared_init = shared_init
@@ -145,11 +147,13 @@ class EdgeTrainer:
         self.held = (broadcast.round, broadcast.init)
         return broadcast
 
-    def train_round(self, adapted: AdaptedModel, payload: bytes,
-                    local_steps: int) -> tuple[bytes, TrainStats]:
-        """Apply the broadcast, train `local_steps` steps, return the update payload and stats."""
+    def train_round(self, adapted: AdaptedModel, payload: bytes, local_steps: int,
+                    rounds: int) -> tuple[bytes, TrainStats]:
+        """Apply the broadcast, train `local_steps` steps at the round's learning rate (of a run
+        of `rounds`), return the update payload and stats."""
         broadcast = self.receive(payload)
         round_index = broadcast.round
+        learning_rate = round_learning_rate(self.learning_rate, self.lr_schedule, round_index, rounds)
         adapted.merge(self.model_dir, broadcast, self.name)
         fresh_seed = fresh_seed_of(self.seed, round_index, None if self.shared_init else self.name)
         reset_lora(adapted.model, fresh_seed)
@@ -159,7 +163,7 @@ class EdgeTrainer:
             self.held = (round_index, start_reference({}, fresh_seed, shapes))
         batches = cycle_batches(self.encoded, self.entry.batch_size,
                                 derived_seed(self.seed, round_index, self.name, "data"), pad_id=self.pad_id)
-        stats = train_steps(adapted.model, batches, local_steps, self.learning_rate)
+        stats = train_steps(adapted.model, batches, local_steps, learning_rate)
         factors = get_factors(adapted.model)
         start = None
         if self.entry.upload_density < 1.0 or self.entry.upload_precision != "fp32":

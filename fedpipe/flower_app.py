@@ -237,7 +237,8 @@ class FlowerTransport(Transport):
         timeout = self.spec.round_timeout
         messages = {}
         for d in deliveries:
-            config = ConfigRecord({"server": d.member, "round": round_index, "local_steps": local_steps,
+            config = ConfigRecord({"server": d.member, "round": round_index, "rounds": self.spec.rounds,
+                                   "local_steps": local_steps,
                                    "eval_samples": self.spec.eval_samples, "rule": self.spec.rule,
                                    "error_feedback": self.spec.carries_residuals,
                                    "plan_sha256": self.spec.plan_sha256})

@@ -22,6 +22,7 @@ from fedpipe.shapes import CARDS_DIR, MATRIX_TYPES, ModelShapes, load_shapes
 
 Bits = Literal[4, 8, 16]
 ObjectiveKind = Literal["weighted", "rate"]
+LrSchedule = Literal["constant", "cosine"]  # fedpipe.train.round_learning_rate
 
 
 class _Strict(BaseModel):
@@ -36,7 +37,11 @@ class Task(_Strict):
     seq_len: int = Field(128, ge=8, le=131072, description="Tokens per training sequence.")
     local_steps: int = Field(10, ge=1, le=100000, description="Optimizer steps per server per round.")
     rounds: int = Field(3, ge=1, le=10000, description="Federated rounds.")
-    learning_rate: float = Field(5e-4, gt=0, le=1, description="AdamW learning rate of the adapters.")
+    learning_rate: float = Field(5e-4, gt=0, le=1, description="AdamW learning rate of the adapters "
+                                 "(the peak, under a decaying lr_schedule).")
+    lr_schedule: LrSchedule = Field("constant", description="Learning rate over the rounds: constant, "
+                                    "or cosine (a half cosine from learning_rate in round 1 to a tenth "
+                                    "of it in the last round, which settles the final model).")
     partition: Literal["iid", "dirichlet", "family"] = Field(
         "dirichlet", description="How data is split across servers: iid, non-IID by a Dirichlet "
         "over task families, or one family per server.")

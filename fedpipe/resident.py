@@ -88,7 +88,7 @@ class NodeTrainer:
         shared_init = rule_traits(rule).keeps_factor_coordinates
         self.trainer = EdgeTrainer(self.server, self.entry, self.shards[eval_samples], self.tokenizer,
                                    self.model_dir, task.seq_len, task.learning_rate, task.seed, feedback,
-                                   shared_init)
+                                   shared_init, task.lr_schedule)
         self.run = (run_id, eval_samples, rule, feedback)
 
     def train(self, run_id: int, config: dict, broadcast: bytes) -> tuple[bytes, dict]:
@@ -100,7 +100,11 @@ class NodeTrainer:
                         bool(config.get("error_feedback", False))):
             self.start_run(run_id, config)
         setup_s = time.perf_counter() - start
-        up, stats = self.trainer.train_round(self.adapted, broadcast, int(config["local_steps"]))
+        rounds = config.get("rounds")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise FedpipeError(f"server {self.server}: the round's config field 'rounds' (the run's "
+                               f"rounds) must be a whole number >= 1, got {rounds!r}")
+        up, stats = self.trainer.train_round(self.adapted, broadcast, int(config["local_steps"]), rounds)
         return up, {"train_loss": stats.mean_loss, "steps": stats.steps, "train_s": stats.seconds,
                     "tokens": stats.tokens, "setup_s": setup_s, "loads": self.loads,
                     "memory_gib": resident_gib(self.adapted.model) + stats.peak_extra_gib}

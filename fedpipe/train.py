@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from fedpipe.errors import FedpipeError
 from fedpipe.measure import PeakMemory
 
 
@@ -21,6 +23,29 @@ class TrainStats:
     tokens: int
     seconds: float
     peak_extra_gib: float  # working memory above the resident model (activations, grads, AdamW)
+
+
+COSINE_FLOOR = 0.1  # the last round's share of the peak learning rate under "cosine"
+
+
+def round_learning_rate(peak: float, schedule: str, round_index: int, rounds: int) -> float:
+    """The learning rate of round `round_index` (1-based) of `rounds`.
+
+    Servers keep no optimizer state across rounds, so a decay is per round, the federated
+    practice: "constant" is `peak` every round; "cosine" is a half cosine from `peak` in round 1
+    to COSINE_FLOOR x `peak` in the last (not zero: the last round still trains). Why decay: at
+    a high constant rate the global model's loss swings from round to round, so the final round's
+    loss is partly a matter of where the swing ends.
+    """
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (round_index, rounds))
+    if not whole or not 1 <= round_index <= rounds:
+        raise FedpipeError(f"round {round_index!r} of {rounds!r}: valid is 1 <= round <= rounds")
+    if schedule == "constant" or rounds == 1:
+        return peak
+    if schedule != "cosine":
+        raise FedpipeError(f"learning-rate schedule {schedule!r}: valid is 'constant' or 'cosine'")
+    progress = (round_index - 1) / (rounds - 1)
+    return peak * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

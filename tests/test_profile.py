@@ -47,6 +47,7 @@ def test_count_expands_to_unique_member_names():
     (profile(candidates={"targets": ["qq_proj"]}), "unknown matrix type(s) ['qq_proj']"),
     (profile(servers=[]), "servers: List should have at least 1 item"),
     (profile(aggregation="fedavg"), "aggregation: Input should be 'fedit', 'hetlora', 'flora' or 'flexlora'"),
+    (profile(task={"lr_schedule": "linear"}), "task.lr_schedule: Input should be 'constant' or 'cosine'"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_profiles_name_the_field(raw, expected):

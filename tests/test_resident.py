@@ -11,6 +11,7 @@ import pytest
 from test_flower import EVAL_SAMPLES, LoopbackGrid, flower_app, max_abs_diff, settings_for
 from test_run import read_global, tiny_plan
 
+from fedpipe.digest import file_sha256
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.relay import NodeFolder, serve
 from fedpipe.resident import NodeTrainer, handler
@@ -67,6 +68,10 @@ def test_a_failed_message_leaves_the_trainer_usable(tmp_path, residents):
     assert "differs from the coordinator's plan" in reply["error"] and update == b""
     reply, _ = handle({"run_id": 1, "config": {"server": "hub", "plan_sha256": "0" * 64}}, b"")
     assert "serves 'edge', but was sent 'hub'" in reply["error"]
+    config = {"server": "edge", "plan_sha256": file_sha256(plan_path), "round": 1, "local_steps": 1,
+              "eval_samples": EVAL_SAMPLES, "rule": "fedit"}  # no "rounds": the round's rate is unknown
+    reply, _ = handle({"run_id": 1, "config": config}, b"")
+    assert "config field 'rounds'" in reply["error"] and "whole number >= 1, got None" in reply["error"]
     grid = LoopbackGrid(plan_path, {11: "edge", 22: "hub"}, node_config=node_config)
     rows = flower_app.coordinate(grid, settings_for(plan_path, tmp_path / "run"))
     assert [[s["server"] for s in r["servers"]] for r in rows] == [["edge", "hub"], ["edge", "hub"]]

@@ -13,7 +13,8 @@ import torch
 import yaml
 from peft import PeftModel
 
-from fedpipe import wire
+from fedpipe import client, wire
+from fedpipe.errors import FedpipeError
 from fedpipe.federation.inprocess import run_plan
 from fedpipe.models import apply_base_delta, load_base
 from fedpipe.plan import load_plan, save_plan
@@ -22,14 +23,15 @@ from fedpipe.planning.strategies import make_plan
 WIRE_HEADER_SLACK = 64 * 1024  # safetensors header and layout JSON on top of the values
 
 
-def tiny_plan(tmp_path: Path, model_dir: Path, rule: str = "flexlora", rounds: int = 2) -> Path:
+def tiny_plan(tmp_path: Path, model_dir: Path, rule: str = "flexlora", rounds: int = 2,
+              lr_schedule: str = "constant") -> Path:
     """Plan the tiny model for two servers, then pin them to different bits and ranks. Values
     travel at fp32 (the planner's choice of density only); test_planned_precision_runs covers a
     planned precision."""
     profile = {
         "name": "tiny", "model": str(model_dir), "aggregation": rule,
         "task": {"seq_len": 48, "local_steps": 2, "rounds": rounds, "eval_samples": 12,
-                 "learning_rate": 1e-3},
+                 "learning_rate": 1e-3, "lr_schedule": lr_schedule},
         "candidates": {"ranks": [0, 2, 8], "bits": [4, 16], "batch_sizes": [2], "precisions": ["fp32"]},
         "calibration": {"runtime_overhead_gib": 0.0},
         "servers": [
@@ -46,6 +48,28 @@ def tiny_plan(tmp_path: Path, model_dir: Path, rule: str = "flexlora", rounds: i
     edge = edge.model_copy(update={"rank_pattern": {n: 2 for n in names if "attn" in n}})
     hub = hub.model_copy(update={"rank_pattern": {n: 8 for n in names}})
     return save_plan(plan.model_copy(update={"servers": [edge, hub]}), tmp_path / "tiny.plan.yaml")
+
+
+def test_a_cosine_schedule_sets_what_every_server_trains_at(tmp_path, tiny_model_dir, monkeypatch):
+    # Prepare: a 3-round fedit plan under cosine (peak 1e-3), and a record of every rate trained at.
+    plan_path = tiny_plan(tmp_path, tiny_model_dir, rule="fedit", rounds=3, lr_schedule="cosine")
+    used, train_steps = [], client.train_steps
+
+    def recording(model, batches, steps, lr, **kwargs):
+        used.append(lr)
+        return train_steps(model, batches, steps, lr, **kwargs)
+
+    monkeypatch.setattr(client, "train_steps", recording)
+    # Execute
+    result = run_plan(plan_path, out=tmp_path / "run", eval_samples=4)
+    # Assert: the peak, halfway to the floor, the floor (a tenth), for both servers; the rows say so.
+    expected = [1e-3, 0.55e-3, 1e-4]
+    assert used == pytest.approx([lr for lr in expected for _ in ("edge", "hub")])
+    assert [row["learning_rate"] for row in result.rows] == pytest.approx(expected)
+    # and a resume may not stretch the schedule over more rounds than it was run with
+    with pytest.raises(FedpipeError) as refused:
+        run_plan(plan_path, out=tmp_path / "run", eval_samples=4, rounds=4, resume=True)
+    assert "lr_rounds: the run has 3, now 4" in str(refused.value.problems)
 
 
 def read_global(run_dir: Path) -> dict:

@@ -85,7 +85,7 @@ def test_sparse_rounds_rebuild_what_was_sent(tmp_path, wide_model_dir):
         ups = []
         for t in trainers:
             down = coordinator.broadcast(t.entry)
-            up, _ = t.train_round(pool[t.entry.name], down, 2)
+            up, _ = t.train_round(pool[t.entry.name], down, 2, rounds=3)
             ups.append(up)
             # the download: the server holds exactly what the coordinator thinks it holds
             assert t.held[0] == round_index
@@ -145,7 +145,7 @@ def test_shared_fresh_start_makes_round_two_broadcast_a_delta(tmp_path, wide_mod
     pool = {e.name: AdaptedModel.load(model_dir, e, "cpu", task.seed) for e in plan.servers}
     coordinator = Coordinator("fedit", seed=task.seed)
     # Execute: round 1, then round 2's broadcasts.
-    ups = [t.train_round(pool[t.entry.name], coordinator.broadcast(t.entry), 2)[0] for t in trainers]
+    ups = [t.train_round(pool[t.entry.name], coordinator.broadcast(t.entry), 2, rounds=2)[0] for t in trainers]
     starts = [t.held[1] for t in trainers]
     coordinator.aggregate([coordinator.receive(up, expectation(t, 1)) for up, t in zip(ups, trainers, strict=True)])
     exact = coordinator.aggregator.broadcast(coordinator.global_adapter, None, trainers[0].entry.rank_pattern,

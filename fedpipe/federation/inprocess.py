@@ -37,11 +37,12 @@ class InProcessTransport(Transport):
         members = plan.training_members()
         shared_init = rule_traits(spec.rule).keeps_factor_coordinates
         self.trainers = {m: EdgeTrainer(m, entry, shards[m], tokenizer, model_dir, task.seq_len,
-                                        task.learning_rate, task.seed, spec.carries_residuals, shared_init)
+                                        task.learning_rate, task.seed, spec.carries_residuals, shared_init,
+                                        task.lr_schedule)
                          for m, entry in members}
         self.pool = {entry.name: AdaptedModel.load(model_dir, entry, spec.device, task.seed)
                      for _, entry in members}
-        self.deadline_s = spec.round_timeout
+        self.deadline_s, self.rounds = spec.round_timeout, spec.rounds
 
     def exchange(self, round_index: int, deliveries: list[Delivery], local_steps: int,
                  on_sent: Callable[[str], None]) -> tuple[dict[str, Reply], dict[str, str]]:
@@ -49,7 +50,7 @@ class InProcessTransport(Transport):
         for d in deliveries:
             on_sent(d.member)
             adapted = self.pool[d.entry.name]
-            up, stats = self.trainers[d.member].train_round(adapted, d.payload, local_steps)
+            up, stats = self.trainers[d.member].train_round(adapted, d.payload, local_steps, self.rounds)
             if stats.seconds > self.deadline_s:
                 late[d.member] = late_reason(d, f"trained {stats.seconds:.3g}s, past the "
                                                 f"{self.deadline_s:g}s round deadline (judged after "

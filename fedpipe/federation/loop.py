@@ -182,7 +182,7 @@ def close_round(spec: RunSpec, coordinator: Coordinator, evaluator: GlobalEvalua
     servers = [server_row(reply, delivery) for _, reply, delivery in accepted]
     return RoundRow(round=global_adapter.round, rule=spec.rule, servers=servers,
                     idle_servers=spec.plan.idle_members(), missed_servers=missed,
-                    evaluated=evaluated, eval=result,
+                    evaluated=evaluated, eval=result, learning_rate=spec.learning_rate(global_adapter.round),
                     aggregate_s=aggregate_s, eval_s=eval_s,
                     global_rank=max((f.rank for f in global_adapter.factors.values()), default=0),
                     truncation=cut_metrics(coordinator.aggregator.cuts),

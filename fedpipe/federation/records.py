@@ -74,6 +74,8 @@ class RoundRow(_Strict):
                                                                      "generation.")
     eval: Evaluation | None = Field(description="`data.evaluate` of the global model; None on rounds "
                                     "the eval cadence skips.")
+    learning_rate: float | None = Field(None, description="The servers' learning rate this round "
+                                        "(task.lr_schedule; null in rows written before it was recorded).")
     aggregate_s: float
     eval_s: float
     global_rank: int
@@ -112,6 +114,8 @@ class RunFingerprint(_Strict):
     stratify: bool = False
     error_feedback: bool = Field(True, description="Upload residuals carried to later rounds (rules "
                                  "that keep factor coordinates, in-process).")
+    lr_rounds: int | None = Field(None, description="The rounds a decaying learning rate spans "
+                                  "(task.lr_schedule; null: constant, so the rounds may grow).")
 
     def differences(self, other: RunFingerprint) -> list[tuple[str, object, object]]:
         """(field, this value, the other's) for every field that differs."""

@@ -22,6 +22,7 @@ from fedpipe.federation.records import RunFingerprint
 from fedpipe.federation.rundir import RunFolder
 from fedpipe.plan import Plan, ServerPlan, check_densities, load_plan
 from fedpipe.rules import rule_traits
+from fedpipe.train import round_learning_rate
 
 
 class RunSpec(BaseModel):
@@ -127,8 +128,14 @@ class RunSpec(BaseModel):
         rule keeps factor coordinates (fedit, hetlora), so a residual still means something."""
         return self.error_feedback and rule_traits(self.rule).keeps_factor_coordinates
 
+    def learning_rate(self, round_index: int) -> float:
+        """The servers' learning rate in round `round_index` of this run (`task.lr_schedule`)."""
+        task = self.plan.task
+        return round_learning_rate(task.learning_rate, task.lr_schedule, round_index, self.rounds)
+
     def fingerprint(self) -> RunFingerprint:
-        """What a resume must keep equal (only the number of rounds may grow)."""
+        """What a resume must keep equal (only the number of rounds may grow, and not under a
+        decaying learning rate, whose schedule spans them)."""
         task, everyone = self.plan.task, len(self.plan.training_members())
         return RunFingerprint(plan=self.plan_sha256, communication=self.communication, rule=self.rule,
                               local_steps=self.local_steps, eval_samples=self.eval_samples, seed=task.seed,
@@ -136,6 +143,7 @@ class RunSpec(BaseModel):
                               clip_norm=self.clip_norm, truncate_energy=self.truncate_energy,
                               truncate_rank=self.truncate_rank, stratify=self.stratify,
                               error_feedback=self.error_feedback,
+                              lr_rounds=None if task.lr_schedule == "constant" else self.rounds,
                               cohort=None if self.cohort == everyone else self.cohort)
 
 
