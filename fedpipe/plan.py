@@ -30,6 +30,7 @@ from fedpipe.precision import WirePrecision
 from fedpipe.profile import (
     Bits,
     ObjectiveKind,
+    Selection,
     Task,
     field_path,
     is_data_path,
@@ -181,6 +182,9 @@ class Plan(_Strict):
     strategy: str = Field("fedpipe", description="The allocation rule that made the plan: fedpipe "
                           "(the optimiser) or a peer strategy (`fedpipe plan --strategy`).")
     importance: ImportanceRef
+    selection: Selection = Field(
+        "importance", description="How matrices were chosen (the profile's candidates.selection): "
+        "by importance alone, or spread over layers and types.")
     objective_kind: ObjectiveKind = Field(
         "weighted", description="weighted: quality - time_weight x makespan / reference time; "
         "rate: quality / makespan (per second).")

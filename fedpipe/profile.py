@@ -23,6 +23,7 @@ from fedpipe.shapes import CARDS_DIR, MATRIX_TYPES, ModelShapes, load_shapes
 Bits = Literal[4, 8, 16]
 ObjectiveKind = Literal["weighted", "rate"]
 LrSchedule = Literal["constant", "cosine"]  # fedpipe.train.round_learning_rate
+Selection = Literal["importance", "spread"]  # fedpipe.planning.selection
 
 
 class _Strict(BaseModel):
@@ -95,7 +96,7 @@ class Candidates(_Strict):
         description=f"Wire precision ladder of the adapter values ({', '.join(PRECISIONS)}; "
         "fedpipe.precision). The planner picks one per server with its density: it applies to the "
         "upload and, except under flora (whose stack is broadcast exact), to the download.")
-    selection: Literal["importance", "spread"] = Field(
+    selection: Selection = Field(
         "importance", description="Which sets of matrices a server may adapt: 'importance' (any: "
         "the most importance covered, which piles onto a few types and layers) or 'spread' (for "
         "the n it adapts, the n most important with at most ceil(n / layers) per layer and per-type "

@@ -86,7 +86,7 @@ def plan_table(plan: Plan) -> Group:
                             plan_objective(plan))),
         Text(f"solver {sv.solver} ({sv.method}) · status {sv.status} · gap {gap}{solves} · "
              f"solve time {sv.solve_time_s:.2f} s · importance: {plan.importance.scorer} "
-             f"({plan.importance.source})"),
+             f"({plan.importance.source}) · selection {plan.selection}"),
     ]
     if plan.baseline:
         b = plan.baseline

@@ -82,6 +82,16 @@ def test_diff_between_budgets_table_and_json(tmp_path):
     assert set(data) >= {"makespan_s", "quality", "upload_bytes", "download_bytes"}
 
 
+def test_a_plan_records_and_shows_how_its_matrices_were_selected(tmp_path):
+    raw = yaml.safe_load((DATA / "small.yaml").read_text())
+    raw["candidates"]["selection"] = "spread"
+    out = tmp_path / "spread.plan.yaml"
+    assert runner.invoke(app, ["plan", str(_write(tmp_path, raw)), "-o", str(out)]).exit_code == 0
+    assert load_plan(out).selection == "spread"
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "selection spread" in shown.output
+
+
 def test_show_diff_and_explain_print_the_wire_precision(tmp_path):
     """The edge's 10 Mbit/s uplink sets the round: with the default precision ladder it sends
     int8 instead of fp32, and show, diff and explain say so beside the density."""

@@ -177,7 +177,7 @@ def assemble_plan(problem: Problem, choices: list[Choice], report: SolverReport,
     return Plan(
         profile=profile_ref, model=p.model, task=p.task, aggregation=p.aggregation,
         importance=ImportanceRef(scorer=problem.importance.scorer, digest=problem.importance.digest(),
-                                 source=importance_source),
+                                 source=importance_source), selection=p.candidates.selection,
         objective_kind=p.objective.kind, objective_time_weight=p.objective.time_weight,
         reference_time_s=problem.t_ref, deadline_s=p.objective.deadline_s, solver=report,
         summary=summarise(problem, ev), baseline=baseline, servers=_server_plans(problem, choices, ev),
