@@ -155,6 +155,17 @@ def _keep_jemalloc_pages() -> None:
                     ctypes.sizeof(never))
 
 
+def release_free_pages() -> None:
+    """Hand the allocator's free memory back to the OS, so that a baseline read next holds live
+    memory only: jemalloc purges every arena's dirty pages (it keeps them forever otherwise, decay
+    being off), glibc trims its heap (`malloc_trim`); other allocators are left alone."""
+    kind = running()
+    if kind == "jemalloc":
+        _mallctl()(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
+    elif kind == "glibc":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def prepare_for_training() -> Allocator:
     """Once per process, before CPU training: keep freed buffers from piling up in the resident
     set without paying for it in page faults, as far as the running allocator allows (module

@@ -3,22 +3,25 @@
 On CUDA the allocator's peak is exact. On a CPU the process's anonymous resident memory is sampled
 every few milliseconds while the block runs; the peak above the level at entry is the block's own
 working memory (activations, gradients, optimizer state), to which callers add the resident model.
-Two things made that growth wrong in a long-lived process, and both are taken out: memory the C
-heap kept from earlier work was reused without growing the resident set (so later rounds read
-less: 1.03, 0.59, 0.32 GiB in rounds 1-3 for one server), hence the free heap is returned to the OS
-before the baseline is read; and a 16-bit model's weights are a memory-mapped file paged in on
-first use (round 1 read them twice), hence file-backed pages are left out.
+Two things made that growth wrong in a long-lived process, and both are taken out: memory the
+allocator kept from earlier work was reused without growing the resident set (so later rounds
+read less: 1.03, 0.59, 0.32 GiB in rounds 1-3 for one server under glibc; 0.81 then 0.50 GiB under
+jemalloc, whose decay fedpipe turns off), hence that free memory is returned to the OS before the
+baseline is read (`allocator.release_free_pages`); and a 16-bit model's weights are a
+memory-mapped file paged in on first use (round 1 read them twice), hence file-backed pages are
+left out.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
 from types import TracebackType
 
 import torch
+
+from fedpipe.allocator import release_free_pages
 
 GIB = float(2**30)
 
@@ -43,15 +46,6 @@ def anonymous_bytes() -> int:
         return 0
 
 
-def release_free_heap() -> None:
-    """Return the C heap's free memory to the OS (glibc `malloc_trim`; a no-op without glibc), so
-    that a baseline read next holds live memory only."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Context manager: `.peak_gib` is the extra memory the block needed at its peak."""
 
@@ -72,7 +66,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:
-            release_free_heap()
+            release_free_pages()
             self._start = self._peak = anonymous_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
