@@ -25,16 +25,22 @@ the wire, while flora broadcasts the whole stack (rank sum r_k) and the cut shri
 Rank 8 is the largest server rank of the plan: the global keeps what the biggest adapter can hold.
 
 Each run evaluates once, after its last round, on the seed's held-out split (the same split for
-every variant of a seed); the untrained base model's loss on it is reported too. Each (variant,
+every variant of a seed); the untrained base model's loss on it is reported too. `--lr-schedule
+cosine` decays each round's learning rate to a tenth of the peak by the last round: at a
+constant 2e-3 the global loss goes back up in some rounds (by 9% at the median of the 21 rises in
+bench_strategies' per-round evals, up to 81%), so one seed's final loss is partly where the swing
+ends, and a 1% band is inside that noise. Each (variant,
 seed) result is its own file under --out, so variants split by --only run as parallel processes
 and re-running skips what is done (an interrupted run resumes); the process that completes the set
 writes the report (or `--report` rebuilds it from the files).
 
     python benchmarks/bench_bytes.py --only base,fp32,bf16,int8,nf4,int8-d4,nf4-d4 > a.log 2>&1 &
-    python benchmarks/bench_bytes.py --only nf4-d16,nf4-d4-noef,nf4-d16-noef,flora,flora-rank8,planner \
+    python benchmarks/bench_bytes.py --only nf4-d16,nf4-d4-noef,nf4-d16-noef,flora,flora-rank8,planner \\
         > b.log 2>&1; wait
     python benchmarks/bench_bytes.py --report     # benchmarks/results/bytes-cpu.{txt,json}
     python benchmarks/bench_bytes.py --predict --rounds 20   # each variant's predicted bytes, no training
+    python benchmarks/bench_bytes.py --rounds 20 --seeds 0,2,4 --lr-schedule cosine \\
+        --only base,fp32,int2,int2-int3 --out runs/bench-bytes-20r-cosine    # and 1,3,5 beside it
     python benchmarks/bench_bytes.py --rounds 1 --seeds 0 --only base,fp32,nf4-d16 \\
         --out runs/bench-bytes-smoke --results /tmp/bytes-smoke    # smoke run
 """
