@@ -156,11 +156,14 @@ def run_table(result) -> Group:
                   f"{human_bytes(s['download_bytes'])} / {human_bytes(s['predicted_download_bytes'])}",
                   f"{s['train_s']:.1f}")
     curve = Table(title="global model on the held-out split", title_justify="left")
-    for col in ("round", "eval loss", "exact match (95% interval)", "round s", "of which training"):
+    decays = len({r.get("learning_rate") for r in rows}) > 1  # a schedule: show what each round trained at
+    for col in ("round", *(["learning rate"] if decays else []), "eval loss", "exact match (95% interval)",
+                "round s", "of which training"):
         curve.add_column(col, justify="right")
     for r in rows:
-        e = r["eval"]
-        curve.add_row(str(r["round"]), f"{e['loss']:.3f}" if e else "-", _exact_match(e),
+        e, lr = r["eval"], r.get("learning_rate")
+        curve.add_row(str(r["round"]), *([f"{lr:.3g}" if lr is not None else "-"] if decays else []),
+                      f"{e['loss']:.3f}" if e else "-", _exact_match(e),
                       f"{r['round_s']:.1f}", f"{r['train_s'] / max(r['round_s'], 1e-9):.0%}")
 
     d = result.run_dir

@@ -1,5 +1,6 @@
 """`fedpipe run`: a real plan executed end to end on a tiny model (and one round on SmolLM2)."""
 
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from rich.console import Console
 
 from fedpipe import client, wire
 from fedpipe.errors import FedpipeError
@@ -19,6 +21,7 @@ from fedpipe.federation.inprocess import run_plan
 from fedpipe.models import apply_base_delta, load_base
 from fedpipe.plan import load_plan, save_plan
 from fedpipe.planning.strategies import make_plan
+from fedpipe.render import run_table
 
 WIRE_HEADER_SLACK = 64 * 1024  # safetensors header and layout JSON on top of the values
 
@@ -66,6 +69,10 @@ def test_a_cosine_schedule_sets_what_every_server_trains_at(tmp_path, tiny_model
     expected = [1e-3, 0.55e-3, 1e-4]
     assert used == pytest.approx([lr for lr in expected for _ in ("edge", "hub")])
     assert [row["learning_rate"] for row in result.rows] == pytest.approx(expected)
+    screen = Console(record=True, width=200, file=io.StringIO())
+    screen.print(run_table(result))  # and the run's table shows the rate each round trained at
+    shown = screen.export_text()
+    assert "learning rate" in shown and "0.00055" in shown and "0.0001" in shown
     # and a resume may not stretch the schedule over more rounds than it was run with
     with pytest.raises(FedpipeError) as refused:
         run_plan(plan_path, out=tmp_path / "run", eval_samples=4, rounds=4, resume=True)
